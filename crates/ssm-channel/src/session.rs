@@ -1,0 +1,713 @@
+//! The client end of a Session Manager data channel as a state machine with no
+//! I/O and no clock of its own (sans-IO).
+//!
+//! Inputs: [`Session::handle_frame`], [`Session::handle_timeout`],
+//! [`Session::send`], [`Session::terminate`], [`Session::set_connected`].
+//! Outputs: [`Session::poll_transmit`], [`Session::poll_event`],
+//! [`Session::poll_timeout`]. Wall-clock time (CreatedDate) and message ids
+//! come from an injected [`Environment`].
+//!
+//! Reliability follows upstream (`src/datachannel/streaming.go` in the plugin,
+//! `agent/session/datachannel/datachannel.go` in the agent): per-direction
+//! sequence numbers from 0, one ack per message matched by sequence number,
+//! ack after processing, out-of-order messages acked and buffered, duplicates
+//! re-acked, retransmission after the upstream RTO estimate (10 ms floor, 1 s
+//! cap). Differences, all compatible with both peers: a bounded window of
+//! unacknowledged messages instead of silently dropping the oldest, Karn's rule
+//! for RTT samples, and every expired message is resent rather than only the
+//! head, so one loss costs one RTO instead of a window's worth of ticks.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::codec::{message_type, DecodeError, Flags, Message, PayloadType, SequenceNumber};
+use crate::payloads::{
+    action_type, Acknowledge, ActionStatus, ChannelClosed, Flag, HandshakeComplete, HandshakeRequest,
+    HandshakeResponse, ProcessedClientAction, SessionTypeRequest,
+};
+use crate::version::CLIENT_VERSION;
+
+/// Where wall-clock time and randomness come from. Tests inject deterministic ones.
+pub trait Environment: Send {
+    /// Milliseconds since the Unix epoch, for CreatedDate (never 0).
+    fn wall_clock_ms(&mut self) -> u64;
+    /// A fresh random message id.
+    fn message_id(&mut self) -> Uuid;
+}
+
+/// The real clock and a thread-local RNG.
+#[derive(Debug, Default)]
+pub struct SystemEnvironment;
+
+impl Environment for SystemEnvironment {
+    fn wall_clock_ms(&mut self) -> u64 {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1);
+        ms.max(1)
+    }
+    fn message_id(&mut self) -> Uuid {
+        Uuid::new_v4()
+    }
+}
+
+/// Upstream RTO constants (`agent/session/config/config.go`, `src/config/config.go`).
+pub mod rto {
+    use std::time::Duration;
+    pub const INITIAL_SRTT: Duration = Duration::from_millis(100);
+    pub const INITIAL_RTO: Duration = Duration::from_millis(200);
+    pub const CLOCK_GRANULARITY: Duration = Duration::from_millis(10);
+    pub const MAX: Duration = Duration::from_secs(1);
+}
+
+/// Largest payload upstream puts in one stream message (`StreamDataPayloadSize`).
+pub const MAX_PAYLOAD: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Announced in the HandshakeResponse; selects the agent's port mode.
+    pub client_version: String,
+    /// Unacknowledged stream messages allowed in flight: the backpressure bound.
+    pub max_in_flight: usize,
+    /// Out-of-order messages held (upstream plugin: 10 000).
+    pub reorder_capacity: usize,
+    /// Bytes of received data held for the application before we stop acking.
+    pub receive_buffer_bytes: usize,
+    /// With data outstanding and the link up, this long without any ack ends the session.
+    pub ack_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            client_version: CLIENT_VERSION.to_owned(),
+            max_in_flight: 512,
+            reorder_capacity: 10_000,
+            receive_buffer_bytes: 4 << 20,
+            ack_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Handshake phases, then streaming.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    AwaitHandshakeRequest,
+    AwaitHandshakeComplete,
+    Established,
+    /// TerminateSession flag sent; waiting for its ack.
+    Terminating,
+    Closed(CloseReason),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The service sent `channel_closed`; `output` is its reason text.
+    ChannelClosed { output: String },
+    /// We sent TerminateSession and the agent acknowledged it.
+    Terminated,
+    /// The agent asked for something we cannot do (KMS, a non-Port session).
+    HandshakeFailed(String),
+    /// No ack for `ack_timeout` while data was outstanding.
+    AckTimeout,
+}
+
+/// Handshake details the application needs to pick basic or mux mode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandshakeInfo {
+    pub agent_version: String,
+    pub session_type: String,
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The agent's HandshakeRequest arrived; our response is already queued.
+    Handshake(HandshakeInfo),
+    /// HandshakeComplete arrived: data may flow.
+    Established { customer_message: String },
+    /// Output bytes from the agent, in order.
+    Data(Vec<u8>),
+    /// A Flag message from the agent (ConnectToPortError in mux mode).
+    Flag(Flag),
+    Closed(CloseReason),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("the handshake has not completed yet")]
+    NotEstablished,
+    #[error("{0} unacknowledged messages in flight: wait for acks")]
+    WindowFull(usize),
+    #[error("payload of {0} bytes is empty or larger than {MAX_PAYLOAD}")]
+    BadSize(usize),
+    #[error("the session is closed")]
+    Closed,
+}
+
+/// Why an incoming frame was not accepted. None of these close the session:
+/// upstream logs and drops such frames without an ack.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("malformed frame: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("malformed {what} payload: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("unexpected message type {0:?}")]
+    UnexpectedType(String),
+}
+
+/// Counters for `status` and benchmarks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub messages_sent: u64,
+    pub bytes_sent: u64,
+    pub retransmissions: u64,
+    pub messages_received: u64,
+    pub bytes_received: u64,
+    pub duplicates_received: u64,
+    pub out_of_order_received: u64,
+    pub dropped_not_ready: u64,
+    pub acks_received: u64,
+    pub srtt: Duration,
+    pub rto: Duration,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    seq: SequenceNumber,
+    frame: Vec<u8>,
+    /// `None` until transmitted (or after a reconnect made it due again).
+    last_sent: Option<Instant>,
+    transmissions: u32,
+    queued: bool,
+}
+
+#[derive(Debug)]
+struct Rtt {
+    srtt: f64,
+    rttvar: f64,
+    rto: Duration,
+}
+
+impl Rtt {
+    fn new() -> Self {
+        Rtt { srtt: rto::INITIAL_SRTT.as_secs_f64(), rttvar: 0.0, rto: rto::INITIAL_RTO }
+    }
+
+    /// `CalculateRetransmissionTimeout`: RTTVAR first, from the old SRTT.
+    fn sample(&mut self, rtt: Duration) {
+        let r = rtt.as_secs_f64();
+        self.rttvar = 0.75 * self.rttvar + 0.25 * (self.srtt - r).abs();
+        self.srtt = 0.875 * self.srtt + 0.125 * r;
+        let rto = self.srtt + (4.0 * self.rttvar).max(rto::CLOCK_GRANULARITY.as_secs_f64());
+        self.rto = Duration::from_secs_f64(rto).min(rto::MAX);
+    }
+}
+
+pub struct Session {
+    config: SessionConfig,
+    env: Box<dyn Environment>,
+    state: State,
+    connected: bool,
+    paused: bool,
+
+    // Sending.
+    next_seq: SequenceNumber,
+    in_flight: VecDeque<InFlight>,
+    send_queue: VecDeque<SequenceNumber>,
+    control: VecDeque<Vec<u8>>,
+    terminate_seq: Option<SequenceNumber>,
+    rtt: Rtt,
+    last_progress: Option<Instant>,
+
+    // Receiving.
+    expected: SequenceNumber,
+    reorder: BTreeMap<SequenceNumber, Message>,
+    events: VecDeque<Event>,
+    buffered_bytes: usize,
+
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("state", &self.state)
+            .field("connected", &self.connected)
+            .field("next_seq", &self.next_seq)
+            .field("expected", &self.expected)
+            .field("in_flight", &self.in_flight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub fn new(config: SessionConfig, env: Box<dyn Environment>) -> Self {
+        Session {
+            config,
+            env,
+            state: State::AwaitHandshakeRequest,
+            connected: false,
+            paused: false,
+            next_seq: SequenceNumber(0),
+            in_flight: VecDeque::new(),
+            send_queue: VecDeque::new(),
+            control: VecDeque::new(),
+            terminate_seq: None,
+            rtt: Rtt::new(),
+            last_progress: None,
+            expected: SequenceNumber(0),
+            reorder: BTreeMap::new(),
+            events: VecDeque::new(),
+            buffered_bytes: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed(_))
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats { srtt: Duration::from_secs_f64(self.rtt.srtt), rto: self.rtt.rto, ..self.stats.clone() }
+    }
+
+    /// Unacknowledged stream messages.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether [`Session::send`] would accept a message now.
+    pub fn can_send(&self) -> bool {
+        self.state == State::Established && self.in_flight.len() < self.config.max_in_flight
+    }
+
+    /// The websocket went down (`false`) or came up again (`true`). Sequence
+    /// state is kept; on reconnect everything unacknowledged is due at once.
+    pub fn set_connected(&mut self, connected: bool, now: Instant) {
+        self.connected = connected;
+        if connected {
+            self.last_progress = Some(now);
+            self.send_queue.clear();
+            for m in self.in_flight.iter_mut() {
+                m.last_sent = None;
+                m.queued = true;
+                self.send_queue.push_back(m.seq);
+            }
+        } else {
+            // Acks queued for a dead socket are useless: the peer resends and we re-ack.
+            self.control.clear();
+        }
+    }
+
+    /// Queues one Output message (at most [`MAX_PAYLOAD`] bytes).
+    pub fn send(&mut self, data: &[u8]) -> Result<SequenceNumber, SendError> {
+        self.send_typed(PayloadType::OUTPUT, data)
+    }
+
+    /// Queues one stream message of any payload type (Flag, Output, ...).
+    pub fn send_typed(&mut self, payload_type: PayloadType, data: &[u8]) -> Result<SequenceNumber, SendError> {
+        match self.state {
+            State::Established => {}
+            State::Closed(_) | State::Terminating => return Err(SendError::Closed),
+            _ => return Err(SendError::NotEstablished),
+        }
+        if data.is_empty() || data.len() > MAX_PAYLOAD {
+            return Err(SendError::BadSize(data.len()));
+        }
+        if self.in_flight.len() >= self.config.max_in_flight {
+            return Err(SendError::WindowFull(self.in_flight.len()));
+        }
+        Ok(self.enqueue_stream(payload_type, data))
+    }
+
+    /// Sends the TerminateSession flag (outside the window). The session
+    /// closes with [`CloseReason::Terminated`] once the agent acks it.
+    pub fn terminate(&mut self) {
+        match self.state {
+            State::Closed(_) | State::Terminating => {}
+            State::Established => {
+                let seq = self.enqueue_stream(PayloadType::FLAG, &Flag::TerminateSession.to_bytes());
+                self.terminate_seq = Some(seq);
+                self.state = State::Terminating;
+            }
+            // Nothing was set up on the agent yet: there is nothing to flag.
+            _ => self.close(CloseReason::Terminated),
+        }
+    }
+
+    fn enqueue_stream(&mut self, payload_type: PayloadType, data: &[u8]) -> SequenceNumber {
+        let seq = self.next_seq;
+        self.next_seq = seq.next();
+        let msg = Message {
+            message_type: message_type::INPUT_STREAM_DATA.into(),
+            schema_version: 1,
+            created_date: self.env.wall_clock_ms(),
+            sequence_number: seq,
+            flags: Flags::NONE,
+            message_id: self.env.message_id(),
+            payload_type: Some(payload_type),
+            payload: data.to_vec(),
+        };
+        // Non-empty payload and a fixed valid type: encoding cannot fail.
+        let frame = msg.to_bytes().unwrap_or_default();
+        self.in_flight.push_back(InFlight { seq, frame, last_sent: None, transmissions: 0, queued: true });
+        self.send_queue.push_back(seq);
+        seq
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        if !self.is_closed() {
+            self.state = State::Closed(reason.clone());
+            self.events.push_back(Event::Closed(reason));
+        }
+    }
+
+    /// Next frame to put on the websocket (binary), if any.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
+        if !self.connected {
+            return None;
+        }
+        // Acks flow even while paused (ssm-protocol.md §5.6).
+        if let Some(f) = self.control.pop_front() {
+            return Some(f);
+        }
+        if self.paused {
+            return None;
+        }
+        while let Some(seq) = self.send_queue.pop_front() {
+            let Some(idx) = self.find_in_flight(seq) else { continue };
+            let m = &mut self.in_flight[idx];
+            m.queued = false;
+            if m.transmissions > 0 {
+                self.stats.retransmissions += 1;
+            } else {
+                self.stats.messages_sent += 1;
+                self.stats.bytes_sent += m.frame.len() as u64;
+            }
+            m.transmissions += 1;
+            m.last_sent = Some(now);
+            if self.last_progress.is_none() {
+                self.last_progress = Some(now);
+            }
+            return Some(m.frame.clone());
+        }
+        None
+    }
+
+    fn find_in_flight(&self, seq: SequenceNumber) -> Option<usize> {
+        self.in_flight.binary_search_by_key(&seq, |m| m.seq).ok()
+    }
+
+    /// When [`Session::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.connected || self.paused || self.is_closed() {
+            return None;
+        }
+        let retransmit = self
+            .in_flight
+            .iter()
+            .filter(|m| !m.queued)
+            .filter_map(|m| m.last_sent)
+            .min()
+            .map(|t| t + self.rtt.rto);
+        let give_up = (!self.in_flight.is_empty())
+            .then_some(self.last_progress)
+            .flatten()
+            .map(|t| t + self.config.ack_timeout);
+        match (retransmit, give_up) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if !self.connected || self.paused || self.is_closed() {
+            return;
+        }
+        if let Some(t) = self.last_progress {
+            if !self.in_flight.is_empty() && now.duration_since(t) >= self.config.ack_timeout {
+                self.close(CloseReason::AckTimeout);
+                return;
+            }
+        }
+        let rto = self.rtt.rto;
+        for m in self.in_flight.iter_mut() {
+            if !m.queued && m.last_sent.is_some_and(|t| now.duration_since(t) >= rto) {
+                m.queued = true;
+                self.send_queue.push_back(m.seq);
+            }
+        }
+    }
+
+    /// Next event for the application. Taking a Data event frees receive
+    /// buffer space, which may release buffered in-order messages.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        let ev = self.events.pop_front()?;
+        if let Event::Data(d) = &ev {
+            self.buffered_bytes -= d.len();
+            self.drain_reorder();
+        }
+        Some(ev)
+    }
+
+    /// Feeds one websocket message (binary or text: upstream parses both alike).
+    pub fn handle_frame(&mut self, now: Instant, bytes: &[u8]) -> Result<(), FrameError> {
+        let msg = Message::parse(bytes)?;
+        match msg.message_type.as_str() {
+            message_type::OUTPUT_STREAM_DATA => {
+                self.paused = false;
+                self.handle_stream(msg);
+                Ok(())
+            }
+            message_type::ACKNOWLEDGE => {
+                self.paused = false;
+                let ack: Acknowledge = serde_json::from_slice(&msg.payload)
+                    .map_err(|source| FrameError::Json { what: "acknowledge", source })?;
+                self.handle_ack(now, SequenceNumber(ack.sequence_number));
+                Ok(())
+            }
+            message_type::CHANNEL_CLOSED => {
+                let closed: ChannelClosed = serde_json::from_slice(&msg.payload).unwrap_or_default();
+                self.close(CloseReason::ChannelClosed { output: closed.output });
+                Ok(())
+            }
+            message_type::PAUSE_PUBLICATION => {
+                self.paused = true;
+                Ok(())
+            }
+            message_type::START_PUBLICATION => {
+                self.paused = false;
+                Ok(())
+            }
+            other => Err(FrameError::UnexpectedType(other.to_owned())),
+        }
+    }
+
+    fn handle_ack(&mut self, now: Instant, seq: SequenceNumber) {
+        self.stats.acks_received += 1;
+        let Some(idx) = self.find_in_flight(seq) else { return };
+        let Some(m) = self.in_flight.remove(idx) else { return };
+        self.last_progress = Some(now);
+        // Karn: a retransmitted message gives an ambiguous sample.
+        if m.transmissions == 1 {
+            if let Some(sent) = m.last_sent {
+                self.rtt.sample(now.duration_since(sent));
+            }
+        }
+        if self.terminate_seq == Some(seq) {
+            self.close(CloseReason::Terminated);
+        }
+    }
+
+    fn queue_ack(&mut self, msg: &Message) {
+        let ack = Acknowledge {
+            message_type: msg.message_type.clone(),
+            message_id: msg.message_id.to_string(),
+            sequence_number: msg.sequence_number.0,
+            is_sequential: true,
+        };
+        let payload = serde_json::to_vec(&ack).unwrap_or_default();
+        let frame = Message {
+            message_type: message_type::ACKNOWLEDGE.into(),
+            schema_version: 1,
+            created_date: self.env.wall_clock_ms(),
+            sequence_number: SequenceNumber(0),
+            flags: Flags::ACK,
+            message_id: self.env.message_id(),
+            payload_type: Some(PayloadType::NONE),
+            payload,
+        };
+        if let Ok(bytes) = frame.to_bytes() {
+            self.control.push_back(bytes);
+        }
+    }
+
+    fn handle_stream(&mut self, msg: Message) {
+        let seq = msg.sequence_number;
+        if seq < self.expected {
+            // Upstream's agent re-acks duplicates; the plugin does not. Re-acking
+            // stops a peer from resending a message whose ack was lost.
+            self.stats.duplicates_received += 1;
+            self.queue_ack(&msg);
+            return;
+        }
+        if seq > self.expected {
+            if self.reorder.contains_key(&seq) {
+                self.stats.duplicates_received += 1;
+                self.queue_ack(&msg);
+            } else if self.reorder.len() < self.config.reorder_capacity {
+                self.stats.out_of_order_received += 1;
+                self.queue_ack(&msg);
+                self.reorder.insert(seq, msg);
+            }
+            return;
+        }
+        if self.process(msg, true) {
+            self.drain_reorder();
+        }
+    }
+
+    /// Handles the message with `seq == expected`. Returns false when the
+    /// application is not ready (no ack: the agent will resend).
+    fn process(&mut self, msg: Message, ack: bool) -> bool {
+        let pt = msg.payload_type.unwrap_or(PayloadType::NONE);
+        match pt {
+            PayloadType::HANDSHAKE_REQUEST | PayloadType::HANDSHAKE_COMPLETE | PayloadType::ENC_CHALLENGE_REQUEST => {
+                // Handshake messages are acked first, then handled (as upstream).
+                if ack {
+                    self.queue_ack(&msg);
+                }
+                self.accept(&msg);
+                match pt {
+                    PayloadType::HANDSHAKE_REQUEST => self.on_handshake_request(&msg.payload),
+                    PayloadType::HANDSHAKE_COMPLETE => self.on_handshake_complete(&msg.payload),
+                    _ => self.close(CloseReason::HandshakeFailed(
+                        "the agent started a KMS encryption challenge, which Port sessions do not use".into(),
+                    )),
+                }
+                true
+            }
+            _ => {
+                let ready = matches!(self.state, State::Established | State::Terminating);
+                let data_len = if pt == PayloadType::FLAG { 0 } else { msg.payload.len() };
+                if !ready || self.buffered_bytes + data_len > self.config.receive_buffer_bytes {
+                    self.stats.dropped_not_ready += 1;
+                    return false;
+                }
+                if ack {
+                    self.queue_ack(&msg);
+                }
+                self.accept(&msg);
+                if pt == PayloadType::FLAG {
+                    if let Some(flag) = Flag::parse(&msg.payload) {
+                        self.events.push_back(Event::Flag(flag));
+                    }
+                } else if !msg.payload.is_empty() {
+                    // Output, and also Error/StdErr, which a Port agent does not send:
+                    // the plugin writes every payload to the local socket alike.
+                    self.buffered_bytes += msg.payload.len();
+                    self.events.push_back(Event::Data(msg.payload));
+                }
+                true
+            }
+        }
+    }
+
+    fn accept(&mut self, msg: &Message) {
+        self.expected = self.expected.next();
+        self.stats.messages_received += 1;
+        self.stats.bytes_received += msg.payload.len() as u64;
+    }
+
+    fn drain_reorder(&mut self) {
+        while let Some(msg) = self.reorder.remove(&self.expected) {
+            // When the application is not ready, the message waits here.
+            let pt = msg.payload_type.unwrap_or(PayloadType::NONE);
+            let is_handshake = matches!(
+                pt,
+                PayloadType::HANDSHAKE_REQUEST | PayloadType::HANDSHAKE_COMPLETE | PayloadType::ENC_CHALLENGE_REQUEST
+            );
+            if !is_handshake {
+                let ready = matches!(self.state, State::Established | State::Terminating);
+                if !ready || self.buffered_bytes + msg.payload.len() > self.config.receive_buffer_bytes {
+                    self.reorder.insert(msg.sequence_number, msg);
+                    return;
+                }
+            }
+            // Buffered messages were acked when they arrived.
+            self.process(msg, false);
+        }
+    }
+
+    fn on_handshake_request(&mut self, payload: &[u8]) {
+        if self.state != State::AwaitHandshakeRequest {
+            return; // A resent request after we answered: the ack above suffices.
+        }
+        let req: HandshakeRequest = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => return self.close(CloseReason::HandshakeFailed(format!("malformed HandshakeRequest: {e}"))),
+        };
+        let mut info = HandshakeInfo {
+            agent_version: req.agent_version.clone(),
+            session_type: String::new(),
+            properties: BTreeMap::new(),
+        };
+        let mut failure = None;
+        let mut actions = Vec::new();
+        for action in &req.requested_client_actions {
+            let (status, error) = match action.action_type.as_str() {
+                action_type::SESSION_TYPE => {
+                    match serde_json::from_value::<SessionTypeRequest>(action.action_parameters.clone()) {
+                        Ok(p) if p.session_type == "Port" => {
+                            info.session_type = p.session_type;
+                            info.properties = p
+                                .properties
+                                .into_iter()
+                                .map(|(k, v)| (k, v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())))
+                                .collect();
+                            (ActionStatus::SUCCESS, String::new())
+                        }
+                        Ok(p) => (ActionStatus::FAILED, format!("session type {:?} is not a Port session", p.session_type)),
+                        Err(e) => (ActionStatus::FAILED, format!("malformed SessionType parameters: {e}")),
+                    }
+                }
+                action_type::KMS_ENCRYPTION => {
+                    (ActionStatus::FAILED, "KMS encryption is not supported by this client".to_owned())
+                }
+                other => (ActionStatus::UNSUPPORTED, format!("unknown action {other}")),
+            };
+            if status != ActionStatus::SUCCESS && failure.is_none() {
+                failure = Some(error.clone());
+            }
+            actions.push(ProcessedClientAction {
+                action_type: action.action_type.clone(),
+                action_status: status,
+                action_result: None,
+                error,
+            });
+        }
+        let resp = HandshakeResponse {
+            client_version: self.config.client_version.clone(),
+            processed_client_actions: actions,
+            errors: None,
+        };
+        let payload = serde_json::to_vec(&resp).unwrap_or_default();
+        // The response is the first client stream message: seq 0, outside the window.
+        self.enqueue_stream(PayloadType::HANDSHAKE_RESPONSE, &payload);
+        match failure {
+            Some(e) => self.close(CloseReason::HandshakeFailed(e)),
+            None => {
+                self.state = State::AwaitHandshakeComplete;
+                self.events.push_back(Event::Handshake(info));
+            }
+        }
+    }
+
+    fn on_handshake_complete(&mut self, payload: &[u8]) {
+        if self.state != State::AwaitHandshakeComplete {
+            return;
+        }
+        let done: HandshakeComplete = match serde_json::from_slice(payload) {
+            Ok(d) => d,
+            Err(e) => return self.close(CloseReason::HandshakeFailed(format!("malformed HandshakeComplete: {e}"))),
+        };
+        self.state = State::Established;
+        self.events.push_back(Event::Established { customer_message: done.customer_message });
+    }
+}
+
+#[cfg(test)]
+mod tests;

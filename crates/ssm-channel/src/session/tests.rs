@@ -1,0 +1,315 @@
+use super::*;
+use crate::codec::emit_short_header;
+
+/// Deterministic clock and ids.
+struct TestEnv {
+    ms: u64,
+    n: u128,
+}
+
+impl Environment for TestEnv {
+    fn wall_clock_ms(&mut self) -> u64 {
+        self.ms += 1;
+        self.ms
+    }
+    fn message_id(&mut self) -> Uuid {
+        self.n += 1;
+        Uuid::from_u128(self.n)
+    }
+}
+
+fn session(config: SessionConfig) -> Session {
+    let mut s = Session::new(config, Box::new(TestEnv { ms: 1_700_000_000_000, n: 0 }));
+    s.set_connected(true, Instant::now());
+    s
+}
+
+fn agent_frame(seq: i64, pt: PayloadType, payload: &[u8]) -> Vec<u8> {
+    Message {
+        message_type: message_type::OUTPUT_STREAM_DATA.into(),
+        schema_version: 1,
+        created_date: 1,
+        sequence_number: SequenceNumber(seq),
+        flags: Flags(u64::from(seq == 0)),
+        message_id: Uuid::from_u128(0xa000 + seq as u128),
+        payload_type: Some(pt),
+        payload: payload.to_vec(),
+    }
+    .to_bytes()
+    .expect("encodes")
+}
+
+fn ack_frame(seq: i64) -> Vec<u8> {
+    let payload = serde_json::to_vec(&Acknowledge {
+        message_type: message_type::INPUT_STREAM_DATA.into(),
+        message_id: Uuid::nil().to_string(),
+        sequence_number: seq,
+        is_sequential: true,
+    })
+    .expect("json");
+    Message {
+        message_type: message_type::ACKNOWLEDGE.into(),
+        schema_version: 1,
+        created_date: 1,
+        sequence_number: SequenceNumber(0),
+        flags: Flags::ACK,
+        message_id: Uuid::from_u128(7),
+        payload_type: Some(PayloadType::NONE),
+        payload,
+    }
+    .to_bytes()
+    .expect("encodes")
+}
+
+const REQUEST: &str = r#"{"AgentVersion":"3.3.987.0","RequestedClientActions":[{"ActionType":"SessionType","ActionParameters":{"SessionType":"Port","Properties":{"localPortNumber":"0","portNumber":"80","type":"LocalPortForwarding"}}}]}"#;
+const COMPLETE: &str = r#"{"HandshakeTimeToComplete":1500000000,"CustomerMessage":""}"#;
+
+fn drain(s: &mut Session, now: Instant) -> Vec<Message> {
+    std::iter::from_fn(|| s.poll_transmit(now)).map(|f| Message::parse(&f).expect("valid frame")).collect()
+}
+
+fn acked_seqs(frames: &[Message]) -> Vec<i64> {
+    frames
+        .iter()
+        .filter(|m| m.message_type == message_type::ACKNOWLEDGE)
+        .map(|m| serde_json::from_slice::<Acknowledge>(&m.payload).expect("ack json").sequence_number)
+        .collect()
+}
+
+fn stream_seqs(frames: &[Message]) -> Vec<i64> {
+    frames
+        .iter()
+        .filter(|m| m.message_type == message_type::INPUT_STREAM_DATA)
+        .map(|m| m.sequence_number.0)
+        .collect()
+}
+
+/// Runs the handshake; returns the session established.
+fn established(config: SessionConfig) -> (Session, Instant) {
+    let now = Instant::now();
+    let mut s = session(config);
+    s.handle_frame(now, &agent_frame(0, PayloadType::HANDSHAKE_REQUEST, REQUEST.as_bytes())).expect("ok");
+    let out = drain(&mut s, now);
+    s.handle_frame(now, &ack_frame(0)).expect("ok");
+    s.handle_frame(now, &agent_frame(1, PayloadType::HANDSHAKE_COMPLETE, COMPLETE.as_bytes())).expect("ok");
+    drain(&mut s, now);
+    assert_eq!(acked_seqs(&out), vec![0]);
+    while s.poll_event().is_some() {}
+    assert_eq!(s.state(), &State::Established);
+    (s, now)
+}
+
+#[test]
+fn handshake_acks_request_answers_seq0_then_establishes() {
+    let now = Instant::now();
+    let mut s = session(SessionConfig::default());
+    assert_eq!(s.send(b"x"), Err(SendError::NotEstablished));
+    s.handle_frame(now, &agent_frame(0, PayloadType::HANDSHAKE_REQUEST, REQUEST.as_bytes())).expect("ok");
+    let out = drain(&mut s, now);
+    assert_eq!(out.len(), 2);
+    assert_eq!(acked_seqs(&out), vec![0]);
+    let resp = &out[1];
+    assert_eq!(resp.sequence_number, SequenceNumber(0));
+    assert_eq!(resp.payload_type, Some(PayloadType::HANDSHAKE_RESPONSE));
+    let parsed: HandshakeResponse = serde_json::from_slice(&resp.payload).expect("json");
+    assert_eq!(parsed.client_version, CLIENT_VERSION);
+    assert_eq!(parsed.processed_client_actions[0].action_status, ActionStatus::SUCCESS);
+    match s.poll_event() {
+        Some(Event::Handshake(info)) => {
+            assert_eq!(info.agent_version, "3.3.987.0");
+            assert_eq!(info.properties["type"], "LocalPortForwarding");
+            assert_eq!(info.properties["portNumber"], "80");
+        }
+        other => panic!("expected handshake event, got {other:?}"),
+    }
+    s.handle_frame(now, &agent_frame(1, PayloadType::HANDSHAKE_COMPLETE, COMPLETE.as_bytes())).expect("ok");
+    assert_eq!(acked_seqs(&drain(&mut s, now)), vec![1]);
+    assert_eq!(s.poll_event(), Some(Event::Established { customer_message: String::new() }));
+    // The handshake response used seq 0, so data starts at 1.
+    assert_eq!(s.send(b"hello"), Ok(SequenceNumber(1)));
+}
+
+#[test]
+fn kms_request_is_refused_not_faked() {
+    let now = Instant::now();
+    let mut s = session(SessionConfig::default());
+    let req = r#"{"AgentVersion":"3.3.987.0","RequestedClientActions":[{"ActionType":"SessionType","ActionParameters":{"SessionType":"Port","Properties":{}}},{"ActionType":"KMSEncryption","ActionParameters":{"KMSKeyId":"k"}}]}"#;
+    s.handle_frame(now, &agent_frame(0, PayloadType::HANDSHAKE_REQUEST, req.as_bytes())).expect("ok");
+    let out = drain(&mut s, now);
+    let resp: HandshakeResponse = serde_json::from_slice(&out[1].payload).expect("json");
+    assert_eq!(resp.processed_client_actions[1].action_status, ActionStatus::FAILED);
+    assert!(matches!(s.state(), State::Closed(CloseReason::HandshakeFailed(_))));
+}
+
+#[test]
+fn window_bounds_unacked_messages() {
+    let (mut s, now) = established(SessionConfig { max_in_flight: 3, ..Default::default() });
+    for i in 0..3 {
+        s.send(&[i]).expect("room");
+    }
+    assert_eq!(s.send(b"x"), Err(SendError::WindowFull(3)));
+    assert_eq!(stream_seqs(&drain(&mut s, now)), vec![1, 2, 3]);
+    s.handle_frame(now, &ack_frame(2)).expect("ok");
+    assert!(s.can_send());
+    assert_eq!(s.send(b"y"), Ok(SequenceNumber(4)));
+}
+
+#[test]
+fn retransmits_after_rto_with_identical_bytes() {
+    let (mut s, now) = established(SessionConfig::default());
+    let rto = s.stats().rto;
+    s.send(b"payload").expect("room");
+    let first = s.poll_transmit(now).expect("frame");
+    assert_eq!(s.poll_timeout(), Some(now + rto));
+    s.handle_timeout(now + rto - Duration::from_millis(1));
+    assert!(s.poll_transmit(now).is_none());
+    s.handle_timeout(now + rto);
+    assert_eq!(s.poll_transmit(now + rto), Some(first));
+    assert_eq!(s.stats().retransmissions, 1);
+    // Ack of a retransmitted message gives no RTT sample (Karn).
+    s.handle_frame(now + Duration::from_millis(900), &ack_frame(1)).expect("ok");
+    assert_eq!(s.stats().rto, rto);
+    assert_eq!(s.poll_timeout(), None);
+}
+
+#[test]
+fn rto_follows_upstream_estimator() {
+    let mut r = Rtt::new();
+    r.sample(Duration::from_millis(20));
+    // RTTVAR = 0.25*|100-20| = 20; SRTT = 0.875*100 + 0.125*20 = 90; RTO = 90 + 80 = 170 ms
+    assert_eq!(r.rto.as_millis(), 170);
+    for _ in 0..200 {
+        r.sample(Duration::from_millis(1));
+    }
+    assert_eq!(r.rto, Duration::from_secs_f64(r.srtt + rto::CLOCK_GRANULARITY.as_secs_f64()).min(rto::MAX));
+    assert!(r.rto >= rto::CLOCK_GRANULARITY);
+    r.sample(Duration::from_secs(30));
+    assert_eq!(r.rto, rto::MAX);
+}
+
+#[test]
+fn out_of_order_is_acked_at_once_and_delivered_in_order() {
+    let (mut s, now) = established(SessionConfig::default());
+    s.handle_frame(now, &agent_frame(3, PayloadType::OUTPUT, b"c")).expect("ok");
+    s.handle_frame(now, &agent_frame(4, PayloadType::OUTPUT, b"d")).expect("ok");
+    assert_eq!(acked_seqs(&drain(&mut s, now)), vec![3, 4]);
+    assert_eq!(s.poll_event(), None);
+    s.handle_frame(now, &agent_frame(2, PayloadType::OUTPUT, b"b")).expect("ok");
+    assert_eq!(acked_seqs(&drain(&mut s, now)), vec![2]);
+    let data: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert_eq!(data, vec![Event::Data(b"b".to_vec()), Event::Data(b"c".to_vec()), Event::Data(b"d".to_vec())]);
+}
+
+#[test]
+fn duplicates_are_reacked_and_not_redelivered() {
+    let (mut s, now) = established(SessionConfig::default());
+    let f = agent_frame(2, PayloadType::OUTPUT, b"once");
+    s.handle_frame(now, &f).expect("ok");
+    s.handle_frame(now, &f).expect("ok");
+    assert_eq!(acked_seqs(&drain(&mut s, now)), vec![2, 2]);
+    assert_eq!(s.poll_event(), Some(Event::Data(b"once".to_vec())));
+    assert_eq!(s.poll_event(), None);
+    assert_eq!(s.stats().duplicates_received, 1);
+}
+
+#[test]
+fn full_receive_buffer_withholds_ack_until_app_reads() {
+    let (mut s, now) = established(SessionConfig { receive_buffer_bytes: 4, ..Default::default() });
+    s.handle_frame(now, &agent_frame(2, PayloadType::OUTPUT, b"abcd")).expect("ok");
+    s.handle_frame(now, &agent_frame(3, PayloadType::OUTPUT, b"e")).expect("ok");
+    assert_eq!(acked_seqs(&drain(&mut s, now)), vec![2], "seq 3 must not be acked while the buffer is full");
+    assert_eq!(s.poll_event(), Some(Event::Data(b"abcd".to_vec())));
+    // The agent resends seq 3; now there is room.
+    s.handle_frame(now, &agent_frame(3, PayloadType::OUTPUT, b"e")).expect("ok");
+    assert_eq!(acked_seqs(&drain(&mut s, now)), vec![3]);
+    assert_eq!(s.poll_event(), Some(Event::Data(b"e".to_vec())));
+}
+
+#[test]
+fn data_before_handshake_complete_is_not_acked() {
+    let now = Instant::now();
+    let mut s = session(SessionConfig::default());
+    s.handle_frame(now, &agent_frame(0, PayloadType::HANDSHAKE_REQUEST, REQUEST.as_bytes())).expect("ok");
+    drain(&mut s, now);
+    s.handle_frame(now, &agent_frame(1, PayloadType::OUTPUT, b"early")).expect("ok");
+    assert!(acked_seqs(&drain(&mut s, now)).is_empty());
+}
+
+#[test]
+fn pause_stops_data_but_not_acks() {
+    let (mut s, now) = established(SessionConfig::default());
+    let mut pause = agent_frame(0, PayloadType::NONE, b"{}");
+    pause[4..36].copy_from_slice(format!("{:<32}", message_type::PAUSE_PUBLICATION).as_bytes());
+    s.handle_frame(now, &pause).expect("ok");
+    s.send(b"held").expect("room");
+    s.handle_frame(now, &agent_frame(2, PayloadType::OUTPUT, b"x")).expect("ok");
+    // Incoming stream data clears pause on the agent; we mirror that, so send a second pause.
+    s.handle_frame(now, &pause).expect("ok");
+    let out = drain(&mut s, now);
+    assert_eq!(acked_seqs(&out), vec![2]);
+    assert!(stream_seqs(&out).is_empty());
+    let mut start = pause.clone();
+    start[4..36].copy_from_slice(format!("{:<32}", message_type::START_PUBLICATION).as_bytes());
+    s.handle_frame(now, &start).expect("ok");
+    assert_eq!(stream_seqs(&drain(&mut s, now)), vec![1]);
+}
+
+#[test]
+fn messages_sent_while_disconnected_go_out_after_reconnect_in_order() {
+    let (mut s, now) = established(SessionConfig::default());
+    s.send(b"a").expect("room");
+    assert_eq!(stream_seqs(&drain(&mut s, now)), vec![1]);
+    s.set_connected(false, now);
+    s.send(b"b").expect("room");
+    s.send(b"c").expect("room");
+    assert!(s.poll_transmit(now).is_none());
+    s.set_connected(true, now);
+    assert_eq!(stream_seqs(&drain(&mut s, now)), vec![1, 2, 3]);
+}
+
+#[test]
+fn channel_closed_with_short_header_closes() {
+    let (mut s, now) = established(SessionConfig::default());
+    let mut f = Vec::new();
+    emit_short_header(message_type::CHANNEL_CLOSED, 5, Uuid::from_u128(1), br#"{"Output":"idle timeout"}"#, &mut f)
+        .expect("encodes");
+    s.handle_frame(now, &f).expect("ok");
+    let reason = CloseReason::ChannelClosed { output: "idle timeout".into() };
+    assert_eq!(s.poll_event(), Some(Event::Closed(reason.clone())));
+    assert_eq!(s.state(), &State::Closed(reason));
+    assert_eq!(s.send(b"x"), Err(SendError::Closed));
+}
+
+#[test]
+fn terminate_sends_flag_and_closes_on_its_ack() {
+    let (mut s, now) = established(SessionConfig::default());
+    s.terminate();
+    let out = drain(&mut s, now);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].payload_type, Some(PayloadType::FLAG));
+    assert_eq!(out[0].payload, vec![0, 0, 0, 2]);
+    s.handle_frame(now, &ack_frame(out[0].sequence_number.0)).expect("ok");
+    assert_eq!(s.poll_event(), Some(Event::Closed(CloseReason::Terminated)));
+}
+
+#[test]
+fn ack_timeout_closes_when_nothing_is_acked() {
+    let (mut s, now) = established(SessionConfig { ack_timeout: Duration::from_secs(5), ..Default::default() });
+    s.send(b"a").expect("room");
+    drain(&mut s, now);
+    let mut t = now;
+    while !s.is_closed() {
+        t = s.poll_timeout().expect("timer armed");
+        s.handle_timeout(t);
+        drain(&mut s, t);
+    }
+    assert!(t >= now + Duration::from_secs(5));
+    assert_eq!(s.state(), &State::Closed(CloseReason::AckTimeout));
+}
+
+#[test]
+fn flag_from_agent_becomes_event() {
+    let (mut s, now) = established(SessionConfig::default());
+    s.handle_frame(now, &agent_frame(2, PayloadType::FLAG, &Flag::ConnectToPortError.to_bytes())).expect("ok");
+    assert_eq!(s.poll_event(), Some(Event::Flag(Flag::ConnectToPortError)));
+}
