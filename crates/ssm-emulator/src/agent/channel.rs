@@ -1,0 +1,400 @@
+//! The instance agent's end of a data channel, modelled on
+//! `agent/session/datachannel/datachannel.go` (amazon-ssm-agent 3.3.987.0),
+//! deliberately including its quirks, because our client must cope with them:
+//!
+//! - stream messages are acked *after* processing; a handler that is not ready
+//!   means no ack (the client resends);
+//! - messages ahead of the expected sequence number are acked and buffered
+//!   (up to 100 000); duplicates are re-acked;
+//! - non-handshake data arriving before HandshakeComplete is acked and thrown away;
+//! - outgoing messages are never throttled by acks: they go into a FIFO of up
+//!   to 100 000 (further ones are not retained) and a scheduler that wakes every
+//!   100 ms resends only the *head*, once it is older than the RTO, updating
+//!   its send time; RTT samples are taken from the last send time;
+//! - `pause_publication` stops sending and resending (messages are still
+//!   queued); `start_publication`, any stream data or any ack resumes.
+//!
+//! No I/O and no clock: the runtime in `agent::mod` drives it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use ssm_channel::codec::{message_type, Flags, Message, PayloadType, SequenceNumber};
+use ssm_channel::payloads::{
+    action_type, Acknowledge, ActionStatus, Flag, HandshakeComplete, HandshakeRequest, HandshakeResponse,
+    RequestedClientAction, SessionTypeRequest,
+};
+use ssm_channel::session::Environment;
+use ssm_channel::version::{agent_port_mode, PortMode};
+
+/// `ResendSleepInterval`.
+pub const RESEND_TICK: Duration = Duration::from_millis(100);
+/// `handshakeTimeout`.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// `OutgoingMessageBufferCapacity`, `IncomingMessageBufferCapacity`.
+pub const BUFFER_CAPACITY: usize = 100_000;
+/// `StreamDataPayloadSize`.
+pub const PAYLOAD_SIZE: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentEvent {
+    /// The client answered the handshake; the port plugin starts in `mode`.
+    HandshakeDone { client_version: String, mode: PortMode },
+    /// Output bytes from the client, in order.
+    Input(Vec<u8>),
+    /// A Flag from the client (DisconnectToPort, TerminateSession).
+    Flag(Flag),
+    /// The session failed (handshake refused or timed out).
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Handshake {
+    NotStarted,
+    AwaitResponse { started: Instant },
+    Complete,
+    Failed,
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    seq: SequenceNumber,
+    frame: Vec<u8>,
+    last_sent: Instant,
+}
+
+pub struct AgentChannel {
+    env: Box<dyn Environment>,
+    agent_version: String,
+    properties: BTreeMap<String, serde_json::Value>,
+    handshake: Handshake,
+    paused: bool,
+    next_seq: SequenceNumber,
+    expected: SequenceNumber,
+    outgoing: VecDeque<Outgoing>,
+    incoming: BTreeMap<SequenceNumber, Message>,
+    srtt: f64,
+    rttvar: f64,
+    rto: Duration,
+    next_tick: Option<Instant>,
+    tx: VecDeque<Vec<u8>>,
+    events: VecDeque<AgentEvent>,
+    /// Input bytes handed to the plugin but not yet consumed by it.
+    input_backlog: usize,
+    /// Above this backlog the plugin's handler is "not ready".
+    input_limit: usize,
+    pub resends: u64,
+}
+
+impl std::fmt::Debug for AgentChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentChannel")
+            .field("handshake", &self.handshake)
+            .field("next_seq", &self.next_seq)
+            .field("expected", &self.expected)
+            .field("outgoing", &self.outgoing.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentChannel {
+    pub fn new(
+        env: Box<dyn Environment>,
+        agent_version: impl Into<String>,
+        properties: BTreeMap<String, serde_json::Value>,
+    ) -> Self {
+        AgentChannel {
+            env,
+            agent_version: agent_version.into(),
+            properties,
+            handshake: Handshake::NotStarted,
+            paused: false,
+            next_seq: SequenceNumber(0),
+            expected: SequenceNumber(0),
+            outgoing: VecDeque::new(),
+            incoming: BTreeMap::new(),
+            srtt: 0.1,
+            rttvar: 0.0,
+            rto: Duration::from_millis(200),
+            next_tick: None,
+            tx: VecDeque::new(),
+            events: VecDeque::new(),
+            input_backlog: 0,
+            input_limit: 4 << 20,
+            resends: 0,
+        }
+    }
+
+    /// Sends the HandshakeRequest (PerformHandshake).
+    pub fn start(&mut self, now: Instant) {
+        if self.handshake != Handshake::NotStarted {
+            return;
+        }
+        let req = HandshakeRequest {
+            agent_version: self.agent_version.clone(),
+            requested_client_actions: vec![RequestedClientAction {
+                action_type: action_type::SESSION_TYPE.into(),
+                action_parameters: serde_json::to_value(SessionTypeRequest {
+                    session_type: "Port".into(),
+                    properties: self.properties.clone(),
+                })
+                .unwrap_or_default(),
+            }],
+        };
+        let payload = serde_json::to_vec(&req).unwrap_or_default();
+        self.handshake = Handshake::AwaitResponse { started: now };
+        self.send_stream(now, PayloadType::HANDSHAKE_REQUEST, &payload);
+        self.next_tick = Some(now + RESEND_TICK);
+    }
+
+    pub fn is_established(&self) -> bool {
+        self.handshake == Handshake::Complete
+    }
+
+    /// Unacknowledged output messages.
+    pub fn unacked(&self) -> usize {
+        self.outgoing.len()
+    }
+
+    /// SendStreamDataMessage: never blocks, never waits for acks.
+    pub fn send_output(&mut self, now: Instant, data: &[u8]) {
+        self.send_stream(now, PayloadType::OUTPUT, data);
+    }
+
+    pub fn send_flag(&mut self, now: Instant, flag: Flag) {
+        self.send_stream(now, PayloadType::FLAG, &flag.to_bytes());
+    }
+
+    fn send_stream(&mut self, now: Instant, pt: PayloadType, data: &[u8]) {
+        if data.is_empty() {
+            return; // "Ignoring empty stream data payload"
+        }
+        let seq = self.next_seq;
+        let msg = Message {
+            message_type: message_type::OUTPUT_STREAM_DATA.into(),
+            schema_version: 1,
+            created_date: self.env.wall_clock_ms(),
+            sequence_number: seq,
+            flags: if seq.0 == 0 { Flags::SYN } else { Flags::NONE },
+            message_id: self.env.message_id(),
+            payload_type: Some(pt),
+            payload: data.to_vec(),
+        };
+        let Ok(frame) = msg.to_bytes() else { return };
+        if !self.paused {
+            self.tx.push_back(frame.clone());
+        }
+        if self.outgoing.len() < BUFFER_CAPACITY {
+            self.outgoing.push_back(Outgoing { seq, frame, last_sent: now });
+        }
+        self.next_seq = seq.next();
+    }
+
+    /// The plugin consumed `n` input bytes (makes the handler ready again).
+    pub fn consumed_input(&mut self, now: Instant, n: usize) {
+        self.input_backlog = self.input_backlog.saturating_sub(n);
+        self.drain_incoming(now);
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.tx.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<AgentEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let handshake = match self.handshake {
+            Handshake::AwaitResponse { started } => Some(started + HANDSHAKE_TIMEOUT),
+            _ => None,
+        };
+        match (self.next_tick, handshake) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The resend scheduler's tick and the handshake timeout.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Handshake::AwaitResponse { started } = self.handshake {
+            if now >= started + HANDSHAKE_TIMEOUT {
+                self.handshake = Handshake::Failed;
+                self.events.push_back(AgentEvent::Failed(
+                    "Handshake timed out. Please ensure that you have the latest version of the session manager plugin."
+                        .into(),
+                ));
+            }
+        }
+        let Some(tick) = self.next_tick else { return };
+        if now < tick {
+            return;
+        }
+        self.next_tick = Some(now + RESEND_TICK);
+        if self.paused {
+            return;
+        }
+        if let Some(head) = self.outgoing.front_mut() {
+            if now.duration_since(head.last_sent) > self.rto {
+                self.tx.push_back(head.frame.clone());
+                head.last_sent = now;
+                self.resends += 1;
+            }
+        }
+    }
+
+    /// Feeds one frame from the client (via MGS). Invalid frames are dropped,
+    /// as the agent does after logging them.
+    pub fn handle_frame(&mut self, now: Instant, bytes: &[u8]) {
+        let Ok(msg) = Message::parse(bytes) else { return };
+        match msg.message_type.as_str() {
+            message_type::INPUT_STREAM_DATA => {
+                self.paused = false;
+                self.handle_stream(now, msg);
+            }
+            message_type::ACKNOWLEDGE => {
+                self.paused = false;
+                if let Ok(ack) = serde_json::from_slice::<Acknowledge>(&msg.payload) {
+                    self.handle_ack(now, SequenceNumber(ack.sequence_number));
+                }
+            }
+            message_type::PAUSE_PUBLICATION => self.paused = true,
+            message_type::START_PUBLICATION => self.paused = false,
+            _ => {}
+        }
+    }
+
+    fn handle_ack(&mut self, now: Instant, seq: SequenceNumber) {
+        if let Some(idx) = self.outgoing.iter().position(|m| m.seq == seq) {
+            let m = self.outgoing.remove(idx).expect("index from position");
+            // calculateRetransmissionTimeout, sampled from the last send time.
+            let r = now.duration_since(m.last_sent).as_secs_f64();
+            self.rttvar = 0.75 * self.rttvar + 0.25 * (self.srtt - r).abs();
+            self.srtt = 0.875 * self.srtt + 0.125 * r;
+            let rto = self.srtt + (4.0 * self.rttvar).max(0.010);
+            self.rto = Duration::from_secs_f64(rto).min(Duration::from_secs(1));
+        }
+    }
+
+    fn ack(&mut self, msg: &Message) {
+        let payload = serde_json::to_vec(&Acknowledge {
+            message_type: msg.message_type.clone(),
+            message_id: msg.message_id.to_string(),
+            sequence_number: msg.sequence_number.0,
+            is_sequential: true,
+        })
+        .unwrap_or_default();
+        let ack = Message {
+            message_type: message_type::ACKNOWLEDGE.into(),
+            schema_version: 1,
+            created_date: self.env.wall_clock_ms(),
+            sequence_number: SequenceNumber(0),
+            flags: Flags::ACK,
+            message_id: self.env.message_id(),
+            payload_type: Some(PayloadType::NONE),
+            payload,
+        };
+        if let Ok(f) = ack.to_bytes() {
+            self.tx.push_back(f);
+        }
+    }
+
+    fn handle_stream(&mut self, now: Instant, msg: Message) {
+        use std::cmp::Ordering::*;
+        match msg.sequence_number.cmp(&self.expected) {
+            Equal => {
+                if !self.process(now, &msg) {
+                    return; // handler not ready: no ack
+                }
+                self.ack(&msg);
+                self.expected = self.expected.next();
+                self.drain_incoming(now);
+            }
+            Greater => {
+                if self.incoming.len() < BUFFER_CAPACITY {
+                    self.ack(&msg);
+                    self.incoming.insert(msg.sequence_number, msg);
+                }
+            }
+            Less => self.ack(&msg),
+        }
+    }
+
+    /// processIncomingMessageBufferItems: a message the handler is not ready
+    /// for stays buffered and the expected number stays put.
+    fn drain_incoming(&mut self, now: Instant) {
+        while let Some(next) = self.incoming.remove(&self.expected) {
+            if !self.process(now, &next) {
+                self.incoming.insert(next.sequence_number, next);
+                return;
+            }
+            self.expected = self.expected.next();
+        }
+    }
+
+    /// processStreamDataMessage. Returns false when the handler is not ready.
+    fn process(&mut self, now: Instant, msg: &Message) -> bool {
+        match msg.payload_type.unwrap_or(PayloadType::NONE) {
+            PayloadType::HANDSHAKE_RESPONSE => {
+                self.handle_handshake_response(now, &msg.payload);
+                true
+            }
+            pt => {
+                if self.handshake != Handshake::Complete {
+                    return true; // "Handshake still in progress, ignore stream data message"
+                }
+                match pt {
+                    PayloadType::OUTPUT => {
+                        if self.input_backlog >= self.input_limit {
+                            return false;
+                        }
+                        self.input_backlog += msg.payload.len();
+                        self.events.push_back(AgentEvent::Input(msg.payload.clone()));
+                    }
+                    PayloadType::FLAG => {
+                        if let Some(f) = Flag::parse(&msg.payload) {
+                            self.events.push_back(AgentEvent::Flag(f));
+                        }
+                    }
+                    _ => {}
+                }
+                true
+            }
+        }
+    }
+
+    fn handle_handshake_response(&mut self, now: Instant, payload: &[u8]) {
+        if !matches!(self.handshake, Handshake::AwaitResponse { .. }) {
+            return;
+        }
+        let resp: HandshakeResponse = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                self.handshake = Handshake::Failed;
+                self.events.push_back(AgentEvent::Failed(format!("Unmarshalling of HandshakeResponse message failed, {e}")));
+                return;
+            }
+        };
+        if let Some(a) = resp.processed_client_actions.iter().find(|a| a.action_status != ActionStatus::SUCCESS) {
+            self.handshake = Handshake::Failed;
+            self.events.push_back(AgentEvent::Failed(format!(
+                "{} failed on client with status {} error: {}",
+                a.action_type, a.action_status.0, a.error
+            )));
+            return;
+        }
+        let started = match self.handshake {
+            Handshake::AwaitResponse { started } => started,
+            _ => now,
+        };
+        let complete = HandshakeComplete {
+            handshake_time_to_complete: now.duration_since(started).as_nanos() as i64,
+            customer_message: String::new(),
+        };
+        self.handshake = Handshake::Complete;
+        self.send_stream(now, PayloadType::HANDSHAKE_COMPLETE, &serde_json::to_vec(&complete).unwrap_or_default());
+        let lpf = self.properties.get("type").and_then(|v| v.as_str()) == Some("LocalPortForwarding");
+        let mode = agent_port_mode(&resp.client_version, lpf);
+        self.events.push_back(AgentEvent::HandshakeDone { client_version: resp.client_version, mode });
+    }
+}

@@ -1,0 +1,258 @@
+//! Deterministic pair harness: our client [`Session`] against the emulator's
+//! upstream-faithful [`AgentChannel`], on a simulated clock, over a seeded link
+//! that drops, duplicates and reorders frames. Moves 16 MiB each way and checks
+//! every byte.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use ssm_channel::session::{Environment, Event, Session, SessionConfig, MAX_PAYLOAD};
+use ssm_channel::version::PortMode;
+use ssm_emulator::agent::channel::{AgentChannel, AgentEvent, PAYLOAD_SIZE};
+use uuid::Uuid;
+
+struct SimEnv {
+    ms: u64,
+    rng: StdRng,
+}
+
+impl Environment for SimEnv {
+    fn wall_clock_ms(&mut self) -> u64 {
+        self.ms += 1;
+        self.ms
+    }
+    fn message_id(&mut self) -> Uuid {
+        Uuid::from_u128(self.rng.random())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LinkFaults {
+    drop: f64,
+    duplicate: f64,
+    base_delay_ms: u64,
+    /// Uniform extra delay; anything above 0 reorders frames.
+    jitter_ms: u64,
+}
+
+/// Frames in flight: (deliver at, tie-breaker) -> (to agent?, bytes).
+struct Link {
+    rng: StdRng,
+    faults: LinkFaults,
+    queue: BinaryHeap<Reverse<(Duration, u64)>>,
+    frames: BTreeMap<u64, (bool, Vec<u8>)>,
+    n: u64,
+    dropped: u64,
+    duplicated: u64,
+}
+
+impl Link {
+    fn push(&mut self, at: Duration, to_agent: bool, frame: Vec<u8>) {
+        if self.rng.random_bool(self.faults.drop) {
+            self.dropped += 1;
+            return;
+        }
+        let copies = if self.rng.random_bool(self.faults.duplicate) {
+            self.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = self.faults.base_delay_ms + self.rng.random_range(0..=self.faults.jitter_ms);
+            self.n += 1;
+            self.queue.push(Reverse((at + Duration::from_millis(delay), self.n)));
+            self.frames.insert(self.n, (to_agent, frame.clone()));
+        }
+    }
+
+    fn next_due(&self) -> Option<Duration> {
+        self.queue.peek().map(|Reverse((t, _))| *t)
+    }
+
+    fn pop_due(&mut self, now: Duration) -> Option<(bool, Vec<u8>)> {
+        match self.queue.peek() {
+            Some(Reverse((t, _))) if *t <= now => {
+                let Reverse((_, n)) = self.queue.pop()?;
+                self.frames.remove(&n)
+            }
+            _ => None,
+        }
+    }
+}
+
+struct Outcome {
+    sim_time: Duration,
+    client_retransmissions: u64,
+    agent_resends: u64,
+    dropped: u64,
+    duplicated: u64,
+}
+
+fn run_pair(seed: u64, bytes_each_way: usize, faults: LinkFaults) -> Outcome {
+    let mut data_rng = StdRng::seed_from_u64(seed);
+    let mut up = vec![0u8; bytes_each_way];
+    let mut down = vec![0u8; bytes_each_way];
+    data_rng.fill_bytes(&mut up);
+    data_rng.fill_bytes(&mut down);
+
+    let t0 = Instant::now();
+    let mut sim = Duration::ZERO;
+    let mut client = Session::new(
+        SessionConfig::default(),
+        Box::new(SimEnv { ms: 1_700_000_000_000, rng: StdRng::seed_from_u64(seed ^ 1) }),
+    );
+    client.set_connected(true, t0);
+    let props = BTreeMap::from([
+        ("type".to_owned(), serde_json::json!("LocalPortForwarding")),
+        ("portNumber".to_owned(), serde_json::json!("22")),
+        ("localPortNumber".to_owned(), serde_json::json!("0")),
+    ]);
+    let mut agent = AgentChannel::new(
+        Box::new(SimEnv { ms: 1_700_000_000_000, rng: StdRng::seed_from_u64(seed ^ 2) }),
+        "3.3.987.0",
+        props,
+    );
+    let mut link = Link {
+        rng: StdRng::seed_from_u64(seed ^ 3),
+        faults,
+        queue: BinaryHeap::new(),
+        frames: BTreeMap::new(),
+        n: 0,
+        dropped: 0,
+        duplicated: 0,
+    };
+    agent.start(t0);
+
+    let (mut up_sent, mut down_sent) = (0usize, 0usize);
+    let (mut up_got, mut down_got) = (Vec::new(), Vec::new());
+    let mut agent_ready = false;
+    // The stock agent reads one 1024-byte chunk per millisecond.
+    let mut agent_next_read = Duration::ZERO;
+    let limit = Duration::from_secs(3600);
+
+    while up_got.len() < up.len() || down_got.len() < down.len() {
+        assert!(sim < limit, "no progress: up {}/{} down {}/{}", up_got.len(), up.len(), down_got.len(), down.len());
+        let now = t0 + sim;
+        // Applications produce.
+        while client.can_send() && up_sent < up.len() {
+            let end = (up_sent + MAX_PAYLOAD).min(up.len());
+            client.send(&up[up_sent..end]).expect("window has room");
+            up_sent = end;
+        }
+        if agent_ready && down_sent < down.len() && sim >= agent_next_read {
+            let end = (down_sent + PAYLOAD_SIZE).min(down.len());
+            agent.send_output(now, &down[down_sent..end]);
+            down_sent = end;
+            agent_next_read = sim + Duration::from_millis(1);
+        }
+        // Timers.
+        if client.poll_timeout().is_some_and(|t| t <= now) {
+            client.handle_timeout(now);
+        }
+        if agent.poll_timeout().is_some_and(|t| t <= now) {
+            agent.handle_timeout(now);
+        }
+        // Transmit.
+        while let Some(f) = client.poll_transmit(now) {
+            link.push(sim, true, f);
+        }
+        while let Some(f) = agent.poll_transmit() {
+            link.push(sim, false, f);
+        }
+        // Deliver what is due.
+        while let Some((to_agent, frame)) = link.pop_due(sim) {
+            if to_agent {
+                agent.handle_frame(now, &frame);
+            } else {
+                client.handle_frame(now, &frame).expect("agent frames are well-formed");
+            }
+        }
+        // Applications consume.
+        while let Some(ev) = client.poll_event() {
+            match ev {
+                Event::Data(d) => down_got.extend_from_slice(&d),
+                Event::Closed(r) => panic!("client closed: {r:?}"),
+                _ => {}
+            }
+        }
+        while let Some(ev) = agent.poll_event() {
+            match ev {
+                AgentEvent::HandshakeDone { mode, .. } => {
+                    assert_eq!(mode, PortMode::Mux { keepalive: false });
+                    agent_ready = true;
+                }
+                AgentEvent::Input(d) => {
+                    up_got.extend_from_slice(&d);
+                    agent.consumed_input(now, d.len());
+                }
+                AgentEvent::Failed(e) => panic!("agent failed: {e}"),
+                AgentEvent::Flag(_) => {}
+            }
+        }
+        // Advance the clock to the next thing that can happen.
+        if client.can_send() && up_sent < up.len() {
+            continue;
+        }
+        let mut next = [
+            link.next_due(),
+            client.poll_timeout().map(|t| t - t0),
+            agent.poll_timeout().map(|t| t - t0),
+            (agent_ready && down_sent < down.len()).then_some(agent_next_read),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(sim + Duration::from_millis(1));
+        if next <= sim {
+            next = sim;
+            if link.next_due().is_some_and(|t| t <= sim) {
+                continue;
+            }
+            next = sim + Duration::from_micros(100);
+        }
+        sim = next;
+    }
+    assert!(up_got == up, "client -> agent bytes differ");
+    assert!(down_got == down, "agent -> client bytes differ");
+    Outcome {
+        sim_time: sim,
+        client_retransmissions: client.stats().retransmissions,
+        agent_resends: agent.resends,
+        dropped: link.dropped,
+        duplicated: link.duplicated,
+    }
+}
+
+#[test]
+fn sixteen_mib_each_way_over_a_lossy_reordering_duplicating_link() {
+    let faults = LinkFaults { drop: 0.01, duplicate: 0.01, base_delay_ms: 5, jitter_ms: 10 };
+    let o = run_pair(0x5eed, 16 << 20, faults);
+    // The faults really happened and were repaired.
+    assert!(o.dropped > 100, "only {} frames dropped", o.dropped);
+    assert!(o.duplicated > 100, "only {} frames duplicated", o.duplicated);
+    assert!(o.client_retransmissions > 0 && o.agent_resends > 0);
+    eprintln!(
+        "16 MiB each way in {:?} simulated; dropped {} duplicated {}; client retransmissions {}, agent resends {}",
+        o.sim_time, o.dropped, o.duplicated, o.client_retransmissions, o.agent_resends
+    );
+}
+
+#[test]
+fn several_seeds_on_a_harsher_link() {
+    let faults = LinkFaults { drop: 0.05, duplicate: 0.05, base_delay_ms: 1, jitter_ms: 30 };
+    for seed in 1..=4 {
+        run_pair(seed, 256 << 10, faults);
+    }
+}
+
+#[test]
+fn clean_link_needs_no_retransmission() {
+    let faults = LinkFaults { drop: 0.0, duplicate: 0.0, base_delay_ms: 5, jitter_ms: 0 };
+    let o = run_pair(9, 1 << 20, faults);
+    assert_eq!(o.client_retransmissions, 0);
+    assert_eq!(o.agent_resends, 0);
+}
