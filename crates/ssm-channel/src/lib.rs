@@ -11,3 +11,6 @@ pub mod payloads;
 pub mod session;
 pub mod smux;
 pub mod version;
+pub mod aws;
+pub mod transport;
+pub mod port;

@@ -1,1 +1,104 @@
-fn main() {}
+//! `ssm-emulator`: run the local AWS stand-in.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ssm_emulator::{Config, Emulator, Faults, Profile};
+
+/// A local stand-in for AWS SSM Session Manager (API, websocket and instance
+/// agent) for tests and demos.
+///
+/// Example:
+///   ssm-emulator --listen 127.0.0.1:4566 --instance i-0123456789abcdef0=127.0.0.1
+///   AWS_ENDPOINT_URL=http://127.0.0.1:4566 AWS_REGION=us-east-1 \
+///   AWS_ACCESS_KEY_ID=AKIAEMULATOR00000001 \
+///   AWS_SECRET_ACCESS_KEY=emulator/secret/key/000000000000000000000 \
+///   ssm-proxy forward --instance-id i-0123456789abcdef0 --remote-port 22
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// Address to listen on (API and websocket).
+    #[arg(long, default_value = "127.0.0.1:4566")]
+    listen: SocketAddr,
+    /// An instance: ID=HOST, where HOST stands for the instance's localhost. Repeatable.
+    #[arg(long = "instance", value_name = "ID=HOST", required = true)]
+    instances: Vec<String>,
+    /// Accepted credentials as ACCESS_KEY:SECRET (default: the built-in test pair). Repeatable.
+    #[arg(long = "credentials", value_name = "KEY:SECRET")]
+    credentials: Vec<String>,
+    /// AgentVersion announced in the handshake (selects mux or basic mode).
+    #[arg(long, default_value = "3.3.987.0")]
+    agent_version: String,
+    /// Output pacing: fast (none) or stock (one 1024-byte message per ms, like the real agent).
+    #[arg(long, value_enum, default_value_t = Profile::Fast)]
+    profile: Profile,
+    /// Probability of dropping each frame (each direction).
+    #[arg(long, default_value_t = 0.0)]
+    drop: f64,
+    /// Probability of duplicating each frame.
+    #[arg(long, default_value_t = 0.0)]
+    duplicate: f64,
+    /// Probability of delaying a frame so later ones overtake it.
+    #[arg(long, default_value_t = 0.0)]
+    reorder: f64,
+    /// One-way delay per frame, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Close each client websocket with 1000 "Bye" after this many seconds.
+    #[arg(long)]
+    close_every: Option<f64>,
+    /// Reject every data channel token (close 1003).
+    #[arg(long)]
+    reject_tokens: bool,
+    /// Seed for fault injection.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn probability(name: &str, p: f64) -> anyhow::Result<f64> {
+    anyhow::ensure!((0.0..=1.0).contains(&p), "--{name} must be between 0 and 1, got {p}");
+    Ok(p)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let mut config = Config {
+        agent_version: args.agent_version,
+        profile: args.profile,
+        seed: args.seed,
+        faults: Faults {
+            drop: probability("drop", args.drop)?,
+            duplicate: probability("duplicate", args.duplicate)?,
+            reorder: probability("reorder", args.reorder)?,
+            delay: Duration::from_millis(args.delay_ms),
+            close_every: args.close_every.map(Duration::from_secs_f64),
+            reject_tokens: args.reject_tokens,
+        },
+        ..Config::default()
+    };
+    for spec in &args.instances {
+        let (id, host) = spec.split_once('=').with_context(|| format!("--instance {spec:?}: expected ID=HOST"))?;
+        config = config.with_instance(id, host);
+    }
+    if !args.credentials.is_empty() {
+        config.credentials.clear();
+        for c in &args.credentials {
+            let (k, s) = c.split_once(':').with_context(|| format!("--credentials {c:?}: expected KEY:SECRET"))?;
+            config.credentials.insert(k.to_owned(), s.to_owned());
+        }
+    }
+    let emulator = Emulator::start(config, args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    println!("ssm-emulator listening on {} (AWS_ENDPOINT_URL={})", emulator.addr, emulator.endpoint_url());
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    Ok(())
+}

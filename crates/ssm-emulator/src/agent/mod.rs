@@ -1,4 +1,427 @@
 //! The instance side of a Port session: the data channel as the SSM agent runs
-//! it ([`channel`]) and the port plugin that dials targets.
+//! it ([`channel`]) and the port plugin that dials targets, modelled on
+//! `agent/session/plugins/port/port_basic.go` and `port_mux.go`.
+//!
+//! One task per session owns everything. It starts when StartSession is
+//! called (the real agent starts its plugin on the service's start_session
+//! message, before the client connects) and outlives client websockets, which
+//! attach and detach as the client reconnects.
 
 pub mod channel;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use ssm_channel::codec::{emit_short_header, message_type};
+use ssm_channel::payloads::{ChannelClosed, Flag};
+use ssm_channel::session::SystemEnvironment;
+use ssm_channel::smux::{Mux, MuxEvent, Role, StreamId};
+use ssm_channel::version::PortMode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::Profile;
+use channel::{AgentChannel, AgentEvent, PAYLOAD_SIZE};
+
+/// What the websocket side tells the agent.
+#[derive(Debug)]
+pub enum AgentInput {
+    /// A client websocket is now relayed to this agent.
+    Attach { conn: u64, tx: mpsc::UnboundedSender<ToClient> },
+    Detach { conn: u64 },
+    Frame(Vec<u8>),
+    /// TerminateSession was called.
+    Terminate,
+}
+
+/// What the agent (via the service) sends down a client websocket.
+#[derive(Debug)]
+pub enum ToClient {
+    Frame(Vec<u8>),
+    Close(u16, String),
+}
+
+/// Where the port plugin connects.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub session_id: String,
+    pub instance_id: String,
+    pub agent_version: String,
+    pub properties: BTreeMap<String, serde_json::Value>,
+    pub target: Target,
+    pub profile: Profile,
+}
+
+enum TargetEvent {
+    Dialed(u32, std::io::Result<TcpStream>),
+    Data(u32, Vec<u8>),
+    Eof(u32),
+    Written(usize),
+}
+
+enum Stream {
+    Dialing(Vec<Vec<u8>>),
+    Open(mpsc::UnboundedSender<Vec<u8>>, tokio::task::JoinHandle<()>),
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Stream::Open(_, reader) = self {
+            reader.abort();
+        }
+    }
+}
+
+/// Read backlog above which target sockets are not read (the agent's reads block).
+const MAX_OUT: usize = 64 << 10;
+/// Bytes read from a target at once: upstream io.Copy's buffer in mux mode,
+/// StreamDataPayloadSize in basic mode.
+const MUX_READ: usize = 32 << 10;
+
+struct Runtime {
+    spec: AgentSpec,
+    chan: AgentChannel,
+    client: Option<(u64, mpsc::UnboundedSender<ToClient>)>,
+    mode: Option<PortMode>,
+    mux: Option<Mux>,
+    streams: HashMap<u32, Stream>,
+    /// Basic mode: the single target connection and whether to redial on data.
+    basic_id: u32,
+    out: VecDeque<u8>,
+    events_tx: mpsc::Sender<TargetEvent>,
+    done: Option<String>,
+}
+
+/// Runs one session's agent until it ends; returns why.
+pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> String {
+    let (events_tx, mut events_rx) = mpsc::channel(16);
+    let chan = AgentChannel::new(Box::new(SystemEnvironment), spec.agent_version.clone(), spec.properties.clone());
+    let mut rt = Runtime {
+        spec,
+        chan,
+        client: None,
+        mode: None,
+        mux: None,
+        streams: HashMap::new(),
+        basic_id: 0,
+        out: VecDeque::new(),
+        events_tx,
+        done: None,
+    };
+    let start = Instant::now();
+    rt.chan.start(start.into_std());
+    let mut next_send = start;
+    loop {
+        rt.flush();
+        if let Some(why) = rt.done.take() {
+            rt.close_client(&why);
+            return why;
+        }
+        let timer = rt.chan.poll_timeout().map(Instant::from_std);
+        let pace = (!rt.out.is_empty()).then_some(next_send);
+        let read_targets = rt.out.len() < MAX_OUT;
+        tokio::select! {
+            msg = input.recv() => match msg {
+                None => return "service gone".into(),
+                Some(AgentInput::Attach { conn, tx }) => rt.client = Some((conn, tx)),
+                Some(AgentInput::Detach { conn }) => {
+                    if rt.client.as_ref().is_some_and(|(c, _)| *c == conn) {
+                        rt.client = None;
+                    }
+                }
+                Some(AgentInput::Frame(f)) => {
+                    rt.chan.handle_frame(Instant::now().into_std(), &f);
+                    rt.handle_events().await;
+                }
+                Some(AgentInput::Terminate) => rt.done = Some(String::new()),
+            },
+            ev = events_rx.recv(), if read_targets => {
+                if let Some(ev) = ev {
+                    rt.handle_target(ev);
+                }
+            }
+            _ = sleep_until(timer) => {
+                rt.chan.handle_timeout(Instant::now().into_std());
+                rt.handle_events().await;
+            }
+            _ = sleep_until(pace) => {
+                let now = Instant::now();
+                match rt.spec.profile {
+                    // The agent's read loop: one read of at most 1024 bytes, send, sleep 1 ms.
+                    Profile::Stock => {
+                        let n = rt.out.len().min(PAYLOAD_SIZE);
+                        let chunk: Vec<u8> = rt.out.drain(..n).collect();
+                        rt.chan.send_output(now.into_std(), &chunk);
+                        next_send = now + Duration::from_millis(1);
+                    }
+                    Profile::Fast => {
+                        while !rt.out.is_empty() {
+                            let n = rt.out.len().min(PAYLOAD_SIZE);
+                            let chunk: Vec<u8> = rt.out.drain(..n).collect();
+                            rt.chan.send_output(now.into_std(), &chunk);
+                        }
+                        next_send = now;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Runtime {
+    /// Sends what the channel has for the client; with no client attached the
+    /// frames are lost, as with the real service, and resent by the channel.
+    fn flush(&mut self) {
+        while let Some(f) = self.chan.poll_transmit() {
+            if let Some((_, tx)) = &self.client {
+                let _ = tx.send(ToClient::Frame(f));
+            }
+        }
+        if let Some(m) = &mut self.mux {
+            let n = m.pending_output();
+            if n > 0 {
+                self.out.extend(m.take_output(n));
+            }
+        }
+    }
+
+    /// channel_closed as the service sends it: HL=112 and a NUL-padded type.
+    fn close_client(&mut self, output: &str) {
+        let Some((_, tx)) = self.client.take() else { return };
+        let id = uuid::Uuid::new_v4();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1);
+        let payload = serde_json::to_vec(&ChannelClosed {
+            message_id: id.to_string(),
+            created_date: now_ms.to_string(),
+            destination_id: self.spec.instance_id.clone(),
+            session_id: self.spec.session_id.clone(),
+            message_type: message_type::CHANNEL_CLOSED.into(),
+            schema_version: 1,
+            output: output.to_owned(),
+        })
+        .unwrap_or_default();
+        let mut frame = Vec::new();
+        if emit_short_header(message_type::CHANNEL_CLOSED, now_ms, id, &payload, &mut frame).is_ok() {
+            let _ = tx.send(ToClient::Frame(frame));
+        }
+        let _ = tx.send(ToClient::Close(1000, "session ended".into()));
+    }
+
+    async fn handle_events(&mut self) {
+        while let Some(ev) = self.chan.poll_event() {
+            match ev {
+                AgentEvent::HandshakeDone { client_version, mode } => {
+                    info!(session = %self.spec.session_id, %client_version, ?mode, "handshake complete");
+                    self.mode = Some(mode);
+                    match mode {
+                        PortMode::Mux { keepalive } => {
+                            let mut m = Mux::new(Role::Server, keepalive);
+                            m.handle_timeout(std::time::Instant::now());
+                            self.mux = Some(m);
+                        }
+                        // port_basic.go dials right after the handshake and fails the session if it cannot.
+                        PortMode::Basic => {
+                            if let Err(e) = self.dial_basic().await {
+                                self.done = Some(format!("Unable to connect to specified port: {e}"));
+                            }
+                        }
+                    }
+                }
+                AgentEvent::Input(d) => self.handle_input(d).await,
+                AgentEvent::Flag(Flag::TerminateSession) => {
+                    self.done = Some(String::new());
+                }
+                AgentEvent::Flag(Flag::DisconnectToPort) => {
+                    if self.mode == Some(PortMode::Basic) {
+                        // Close the target; the next Output dials again.
+                        self.streams.remove(&self.basic_id);
+                    }
+                }
+                AgentEvent::Flag(_) => {}
+                AgentEvent::Failed(e) => self.done = Some(e),
+            }
+        }
+    }
+
+    async fn dial_basic(&mut self) -> std::io::Result<()> {
+        let stream = TcpStream::connect((self.spec.target.host.as_str(), self.spec.target.port)).await?;
+        self.basic_id += 1;
+        let id = self.basic_id;
+        self.streams.insert(id, Stream::Dialing(Vec::new()));
+        self.open_stream(id, stream, PAYLOAD_SIZE);
+        Ok(())
+    }
+
+    async fn handle_input(&mut self, d: Vec<u8>) {
+        match self.mode {
+            Some(PortMode::Basic) => {
+                let n = d.len();
+                if !self.streams.contains_key(&self.basic_id) {
+                    // The target went away earlier: dial again on data (port_basic.go).
+                    if let Err(e) = self.dial_basic().await {
+                        warn!("redial failed: {e}");
+                        self.chan.consumed_input(Instant::now().into_std(), n);
+                        return;
+                    }
+                }
+                if !self.write_stream(self.basic_id, d) {
+                    self.chan.consumed_input(Instant::now().into_std(), n);
+                }
+            }
+            Some(PortMode::Mux { .. }) => {
+                let n = d.len();
+                let result = self.mux.as_mut().map(|m| m.handle_input(&d));
+                self.chan.consumed_input(Instant::now().into_std(), n);
+                if let Some(Err(e)) = result {
+                    self.done = Some(format!("smux session failed: {e}"));
+                    return;
+                }
+                while let Some(ev) = self.mux.as_mut().and_then(Mux::poll_event) {
+                    match ev {
+                        MuxEvent::Opened(sid) => self.dial_mux(sid),
+                        MuxEvent::Data(sid, d) => {
+                            self.write_stream(sid.0, d);
+                        }
+                        MuxEvent::Closed(sid) => {
+                            self.streams.remove(&sid.0);
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// AcceptStream then DialCall for each new stream.
+    fn dial_mux(&mut self, sid: StreamId) {
+        self.streams.insert(sid.0, Stream::Dialing(Vec::new()));
+        let tx = self.events_tx.clone();
+        let (host, port) = (self.spec.target.host.clone(), self.spec.target.port);
+        tokio::spawn(async move {
+            let r = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect((host.as_str(), port)))
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "dial timed out")));
+            let _ = tx.send(TargetEvent::Dialed(sid.0, r)).await;
+        });
+    }
+
+    /// Queues bytes for a target; false if there is no such stream.
+    fn write_stream(&mut self, id: u32, d: Vec<u8>) -> bool {
+        match self.streams.get_mut(&id) {
+            Some(Stream::Dialing(pending)) => {
+                pending.push(d);
+                true
+            }
+            Some(Stream::Open(tx, _)) => tx.send(d).is_ok(),
+            None => false,
+        }
+    }
+
+    fn open_stream(&mut self, id: u32, stream: TcpStream, read_size: usize) {
+        let (mut r, mut w) = stream.into_split();
+        let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            while let Some(d) = wrx.recv().await {
+                let n = d.len();
+                if w.write_all(&d).await.is_err() {
+                    break;
+                }
+                let _ = events.send(TargetEvent::Written(n)).await;
+            }
+            let _ = w.shutdown().await;
+        });
+        let events = self.events_tx.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; read_size];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = events.send(TargetEvent::Eof(id)).await;
+                        return;
+                    }
+                    Ok(n) => {
+                        if events.send(TargetEvent::Data(id, buf[..n].to_vec())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let pending = match self.streams.insert(id, Stream::Open(wtx.clone(), reader)) {
+            Some(mut s) => match &mut s {
+                Stream::Dialing(p) => std::mem::take(p),
+                Stream::Open(..) => Vec::new(),
+            },
+            None => Vec::new(),
+        };
+        for d in pending {
+            let _ = wtx.send(d);
+        }
+    }
+
+    fn handle_target(&mut self, ev: TargetEvent) {
+        let now = Instant::now().into_std();
+        match ev {
+            TargetEvent::Dialed(id, Ok(stream)) => {
+                if self.streams.contains_key(&id) {
+                    self.open_stream(id, stream, MUX_READ);
+                }
+            }
+            TargetEvent::Dialed(id, Err(e)) => {
+                warn!(stream = id, "Unable to dial connection to server: {e}");
+                self.streams.remove(&id);
+                // Flag first, then close the stream (FIN), as port_mux.go does.
+                self.chan.send_flag(now, Flag::ConnectToPortError);
+                if let Some(m) = &mut self.mux {
+                    m.close(StreamId(id));
+                }
+            }
+            TargetEvent::Data(id, d) => match self.mode {
+                Some(PortMode::Mux { .. }) => {
+                    if let Some(m) = &mut self.mux {
+                        m.write(StreamId(id), &d);
+                    }
+                }
+                _ => {
+                    if id == self.basic_id {
+                        self.out.extend(d);
+                    }
+                }
+            },
+            TargetEvent::Eof(id) => {
+                debug!(stream = id, "target closed");
+                self.streams.remove(&id);
+                if let Some(m) = &mut self.mux {
+                    m.close(StreamId(id));
+                }
+                // Basic mode tells the client nothing; the next Output redials.
+            }
+            // In mux mode input counts as consumed when smux takes it (above).
+            TargetEvent::Written(n) => {
+                if self.mode == Some(PortMode::Basic) {
+                    self.chan.consumed_input(now, n);
+                }
+            }
+        }
+    }
+}

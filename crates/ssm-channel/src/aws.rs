@@ -1,0 +1,222 @@
+//! The SSM API calls a Port session needs (StartSession, ResumeSession,
+//! TerminateSession, DescribeInstanceInformation) through aws-sdk-ssm and the
+//! user's normal credential chain, with errors that say what to do.
+
+use aws_sdk_ssm::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ssm::types::InstanceInformationStringFilter;
+
+use crate::transport::{Endpoint, Trust};
+
+/// Document names for Port sessions.
+pub const PORT_DOCUMENT: &str = "AWS-StartPortForwardingSession";
+pub const REMOTE_HOST_DOCUMENT: &str = "AWS-StartPortForwardingSessionToRemoteHost";
+
+#[derive(Debug, Clone, Default)]
+pub struct AwsOptions {
+    pub region: Option<String>,
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no AWS region: pass --region, set AWS_REGION, or set one in your profile")]
+    NoRegion,
+    #[error(
+        "instance {instance} is not a managed node in {region}: check the instance id and region, \
+         and that its SSM agent runs with an instance profile that allows Session Manager"
+    )]
+    UnknownInstance { instance: String, region: String },
+    #[error("instance {instance} is not connected to Session Manager (PingStatus {status}): is it running with the SSM agent online?")]
+    InstanceOffline { instance: String, status: String },
+    #[error("not authorized to perform {action}{on}: {message}. Add {action} to your IAM policy")]
+    AccessDenied { action: &'static str, on: String, message: String },
+    #[error(
+        "the AWS credentials were rejected ({code}): {message}. Refresh them (aws sso login, new keys) or pick another --profile"
+    )]
+    BadCredentials { code: String, message: String },
+    #[error("{action} failed: {detail}{hint}")]
+    Other { action: &'static str, detail: String, hint: &'static str },
+    #[error("session {0} does not exist or has been terminated")]
+    SessionNotFound(String),
+    #[error("{action} returned no {field}")]
+    Incomplete { action: &'static str, field: &'static str },
+}
+
+/// What StartSession hands back.
+#[derive(Debug, Clone)]
+pub struct StartedSession {
+    pub session_id: String,
+    pub endpoint: Endpoint,
+}
+
+/// An instance's registration as SSM sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceStatus {
+    pub ping_status: String,
+    pub agent_version: String,
+    pub platform: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SsmApi {
+    client: aws_sdk_ssm::Client,
+    region: String,
+}
+
+impl SsmApi {
+    /// Loads the standard chain (env, profiles, SSO, process credentials),
+    /// honouring `AWS_ENDPOINT_URL`/`AWS_ENDPOINT_URL_SSM` and the CA bundle.
+    pub async fn load(opts: &AwsOptions, trust: &Trust) -> Result<SsmApi, ApiError> {
+        use aws_smithy_http_client::tls;
+        let mut store = tls::TrustStore::default();
+        if let Some(pem) = &trust.ca_bundle_pem {
+            store = store.with_pem_certificate(pem.clone());
+        }
+        let ctx = tls::TlsContext::builder().with_trust_store(store).build().map_err(|e| ApiError::Other {
+            action: "TLS setup",
+            detail: e.to_string(),
+            hint: "",
+        })?;
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+            .tls_context(ctx)
+            .build_https();
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
+        if let Some(p) = &opts.profile {
+            loader = loader.profile_name(p);
+        }
+        if let Some(r) = &opts.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        let conf = loader.load().await;
+        let region = conf.region().map(|r| r.to_string()).ok_or(ApiError::NoRegion)?;
+        Ok(SsmApi { client: aws_sdk_ssm::Client::new(&conf), region })
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// StartSession with AWS-StartPortForwardingSession, or ...ToRemoteHost when `host` is set.
+    pub async fn start_port_session(
+        &self,
+        instance: &str,
+        remote_port: u16,
+        host: Option<&str>,
+        client_id: uuid::Uuid,
+    ) -> Result<StartedSession, ApiError> {
+        let document = if host.is_some() { REMOTE_HOST_DOCUMENT } else { PORT_DOCUMENT };
+        let mut req = self
+            .client
+            .start_session()
+            .target(instance)
+            .document_name(document)
+            .parameters("portNumber", vec![remote_port.to_string()])
+            .parameters("localPortNumber", vec!["0".to_owned()])
+            .reason("ssm-proxy");
+        if let Some(h) = host {
+            req = req.parameters("host", vec![h.to_owned()]);
+        }
+        let out = match req.send().await {
+            Ok(o) => o,
+            Err(e) => {
+                if e.as_service_error().is_some_and(|s| s.is_target_not_connected()) {
+                    return Err(self.explain_not_connected(instance).await);
+                }
+                return Err(classify("ssm:StartSession", format!(" on {instance} with {document}"), e));
+            }
+        };
+        let session_id = out
+            .session_id()
+            .ok_or(ApiError::Incomplete { action: "StartSession", field: "SessionId" })?
+            .to_owned();
+        let token = out.token_value().ok_or(ApiError::Incomplete { action: "StartSession", field: "TokenValue" })?;
+        let url = out.stream_url().ok_or(ApiError::Incomplete { action: "StartSession", field: "StreamUrl" })?;
+        Ok(StartedSession {
+            session_id,
+            endpoint: Endpoint { stream_url: url.to_owned(), token: token.to_owned(), client_id },
+        })
+    }
+
+    async fn explain_not_connected(&self, instance: &str) -> ApiError {
+        match self.instance_status(instance).await {
+            Ok(None) => ApiError::UnknownInstance { instance: instance.to_owned(), region: self.region.clone() },
+            Ok(Some(s)) => ApiError::InstanceOffline { instance: instance.to_owned(), status: s.ping_status },
+            Err(e) => e,
+        }
+    }
+
+    /// ResumeSession: a fresh token for the same StreamUrl, or `None` when the
+    /// service says the session is gone (empty token).
+    pub async fn resume_session(&self, session_id: &str) -> Result<Option<String>, ApiError> {
+        let out = self
+            .client
+            .resume_session()
+            .session_id(session_id)
+            .send()
+            .await
+            .map_err(|e| match e.code() {
+                Some("DoesNotExistException") => ApiError::SessionNotFound(session_id.to_owned()),
+                _ => classify("ssm:ResumeSession", format!(" on session {session_id}"), e),
+            })?;
+        Ok(out.token_value().filter(|t| !t.is_empty()).map(str::to_owned))
+    }
+
+    /// TerminateSession; safe to repeat.
+    pub async fn terminate_session(&self, session_id: &str) -> Result<(), ApiError> {
+        self.client
+            .terminate_session()
+            .session_id(session_id)
+            .send()
+            .await
+            .map_err(|e| classify("ssm:TerminateSession", format!(" on session {session_id}"), e))?;
+        Ok(())
+    }
+
+    /// DescribeInstanceInformation for one instance; `None` if SSM does not know it.
+    pub async fn instance_status(&self, instance: &str) -> Result<Option<InstanceStatus>, ApiError> {
+        let filter = InstanceInformationStringFilter::builder()
+            .key("InstanceIds")
+            .values(instance)
+            .build()
+            .map_err(|e| ApiError::Other { action: "DescribeInstanceInformation", detail: e.to_string(), hint: "" })?;
+        let out = self
+            .client
+            .describe_instance_information()
+            .filters(filter)
+            .send()
+            .await
+            .map_err(|e| classify("ssm:DescribeInstanceInformation", String::new(), e))?;
+        Ok(out.instance_information_list().iter().find(|i| i.instance_id() == Some(instance)).map(|i| InstanceStatus {
+            ping_status: i.ping_status().map(|p| p.as_str().to_owned()).unwrap_or_default(),
+            agent_version: i.agent_version().unwrap_or_default().to_owned(),
+            platform: i.platform_type().map(|p| p.as_str().to_owned()).unwrap_or_default(),
+        }))
+    }
+}
+
+/// Maps an SDK error to a message naming the action and what to do.
+fn classify<E, R>(action: &'static str, on: String, err: SdkError<E, R>) -> ApiError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let code = err.code().unwrap_or_default().to_owned();
+    let message = err.message().unwrap_or_default().to_owned();
+    match code.as_str() {
+        "AccessDeniedException" | "AccessDenied" => ApiError::AccessDenied { action, on, message },
+        "UnrecognizedClientException" | "InvalidSignatureException" | "ExpiredTokenException"
+        | "InvalidClientTokenId" | "SignatureDoesNotMatch" => ApiError::BadCredentials { code, message },
+        _ => {
+            let detail = DisplayErrorContext(&err).to_string();
+            let hint = if detail.contains("credentials") || detail.contains("Credentials") {
+                ". No usable AWS credentials: set AWS_PROFILE or --profile, run `aws sso login`, or export AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+            } else if matches!(err, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)) {
+                ". Cannot reach the SSM endpoint: check the network, --region and AWS_ENDPOINT_URL"
+            } else {
+                ""
+            };
+            ApiError::Other { action, detail, hint }
+        }
+    }
+}

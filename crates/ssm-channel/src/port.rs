@@ -1,0 +1,687 @@
+//! Runs a Port session: websocket <-> [`Session`] <-> smux (or basic mode) <->
+//! local byte streams. One task owns all protocol state (quinn's
+//! `ConnectionDriver` pattern); each local connection has a reader and a writer
+//! task connected to it by bounded channels.
+//!
+//! Backpressure, end to end: a local reader is only heard while the session
+//! window has room and the mux output backlog is short; a slow local writer
+//! stops us taking events from the session, which then stops acking, which
+//! makes the agent resend later. Nothing is dropped to make room.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::SplitStream;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tracing::{debug, info, trace, warn};
+
+use crate::payloads::Flag;
+use crate::session::{CloseReason, Event, HandshakeInfo, Session, SessionConfig, Stats, MAX_PAYLOAD};
+use crate::smux::{Mux, MuxEvent, Role, StreamId};
+use crate::transport::{self, Endpoint, TransportError, WsStream, PING_INTERVAL};
+use crate::version::{client_port_mode, PortMode};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A local byte stream to carry over the session (a TCP connection, or any pipe).
+pub struct Conn {
+    pub reader: Box<dyn AsyncRead + Send + Unpin>,
+    pub writer: Box<dyn AsyncWrite + Send + Unpin>,
+    /// For logs: the peer address, say.
+    pub label: String,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("label", &self.label).finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    pub fn from_tcp(stream: tokio::net::TcpStream) -> Conn {
+        let label = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        Conn { reader: Box::new(r), writer: Box::new(w), label }
+    }
+}
+
+/// How to get a new token for the same StreamUrl after the websocket drops.
+pub trait Resume: Send + Sync {
+    /// `Ok(None)`: the service says the session no longer exists.
+    fn resume(&self) -> BoxFuture<'_, Result<Option<Endpoint>, String>>;
+}
+
+#[derive(Debug, Clone)]
+pub struct PortConfig {
+    pub session: SessionConfig,
+    /// smux PSH frame cap; small frames let streams interleave.
+    pub mux_frame: usize,
+    /// Local bytes queued in smux before we stop reading local sockets.
+    pub max_backlog: usize,
+    /// Read size for local sockets.
+    pub read_chunk: usize,
+    /// How long to keep trying to reconnect before giving up.
+    pub reconnect_for: Duration,
+    /// How long to wait for the TerminateSession flag's ack.
+    pub terminate_wait: Duration,
+}
+
+impl Default for PortConfig {
+    fn default() -> Self {
+        PortConfig {
+            session: SessionConfig::default(),
+            mux_frame: 4096,
+            max_backlog: 64 << 10,
+            read_chunk: 16 << 10,
+            reconnect_for: Duration::from_secs(600),
+            terminate_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Sent once the handshake completes.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub handshake: HandshakeInfo,
+    pub mode: PortMode,
+    pub customer_message: String,
+}
+
+/// How a session that ran ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// We asked to stop; `acked` says whether the agent confirmed.
+    Terminated { acked: bool },
+    /// The service closed the channel, with its reason.
+    ChannelClosed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub end: SessionEnd,
+    pub stats: Stats,
+    pub reconnects: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("the service rejected the session token (websocket close {code}: {reason})")]
+    TokenRejected { code: u16, reason: String },
+    #[error("handshake with the instance agent failed: {0}")]
+    Handshake(String),
+    #[error("the agent stopped acknowledging messages; the session is dead")]
+    AckTimeout,
+    #[error("the session no longer exists on the service (ResumeSession returned no token)")]
+    SessionGone,
+    #[error("could not reconnect within {0:?}; last error: {1}")]
+    ReconnectFailed(Duration, String),
+    #[error("smux protocol error from the agent: {0}")]
+    Mux(#[from] crate::smux::MuxError),
+}
+
+type ConnId = u32;
+
+enum Cmd {
+    Data(ConnId, Vec<u8>),
+    Eof(ConnId),
+}
+
+struct LocalConn {
+    writer: mpsc::Sender<Vec<u8>>,
+    reader: JoinHandle<()>,
+    label: String,
+}
+
+impl Drop for LocalConn {
+    fn drop(&mut self) {
+        // No half-close in either mode: dropping the writer channel lets the
+        // writer flush and close; the reader stops here.
+        self.reader.abort();
+    }
+}
+
+enum Mode {
+    Mux(Mux),
+    Basic(Basic),
+}
+
+#[derive(Default)]
+struct Basic {
+    active: Option<ConnId>,
+    waiting: VecDeque<Conn>,
+    out: VecDeque<u8>,
+    disconnect_pending: bool,
+}
+
+type WsSource = SplitStream<WsStream>;
+
+/// Everything the driver loop mutates, apart from the futures it awaits.
+struct Core {
+    session: Session,
+    mode: Option<Mode>,
+    conns: HashMap<ConnId, LocalConn>,
+    next_basic_id: ConnId,
+    cmd_tx: mpsc::Sender<Cmd>,
+    read_chunk: usize,
+    mux_frame: usize,
+    /// Data for a local writer whose channel was full, with a sender to wait on.
+    blocked: Option<(ConnId, Vec<u8>, mpsc::Sender<Vec<u8>>)>,
+    ready: Option<oneshot::Sender<Ready>>,
+    handshake: Option<HandshakeInfo>,
+    newest_stream: Option<StreamId>,
+    end: Option<Result<SessionEnd, PortError>>,
+}
+
+/// Drives a Port session until it ends.
+///
+/// `conns` delivers local connections to carry; `shutdown` resolving asks for a
+/// clean end (TerminateSession flag, then return). The caller calls the
+/// TerminateSession API afterwards.
+pub async fn run(
+    config: PortConfig,
+    endpoint: Endpoint,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    resume: Arc<dyn Resume>,
+    mut conns: mpsc::Receiver<Conn>,
+    ready: oneshot::Sender<Ready>,
+    shutdown: BoxFuture<'static, ()>,
+) -> Result<Summary, PortError> {
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(64);
+    let mut core = Core {
+        session: Session::new(config.session.clone(), Box::new(crate::session::SystemEnvironment)),
+        mode: None,
+        conns: HashMap::new(),
+        next_basic_id: 1,
+        cmd_tx,
+        read_chunk: config.read_chunk,
+        mux_frame: config.mux_frame,
+        blocked: None,
+        ready: Some(ready),
+        handshake: None,
+        newest_stream: None,
+        end: None,
+    };
+
+    let ws = transport::connect(&endpoint, tls.clone()).await?;
+    let (mut ws_tx, ws_rx) = ws.split();
+    let mut ws_rx = Some(ws_rx);
+    let mut reconnect: Option<BoxFuture<'static, Result<WsStream, PortError>>> = None;
+    let mut reconnects = 0u64;
+    let mut first_connection = true;
+    let mut received_any = false;
+    core.session.set_connected(true, Instant::now().into_std());
+    let mut next_ping = Instant::now();
+
+    let mut shutdown = shutdown;
+    let mut shutting_down = false;
+    let mut terminate_deadline: Option<Instant> = None;
+    let mut conns_open = true;
+
+    loop {
+        let now = Instant::now();
+        core.pump(now);
+        if ws_rx.is_some() {
+            let mut ok = true;
+            if now >= next_ping {
+                ok &= ws_tx.feed(WsMessage::Ping("keepalive".into())).await.is_ok();
+                next_ping = now + PING_INTERVAL;
+            }
+            while let Some(frame) = core.session.poll_transmit(now.into_std()) {
+                trace!(bytes = frame.len(), "frame out");
+                if ws_tx.feed(WsMessage::Binary(frame.into())).await.is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            ok &= ws_tx.flush().await.is_ok();
+            if !ok {
+                ws_rx = None;
+                core.session.set_connected(false, now.into_std());
+                warn!("websocket write failed; reconnecting");
+                reconnect = Some(reconnect_loop(resume.clone(), tls.clone(), config.reconnect_for));
+            }
+        }
+        if let Some(end) = core.end.take() {
+            let _ = ws_tx.close().await;
+            return end.map(|end| Summary { end, stats: core.session.stats(), reconnects });
+        }
+        if terminate_deadline.is_some_and(|t| now >= t) {
+            let _ = ws_tx.close().await;
+            return Ok(Summary { end: SessionEnd::Terminated { acked: false }, stats: core.session.stats(), reconnects });
+        }
+
+        let timer = [
+            core.session.poll_timeout().map(Instant::from_std),
+            core.mux_timeout().map(Instant::from_std),
+            terminate_deadline,
+            ws_rx.is_some().then_some(next_ping),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let accept_local = !shutting_down && core.can_take_local(config.max_backlog);
+        let blocked_tx = core.blocked.as_ref().map(|(_, _, tx)| tx.clone());
+
+        tokio::select! {
+            msg = next_ws(&mut ws_rx) => {
+                let now = Instant::now();
+                match msg {
+                    Some(Ok(WsMessage::Binary(b))) => {
+                        received_any = true;
+                        if let Err(e) = core.session.handle_frame(now.into_std(), &b) {
+                            debug!("dropped frame: {e}");
+                        }
+                    }
+                    Some(Ok(WsMessage::Text(t))) => {
+                        received_any = true;
+                        if let Err(e) = core.session.handle_frame(now.into_std(), t.as_bytes()) {
+                            debug!("dropped text frame: {e}");
+                        }
+                    }
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
+                    Some(Ok(WsMessage::Close(frame))) => {
+                        let (code, reason) = frame
+                            .map(|f| (u16::from(f.code), f.reason.to_string()))
+                            .unwrap_or((1005, String::new()));
+                        if first_connection && !received_any && code == u16::from(CloseCode::Unsupported) {
+                            return Err(PortError::TokenRejected { code, reason });
+                        }
+                        info!(code, %reason, "service closed the websocket; reconnecting");
+                        ws_rx = None;
+                    }
+                    Some(Err(e)) => {
+                        info!("websocket error: {e}; reconnecting");
+                        ws_rx = None;
+                    }
+                    None => {
+                        info!("websocket ended; reconnecting");
+                        ws_rx = None;
+                    }
+                }
+                if ws_rx.is_none() {
+                    core.session.set_connected(false, now.into_std());
+                    reconnect = Some(reconnect_loop(resume.clone(), tls.clone(), config.reconnect_for));
+                }
+            }
+            res = await_opt(&mut reconnect) => {
+                reconnect = None;
+                let ws = res?;
+                reconnects += 1;
+                first_connection = false;
+                info!(reconnects, "websocket reconnected; resending unacknowledged messages");
+                let (tx, rx) = ws.split();
+                ws_tx = tx;
+                ws_rx = Some(rx);
+                next_ping = Instant::now();
+                core.session.set_connected(true, Instant::now().into_std());
+            }
+            conn = conns.recv(), if conns_open && accept_local => {
+                match conn {
+                    Some(c) => core.add_conn(c),
+                    None => conns_open = false,
+                }
+            }
+            cmd = cmd_rx.recv(), if accept_local => {
+                if let Some(cmd) = cmd {
+                    core.handle_cmd(cmd);
+                }
+            }
+            permit = reserve(blocked_tx) => {
+                if let (Ok(permit), Some((_, data, _))) = (permit, core.blocked.take()) {
+                    permit.send(data);
+                } else {
+                    // The writer went away; its data has nowhere to go.
+                    core.blocked = None;
+                }
+            }
+            _ = sleep_until(timer) => {
+                let now = Instant::now();
+                core.session.handle_timeout(now.into_std());
+                if let Some(Mode::Mux(m)) = &mut core.mode {
+                    m.handle_timeout(now.into_std());
+                }
+            }
+            _ = &mut shutdown, if !shutting_down => {
+                shutting_down = true;
+                info!("ending the session");
+                core.session.terminate();
+                terminate_deadline = Some(Instant::now() + config.terminate_wait);
+            }
+        }
+    }
+}
+
+async fn next_ws(rx: &mut Option<WsSource>) -> Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>> {
+    match rx {
+        Some(r) => r.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn await_opt<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn reserve(tx: Option<mpsc::Sender<Vec<u8>>>) -> Result<mpsc::OwnedPermit<Vec<u8>>, ()> {
+    match tx {
+        Some(tx) => tx.reserve_owned().await.map_err(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// ResumeSession then redial, with jittered exponential backoff (100-200 ms,
+/// doubling to 5 s) for as long as `give_up_after` allows.
+fn reconnect_loop(
+    resume: Arc<dyn Resume>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    give_up_after: Duration,
+) -> BoxFuture<'static, Result<WsStream, PortError>> {
+    Box::pin(async move {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(100 + rand::random_range(0..100));
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let err = match resume.resume().await {
+                Ok(Some(endpoint)) => match transport::connect(&endpoint, tls.clone()).await {
+                    Ok(ws) => return Ok(ws),
+                    Err(e) => e.to_string(),
+                },
+                Ok(None) => return Err(PortError::SessionGone),
+                Err(e) => e,
+            };
+            if started.elapsed() >= give_up_after {
+                return Err(PortError::ReconnectFailed(give_up_after, err));
+            }
+            warn!(attempt, "reconnect failed: {err}; retrying in {delay:?}");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5)) + Duration::from_millis(rand::random_range(0..100));
+        }
+    })
+}
+
+impl Core {
+    fn mux_timeout(&self) -> Option<std::time::Instant> {
+        match &self.mode {
+            Some(Mode::Mux(m)) => m.poll_timeout(),
+            _ => None,
+        }
+    }
+
+    fn pending_output(&self) -> usize {
+        match &self.mode {
+            Some(Mode::Mux(m)) => m.pending_output(),
+            Some(Mode::Basic(b)) => b.out.len(),
+            None => 0,
+        }
+    }
+
+    /// Whether to listen to local sockets now.
+    fn can_take_local(&self, max_backlog: usize) -> bool {
+        self.mode.is_some() && self.session.can_send() && self.pending_output() < max_backlog
+    }
+
+    /// Moves events and bytes between the session, the mux and local writers.
+    fn pump(&mut self, now: Instant) {
+        loop {
+            if self.blocked.is_some() || self.end.is_some() {
+                break;
+            }
+            if let Some(Mode::Mux(m)) = &mut self.mode {
+                if let Some(ev) = m.poll_event() {
+                    self.handle_mux_event(ev);
+                    continue;
+                }
+            }
+            let Some(ev) = self.session.poll_event() else { break };
+            self.handle_session_event(ev, now);
+        }
+        self.flush_output(now);
+    }
+
+    fn flush_output(&mut self, _now: Instant) {
+        let Some(mode) = &mut self.mode else { return };
+        match mode {
+            Mode::Mux(m) => {
+                while self.session.can_send() && m.pending_output() > 0 {
+                    let chunk = m.take_output(MAX_PAYLOAD);
+                    if self.session.send(&chunk).is_err() {
+                        break;
+                    }
+                }
+            }
+            Mode::Basic(b) => {
+                while self.session.can_send() && !b.out.is_empty() {
+                    let n = b.out.len().min(MAX_PAYLOAD);
+                    let chunk: Vec<u8> = b.out.drain(..n).collect();
+                    if self.session.send(&chunk).is_err() {
+                        break;
+                    }
+                }
+                if b.out.is_empty() && b.disconnect_pending && self.session.can_send() {
+                    let flag = Flag::DisconnectToPort.to_bytes();
+                    if self.session.send_typed(crate::codec::PayloadType::FLAG, &flag).is_ok() {
+                        b.disconnect_pending = false;
+                        if let Some(next) = b.waiting.pop_front() {
+                            self.start_basic_conn(next);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_session_event(&mut self, ev: Event, _now: Instant) {
+        match ev {
+            Event::Handshake(info) => {
+                let lpf = info.properties.get("type").map(String::as_str) == Some("LocalPortForwarding");
+                let mode = client_port_mode(&info.agent_version, lpf);
+                info!(agent_version = %info.agent_version, ?mode, "handshake");
+                self.mode = Some(match mode {
+                    PortMode::Mux { keepalive } => {
+                        let mut m = Mux::new(Role::Client, keepalive).with_max_frame(self.mux_frame);
+                        m.handle_timeout(std::time::Instant::now());
+                        Mode::Mux(m)
+                    }
+                    PortMode::Basic => Mode::Basic(Basic::default()),
+                });
+                self.handshake = Some(info);
+            }
+            Event::Established { customer_message } => {
+                if let (Some(tx), Some(info), Some(mode)) = (self.ready.take(), self.handshake.clone(), &self.mode) {
+                    let mode = match mode {
+                        Mode::Mux(m) => PortMode::Mux { keepalive: m.poll_timeout().is_some() },
+                        Mode::Basic(_) => PortMode::Basic,
+                    };
+                    let _ = tx.send(Ready { handshake: info, mode, customer_message });
+                }
+            }
+            Event::Data(d) => match &mut self.mode {
+                Some(Mode::Mux(m)) => {
+                    if let Err(e) = m.handle_input(&d) {
+                        self.end = Some(Err(PortError::Mux(e)));
+                    }
+                }
+                Some(Mode::Basic(b)) => {
+                    if let Some(id) = b.active {
+                        self.deliver(id, d);
+                    } else {
+                        debug!(bytes = d.len(), "data for no local connection (basic mode)");
+                    }
+                }
+                None => {}
+            },
+            Event::Flag(Flag::ConnectToPortError) => {
+                let target = self.target_description();
+                let stream = self.newest_stream.map(|s| format!(" (stream {s})")).unwrap_or_default();
+                warn!("the instance could not connect to {target}{stream}: nothing listens there, or it is unreachable from the instance");
+            }
+            Event::Flag(f) => debug!(?f, "flag from agent"),
+            Event::Closed(reason) => {
+                self.end = Some(match reason {
+                    CloseReason::Terminated => Ok(SessionEnd::Terminated { acked: true }),
+                    CloseReason::ChannelClosed { output } => Ok(SessionEnd::ChannelClosed(output)),
+                    CloseReason::HandshakeFailed(e) => Err(PortError::Handshake(e)),
+                    CloseReason::AckTimeout => Err(PortError::AckTimeout),
+                });
+            }
+        }
+    }
+
+    fn target_description(&self) -> String {
+        let Some(info) = &self.handshake else { return "the target".into() };
+        let port = info.properties.get("portNumber").cloned().unwrap_or_default();
+        match info.properties.get("host") {
+            Some(h) => format!("{h}:{port}"),
+            None => format!("port {port} on the instance"),
+        }
+    }
+
+    fn handle_mux_event(&mut self, ev: MuxEvent) {
+        match ev {
+            MuxEvent::Data(sid, d) => self.deliver(sid.0, d),
+            MuxEvent::Closed(sid) => {
+                if let Some(c) = self.conns.remove(&sid.0) {
+                    debug!(stream = sid.0, conn = %c.label, "closed by the remote side");
+                }
+            }
+            MuxEvent::Opened(sid) => {
+                // The agent never opens streams; refuse politely.
+                if let Some(Mode::Mux(m)) = &mut self.mode {
+                    m.close(sid);
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, id: ConnId, data: Vec<u8>) {
+        let Some(c) = self.conns.get(&id) else { return };
+        match c.writer.try_send(data) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(data)) => {
+                self.blocked = Some((id, data, c.writer.clone()));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn add_conn(&mut self, conn: Conn) {
+        match &mut self.mode {
+            Some(Mode::Mux(_)) => self.start_mux_conn(conn),
+            Some(Mode::Basic(b)) => {
+                if b.active.is_some() || b.disconnect_pending {
+                    debug!(conn = %conn.label, "basic mode carries one connection at a time; queued");
+                    b.waiting.push_back(conn);
+                } else {
+                    self.start_basic_conn(conn);
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn start_mux_conn(&mut self, conn: Conn) {
+        let Some(Mode::Mux(m)) = &mut self.mode else { return };
+        let sid = m.open();
+        self.newest_stream = Some(sid);
+        debug!(stream = sid.0, conn = %conn.label, "new connection");
+        self.spawn_conn(sid.0, conn);
+    }
+
+    fn start_basic_conn(&mut self, conn: Conn) {
+        let id = self.next_basic_id;
+        self.next_basic_id += 1;
+        if let Some(Mode::Basic(b)) = &mut self.mode {
+            b.active = Some(id);
+        }
+        debug!(conn = %conn.label, "new connection (basic mode)");
+        self.spawn_conn(id, conn);
+    }
+
+    fn spawn_conn(&mut self, id: ConnId, conn: Conn) {
+        let Conn { mut reader, mut writer, label } = conn;
+        let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(256);
+        let cmd = self.cmd_tx.clone();
+        let chunk = self.read_chunk;
+        let reader_task = tokio::spawn(async move {
+            let mut buf = vec![0u8; chunk];
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = cmd.send(Cmd::Eof(id)).await;
+                        return;
+                    }
+                    Ok(n) => {
+                        if cmd.send(Cmd::Data(id, buf[..n].to_vec())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let cmd = self.cmd_tx.clone();
+        tokio::spawn(async move {
+            while let Some(d) = wrx.recv().await {
+                if writer.write_all(&d).await.is_err() {
+                    let _ = cmd.send(Cmd::Eof(id)).await;
+                    return;
+                }
+            }
+            let _ = writer.shutdown().await;
+        });
+        self.conns.insert(id, LocalConn { writer: wtx, reader: reader_task, label });
+    }
+
+    fn handle_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Data(id, d) => {
+                if !self.conns.contains_key(&id) {
+                    return;
+                }
+                match &mut self.mode {
+                    Some(Mode::Mux(m)) => {
+                        m.write(StreamId(id), &d);
+                    }
+                    Some(Mode::Basic(b)) => b.out.extend(d),
+                    None => {}
+                }
+            }
+            Cmd::Eof(id) => {
+                let Some(c) = self.conns.remove(&id) else { return };
+                debug!(conn = %c.label, "local connection closed");
+                match &mut self.mode {
+                    Some(Mode::Mux(m)) => m.close(StreamId(id)),
+                    Some(Mode::Basic(b)) => {
+                        if b.active == Some(id) {
+                            b.active = None;
+                            b.disconnect_pending = true;
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The websocket to the ssmmessages endpoint: TLS trust, the upgrade, and the
+//! OpenDataChannel text frame that authenticates it
+//! (`src/datachannel/streaming.go`, `src/websocketutil/websocketutil.go`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use uuid::Uuid;
+
+use crate::payloads::OpenDataChannel;
+use crate::version::CLIENT_VERSION;
+
+pub type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The plugin's dialer handshake timeout.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(45);
+/// The plugin pings every 5 minutes (`PingTimeInterval`).
+pub const PING_INTERVAL: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot read CA bundle {path}: {source}")]
+    CaBundle {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("CA bundle {0} holds no usable PEM certificate")]
+    EmptyCaBundle(String),
+    #[error("no trusted root certificates: the system store is empty and no AWS_CA_BUNDLE was given")]
+    NoRoots,
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: Box<tokio_tungstenite::tungstenite::Error>,
+    },
+    #[error("connecting to {0} timed out after 45 s")]
+    Timeout(String),
+}
+
+/// Trust settings shared by the AWS API client and the websocket.
+#[derive(Clone, Debug, Default)]
+pub struct Trust {
+    /// Extra PEM roots from `AWS_CA_BUNDLE` (or `SSL_CERT_FILE`).
+    pub ca_bundle_pem: Option<Vec<u8>>,
+    pub ca_bundle_path: Option<String>,
+}
+
+impl Trust {
+    /// Reads `AWS_CA_BUNDLE`, falling back to `SSL_CERT_FILE`.
+    pub fn from_env() -> Result<Trust, TransportError> {
+        let path = std::env::var("AWS_CA_BUNDLE")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .or_else(|| std::env::var("SSL_CERT_FILE").ok().filter(|p| !p.is_empty()));
+        let Some(path) = path else { return Ok(Trust::default()) };
+        let pem = std::fs::read(&path).map_err(|source| TransportError::CaBundle { path: path.clone(), source })?;
+        Ok(Trust { ca_bundle_pem: Some(pem), ca_bundle_path: Some(path) })
+    }
+
+    /// A rustls client config: the system's roots plus the bundle.
+    pub fn rustls_config(&self) -> Result<Arc<rustls::ClientConfig>, TransportError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for cert in native.certs {
+            // Skip certificates the system store has but rustls cannot use.
+            let _ = roots.add(cert);
+        }
+        if let (Some(pem), Some(path)) = (&self.ca_bundle_pem, &self.ca_bundle_path) {
+            use rustls_pki_types::pem::PemObject;
+            let mut added = 0;
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem).flatten() {
+                if roots.add(cert).is_ok() {
+                    added += 1;
+                }
+            }
+            if added == 0 {
+                return Err(TransportError::EmptyCaBundle(path.clone()));
+            }
+        }
+        if roots.is_empty() {
+            return Err(TransportError::NoRoots);
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|_| TransportError::NoRoots)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    }
+}
+
+/// Where to connect and how to authenticate: StartSession's or ResumeSession's answer.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub stream_url: String,
+    pub token: String,
+    /// Random per process, kept across reconnects.
+    pub client_id: Uuid,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never log the token.
+        f.debug_struct("Endpoint").field("stream_url", &self.stream_url).finish_non_exhaustive()
+    }
+}
+
+/// Dials the StreamUrl exactly as given (no extra headers), then sends the
+/// OpenDataChannel frame with a fresh RequestId.
+pub async fn connect(
+    endpoint: &Endpoint,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<WsStream, TransportError> {
+    let url = endpoint.stream_url.clone();
+    let connector = tls.map(tokio_tungstenite::Connector::Rustls);
+    let dial = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, connector);
+    let (mut ws, _resp) = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial)
+        .await
+        .map_err(|_| TransportError::Timeout(redact(&url)))?
+        .map_err(|e| TransportError::Connect { url: redact(&url), source: Box::new(e) })?;
+    let open = OpenDataChannel {
+        message_schema_version: "1.0".into(),
+        request_id: Uuid::new_v4().to_string(),
+        token_value: endpoint.token.clone(),
+        client_id: endpoint.client_id.to_string(),
+        client_version: CLIENT_VERSION.into(),
+    };
+    let text = serde_json::to_string(&open).unwrap_or_default();
+    ws.send(WsMessage::Text(text.into()))
+        .await
+        .map_err(|e| TransportError::Connect { url: redact(&url), source: Box::new(e) })?;
+    Ok(ws)
+}
+
+/// The StreamUrl without its query string, for messages and logs.
+pub fn redact(url: &str) -> String {
+    url.split('?').next().unwrap_or(url).to_owned()
+}

@@ -1,0 +1,203 @@
+//! The SSM JSON API (awsJson1_1, `X-Amz-Target: AmazonSSM.<Operation>`):
+//! StartSession, ResumeSession, TerminateSession, DescribeInstanceInformation.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tracing::info;
+
+use crate::agent::{self, AgentInput, AgentSpec, Target};
+use crate::server::{Shared, SessionEntry};
+
+/// An error body as AWS sends it for awsJson1_1 (HTTP 400).
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+fn err(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError { code, message: message.into() }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StartSessionRequest {
+    target: String,
+    document_name: Option<String>,
+    #[serde(default)]
+    parameters: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SessionIdRequest {
+    session_id: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct DescribeRequest {
+    #[serde(default)]
+    filters: Vec<Filter>,
+    #[serde(default)]
+    instance_information_filter_list: Vec<FilterList>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Filter {
+    key: String,
+    #[serde(default)]
+    values: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct FilterList {
+    key: String,
+    #[serde(rename = "valueSet", default)]
+    value_set: Vec<String>,
+}
+
+/// Dispatches one API call; `host` is the Host header, used to build StreamUrl.
+pub fn handle(shared: &Arc<Shared>, target: &str, body: &[u8], host: &str) -> Result<Value, ApiError> {
+    let op = target.strip_prefix("AmazonSSM.").ok_or_else(|| err("UnknownOperationException", target.to_owned()))?;
+    let parse_err = |e: serde_json::Error| err("SerializationException", e.to_string());
+    match op {
+        "StartSession" => start_session(shared, serde_json::from_slice(body).map_err(parse_err)?, host),
+        "ResumeSession" => resume_session(shared, serde_json::from_slice(body).map_err(parse_err)?, host),
+        "TerminateSession" => terminate_session(shared, serde_json::from_slice(body).map_err(parse_err)?),
+        "DescribeInstanceInformation" => {
+            let req: DescribeRequest = if body.is_empty() { DescribeRequest::default() } else { serde_json::from_slice(body).map_err(parse_err)? };
+            describe(shared, req)
+        }
+        _ => Err(err("UnknownOperationException", format!("operation {op} is not emulated"))),
+    }
+}
+
+fn stream_url(host: &str, session_id: &str) -> String {
+    format!("ws://{host}/v1/data-channel/{session_id}?role=publish_subscribe&cell-number=emulator")
+}
+
+fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> Result<Value, ApiError> {
+    let document = req.document_name.unwrap_or_else(|| "SSM-SessionManagerRunShell".into());
+    let Some(instance) = shared.config.instances.get(&req.target) else {
+        return Err(err("TargetNotConnected", format!("{} is not connected.", req.target)));
+    };
+    if instance.ping_status != "Online" {
+        return Err(err("TargetNotConnected", format!("{} is not connected.", req.target)));
+    }
+    let one = |k: &str| req.parameters.get(k).and_then(|v| v.first()).cloned();
+    let (remote_host, doc_type) = match document.as_str() {
+        "AWS-StartPortForwardingSession" => (None, "LocalPortForwarding"),
+        "AWS-StartPortForwardingSessionToRemoteHost" => {
+            let h = one("host").ok_or_else(|| err("ValidationException", "parameter host is required"))?;
+            (Some(h), "LocalPortForwarding")
+        }
+        other => return Err(err("InvalidDocument", format!("Document {other} is not supported by this emulator"))),
+    };
+    let port: u16 = one("portNumber")
+        .ok_or_else(|| err("ValidationException", "parameter portNumber is required"))?
+        .parse()
+        .map_err(|_| err("ValidationException", "portNumber must be a port number"))?;
+    let local_port = one("localPortNumber").unwrap_or_else(|| "0".into());
+
+    let session_id = format!("emulator-{:017x}", rand::random::<u64>() >> 4);
+    let token = new_token();
+    // The document's properties as the agent fills them in.
+    let mut properties = BTreeMap::from([
+        ("portNumber".to_owned(), json!(port.to_string())),
+        ("type".to_owned(), json!(doc_type)),
+        ("localPortNumber".to_owned(), json!(local_port)),
+    ]);
+    if let Some(h) = &remote_host {
+        properties.insert("host".into(), json!(h));
+    }
+    let spec = AgentSpec {
+        session_id: session_id.clone(),
+        instance_id: req.target.clone(),
+        agent_version: shared.config.agent_version.clone(),
+        properties,
+        target: Target { host: remote_host.unwrap_or_else(|| instance.host.clone()), port },
+        profile: shared.config.profile,
+    };
+    let (tx, rx) = mpsc::channel::<AgentInput>(1024);
+    let entry = Arc::new(SessionEntry::new(session_id.clone(), req.target.clone(), tx, token.clone()));
+    shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(session_id.clone(), entry.clone());
+    info!(session = %session_id, target = %req.target, %document, "StartSession");
+    tokio::spawn(async move {
+        let why = agent::run(spec, rx).await;
+        info!(session = %entry.id, reason = %why, "session ended");
+        entry.mark_terminated();
+    });
+    Ok(json!({"SessionId": session_id, "TokenValue": token, "StreamUrl": stream_url(host, &session_id)}))
+}
+
+fn new_token() -> String {
+    format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>())
+}
+
+fn lookup(shared: &Arc<Shared>, id: &str) -> Result<Arc<SessionEntry>, ApiError> {
+    let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    match sessions.get(id) {
+        Some(s) if !s.is_terminated() => Ok(s.clone()),
+        _ => Err(err("DoesNotExistException", format!("Session with id {id} does not exist or has been terminated."))),
+    }
+}
+
+fn resume_session(shared: &Arc<Shared>, req: SessionIdRequest, host: &str) -> Result<Value, ApiError> {
+    let entry = lookup(shared, &req.session_id)?;
+    let token = new_token();
+    entry.add_token(token.clone());
+    info!(session = %entry.id, "ResumeSession");
+    Ok(json!({"SessionId": entry.id, "TokenValue": token, "StreamUrl": stream_url(host, &entry.id)}))
+}
+
+fn terminate_session(shared: &Arc<Shared>, req: SessionIdRequest) -> Result<Value, ApiError> {
+    // Terminating a finished session succeeds, as on AWS.
+    if let Ok(entry) = lookup(shared, &req.session_id) {
+        info!(session = %entry.id, "TerminateSession");
+        let _ = entry.agent.try_send(AgentInput::Terminate);
+    }
+    Ok(json!({"SessionId": req.session_id}))
+}
+
+fn describe(shared: &Arc<Shared>, req: DescribeRequest) -> Result<Value, ApiError> {
+    let mut wanted: Option<Vec<String>> = None;
+    for f in &req.filters {
+        if f.key == "InstanceIds" {
+            wanted.get_or_insert_with(Vec::new).extend(f.values.iter().cloned());
+        } else if f.key != "PingStatus" {
+            return Err(err("InvalidFilterKey", format!("filter key {} is not emulated", f.key)));
+        }
+    }
+    for f in &req.instance_information_filter_list {
+        if f.key == "InstanceIds" {
+            wanted.get_or_insert_with(Vec::new).extend(f.value_set.iter().cloned());
+        }
+    }
+    let ping_filter: Option<&Vec<String>> = req.filters.iter().find(|f| f.key == "PingStatus").map(|f| &f.values);
+    let list: Vec<Value> = shared
+        .config
+        .instances
+        .iter()
+        .filter(|(id, _)| wanted.as_ref().is_none_or(|w| w.contains(id)))
+        .filter(|(_, i)| ping_filter.is_none_or(|p| p.contains(&i.ping_status)))
+        .map(|(id, i)| {
+            json!({
+                "InstanceId": id,
+                "PingStatus": i.ping_status,
+                "AgentVersion": shared.config.agent_version,
+                "PlatformType": "Linux",
+                "PlatformName": "Emulated Linux",
+                "ResourceType": "EC2Instance",
+                "IPAddress": i.host,
+                "LastPingDateTime": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            })
+        })
+        .collect();
+    Ok(json!({"InstanceInformationList": list}))
+}

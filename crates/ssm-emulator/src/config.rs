@@ -1,0 +1,85 @@
+//! What the emulator pretends: credentials it accepts, instances it knows,
+//! how its agent paces output, and which faults it injects.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// How the emulated agent paces its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Profile {
+    /// No pacing: as fast as the machine goes.
+    #[default]
+    Fast,
+    /// Like the real agent: one message of at most 1024 bytes per millisecond.
+    Stock,
+}
+
+/// Frame-level faults between the client and the agent, each direction.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Probability that a frame is dropped.
+    pub drop: f64,
+    /// Probability that a frame is delivered twice.
+    pub duplicate: f64,
+    /// Probability that a frame is held back so later frames overtake it.
+    pub reorder: f64,
+    /// Fixed one-way delay.
+    pub delay: Duration,
+    /// Close the client's websocket with 1000 "Bye" this long after it opens.
+    pub close_every: Option<Duration>,
+    /// Refuse every OpenDataChannel token (close 1003).
+    pub reject_tokens: bool,
+}
+
+impl Faults {
+    pub fn is_active(&self) -> bool {
+        self.drop > 0.0 || self.duplicate > 0.0 || self.reorder > 0.0 || !self.delay.is_zero()
+    }
+}
+
+/// One instance the emulator knows.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// The address that stands for the instance's own "localhost": Port
+    /// sessions without a `host` parameter dial this host at `portNumber`.
+    pub host: String,
+    /// `Online`, `ConnectionLost` or `Inactive`.
+    pub ping_status: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Access key id -> secret key; requests signed otherwise are refused.
+    pub credentials: BTreeMap<String, String>,
+    pub instances: BTreeMap<String, Instance>,
+    /// AgentVersion sent in the HandshakeRequest (4 numeric parts).
+    pub agent_version: String,
+    pub profile: Profile,
+    pub faults: Faults,
+    /// Seed for fault injection.
+    pub seed: u64,
+}
+
+/// The credentials tests and the demo use.
+pub const TEST_ACCESS_KEY: &str = "AKIAEMULATOR00000001";
+pub const TEST_SECRET_KEY: &str = "emulator/secret/key/000000000000000000000";
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            credentials: BTreeMap::from([(TEST_ACCESS_KEY.to_owned(), TEST_SECRET_KEY.to_owned())]),
+            instances: BTreeMap::new(),
+            agent_version: "3.3.987.0".into(),
+            profile: Profile::Fast,
+            faults: Faults::default(),
+            seed: 1,
+        }
+    }
+}
+
+impl Config {
+    pub fn with_instance(mut self, id: &str, host: &str) -> Self {
+        self.instances.insert(id.to_owned(), Instance { host: host.to_owned(), ping_status: "Online".into() });
+        self
+    }
+}

@@ -1,0 +1,408 @@
+//! One listener serves both the API (POST /) and the ssmmessages websocket
+//! (GET /v1/data-channel/<session>), like the two AWS hosts behind one
+//! address. The websocket relays frames between the client and the session's
+//! agent task, injecting the configured faults on the way (the "service").
+
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ssm_channel::payloads::OpenDataChannel;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info, warn};
+
+use crate::agent::{AgentInput, ToClient};
+use crate::config::{Config, Faults};
+
+/// One session as the service tracks it.
+#[derive(Debug)]
+pub struct SessionEntry {
+    pub id: String,
+    pub target: String,
+    pub agent: mpsc::Sender<AgentInput>,
+    tokens: Mutex<HashSet<String>>,
+    terminated: AtomicBool,
+}
+
+impl SessionEntry {
+    pub fn new(id: String, target: String, agent: mpsc::Sender<AgentInput>, token: String) -> Self {
+        SessionEntry { id, target, agent, tokens: Mutex::new(HashSet::from([token])), terminated: AtomicBool::new(false) }
+    }
+    pub fn add_token(&self, t: String) {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(t);
+    }
+    fn has_token(&self, t: &str) -> bool {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).contains(t)
+    }
+    pub fn mark_terminated(&self) {
+        self.terminated.store(true, Ordering::SeqCst);
+    }
+    pub fn is_terminated(&self) -> bool {
+        self.terminated.load(Ordering::SeqCst)
+    }
+}
+
+/// Counters tests and the CLI read.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub api_calls: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub websockets: AtomicU64,
+    pub frames_dropped: AtomicU64,
+    pub frames_duplicated: AtomicU64,
+    pub frames_reordered: AtomicU64,
+    pub forced_closes: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub sessions: Mutex<HashMap<String, Arc<SessionEntry>>>,
+    pub counters: Counters,
+    next_conn: AtomicU64,
+}
+
+/// A running emulator.
+#[derive(Debug)]
+pub struct Emulator {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Emulator {
+    /// Binds `addr` (port 0 picks one) and serves until dropped.
+    pub async fn start(config: Config, addr: SocketAddr) -> std::io::Result<Emulator> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            sessions: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            next_conn: AtomicU64::new(1),
+        });
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let _ = stream.set_nodelay(true);
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(s.clone(), req));
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades();
+                    if let Err(e) = conn.await {
+                        debug!("connection ended: {e}");
+                    }
+                });
+            }
+        });
+        Ok(Emulator { addr, shared, task })
+    }
+
+    /// The URL to give the SDK as AWS_ENDPOINT_URL.
+    pub fn endpoint_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn json_response(status: StatusCode, body: serde_json::Value, error_type: Option<&str>) -> Response<Body> {
+    let mut r = Response::builder().status(status).header("content-type", "application/x-amz-json-1.1");
+    if let Some(t) = error_type {
+        r = r.header("x-amzn-errortype", t);
+    }
+    r.header("x-amzn-requestid", uuid::Uuid::new_v4().to_string())
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn error_response(code: &str, message: &str) -> Response<Body> {
+    json_response(StatusCode::BAD_REQUEST, serde_json::json!({"__type": code, "message": message}), Some(code))
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, std::convert::Infallible> {
+    let is_ws = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if is_ws {
+        return Ok(upgrade(shared, req));
+    }
+    if req.method() != hyper::Method::POST {
+        return Ok(Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::from_static(b"ssm-emulator: POST the SSM JSON API to /, or open /v1/data-channel/<session>\n")))
+            .unwrap_or_default());
+    }
+    shared.counters.api_calls.fetch_add(1, Ordering::Relaxed);
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, 1 << 20).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Ok(error_response("SerializationException", "request body too large or unreadable")),
+    };
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let uri = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    if let Err(e) = crate::sigv4::verify(parts.method.as_str(), uri, &headers, &body, &shared.config.credentials) {
+        shared.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+        warn!(code = e.code, "refused API call: {}", e.message);
+        let status = if e.code == "MissingAuthenticationTokenException" { StatusCode::FORBIDDEN } else { StatusCode::BAD_REQUEST };
+        return Ok(json_response(status, serde_json::json!({"__type": e.code, "message": e.message}), Some(e.code)));
+    }
+    let target = parts.headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let host = parts.headers.get(hyper::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("127.0.0.1");
+    Ok(match crate::api::handle(&shared, target, &body, host) {
+        Ok(v) => json_response(StatusCode::OK, v, None),
+        Err(e) => error_response(e.code, &e.message),
+    })
+}
+
+fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
+    let session_id = req.uri().path().strip_prefix("/v1/data-channel/").map(str::to_owned);
+    let key = req.headers().get("sec-websocket-key").map(|k| k.as_bytes().to_vec());
+    let (Some(session_id), Some(key)) = (session_id, key) else {
+        return Response::builder().status(StatusCode::BAD_REQUEST).body(Full::default()).unwrap_or_default();
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+    tokio::spawn(async move {
+        match hyper::upgrade::on(&mut req).await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+                relay(shared, session_id, ws).await;
+            }
+            Err(e) => debug!("upgrade failed: {e}"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(hyper::header::CONNECTION, "Upgrade")
+        .header(hyper::header::UPGRADE, "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(Full::default())
+        .unwrap_or_default()
+}
+
+fn close_msg(code: CloseCode, reason: &str) -> WsMessage {
+    WsMessage::Close(Some(CloseFrame { code, reason: reason.to_owned().into() }))
+}
+
+/// The service's side of one client websocket.
+async fn relay<S>(shared: Arc<Shared>, session_id: String, ws: WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    shared.counters.websockets.fetch_add(1, Ordering::Relaxed);
+    let (mut tx, mut rx) = ws.split();
+    // First text frame: OpenDataChannel (a Ping may come first).
+    let open = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(m)) = rx.next().await {
+            match m {
+                WsMessage::Text(t) => return serde_json::from_str::<OpenDataChannel>(t.as_str()).ok(),
+                WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+                _ => return None,
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    let entry = shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&session_id).cloned();
+    let valid = match (&open, &entry) {
+        (Some(o), Some(e)) => !shared.config.faults.reject_tokens && !e.is_terminated() && e.has_token(&o.token_value),
+        _ => false,
+    };
+    let (Some(entry), true) = (entry, valid) else {
+        let reason = if open.as_ref().is_some_and(|o| !o.token_value.is_empty()) {
+            "request to open data channel does not contain a valid token"
+        } else {
+            "request to open data channel does not contain token"
+        };
+        let _ = tx.send(close_msg(CloseCode::Unsupported, reason)).await;
+        return;
+    };
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    info!(session = %session_id, conn, "client attached");
+    let (to_client_tx, mut to_client_rx) = mpsc::unbounded_channel::<ToClient>();
+    if entry.agent.send(AgentInput::Attach { conn, tx: to_client_tx }).await.is_err() {
+        let _ = tx.send(close_msg(CloseCode::Normal, "session ended")).await;
+        return;
+    }
+    let faults = shared.config.faults.clone();
+    let seed = shared.config.seed ^ conn;
+
+    // Agent -> client, through the fault line.
+    let down_shared = shared.clone();
+    let mut down = FaultLine::new(faults.clone(), seed.wrapping_mul(2));
+    let (down_tx, mut down_rx) = mpsc::unbounded_channel::<(Instant, u64, WsMessage)>();
+    let writer = tokio::spawn(async move {
+        let mut heap: BinaryHeap<std::cmp::Reverse<(Instant, u64, Vec<u8>, bool)>> = BinaryHeap::new();
+        let mut n = 0u64;
+        let mut closing: Option<WsMessage> = None;
+        loop {
+            let next = heap.peek().map(|std::cmp::Reverse((t, ..))| *t);
+            tokio::select! {
+                m = to_client_rx.recv() => match m {
+                    Some(ToClient::Frame(f)) => {
+                        for (delay, f) in down.route(f, &down_shared.counters) {
+                            n += 1;
+                            heap.push(std::cmp::Reverse((Instant::now() + delay, n, f, false)));
+                        }
+                    }
+                    Some(ToClient::Close(code, reason)) => {
+                        closing = Some(close_msg(CloseCode::from(code), &reason));
+                        n += 1;
+                        heap.push(std::cmp::Reverse((Instant::now() + faults.delay, n, Vec::new(), true)));
+                    }
+                    None => break,
+                },
+                m = down_rx.recv() => match m {
+                    Some((_, _, msg)) => {
+                        let is_close = matches!(msg, WsMessage::Close(_));
+                        if tx.send(msg).await.is_err() || is_close { break; }
+                    }
+                    None => break,
+                },
+                _ = sleep_until(next) => {
+                    while let Some(std::cmp::Reverse((t, ..))) = heap.peek() {
+                        if *t > Instant::now() { break; }
+                        let Some(std::cmp::Reverse((_, _, f, is_close))) = heap.pop() else { break };
+                        let msg = if is_close { closing.take().unwrap_or(WsMessage::Close(None)) } else { WsMessage::Binary(f.into()) };
+                        if tx.send(msg).await.is_err() || is_close {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    });
+
+    // Client -> agent, through the fault line, until the socket ends or is recycled.
+    let mut up = FaultLine::new(shared.config.faults.clone(), seed.wrapping_mul(2) + 1);
+    let recycle = shared.config.faults.close_every.map(|d| Instant::now() + d);
+    let (up_tx, mut up_rx) = mpsc::unbounded_channel::<(Instant, u64, Vec<u8>)>();
+    let agent = entry.agent.clone();
+    let up_task = tokio::spawn(async move {
+        let mut heap: BinaryHeap<std::cmp::Reverse<(Instant, u64, Vec<u8>)>> = BinaryHeap::new();
+        loop {
+            let next = heap.peek().map(|std::cmp::Reverse((t, ..))| *t);
+            tokio::select! {
+                m = up_rx.recv() => match m {
+                    Some(item) => heap.push(std::cmp::Reverse(item)),
+                    None => if heap.is_empty() { return } else { continue },
+                },
+                _ = sleep_until(next) => {
+                    while let Some(std::cmp::Reverse((t, ..))) = heap.peek() {
+                        if *t > Instant::now() { break; }
+                        let Some(std::cmp::Reverse((_, _, f))) = heap.pop() else { break };
+                        if agent.send(AgentInput::Frame(f)).await.is_err() { return; }
+                    }
+                }
+            }
+        }
+    });
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            m = rx.next() => match m {
+                Some(Ok(WsMessage::Binary(b))) => {
+                    for (delay, f) in up.route(b.to_vec(), &shared.counters) {
+                        n += 1;
+                        let _ = up_tx.send((Instant::now() + delay, n, f));
+                    }
+                }
+                Some(Ok(WsMessage::Text(t))) => {
+                    // The plugin feeds text frames to the same parser.
+                    n += 1;
+                    let _ = up_tx.send((Instant::now(), n, t.as_bytes().to_vec()));
+                }
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            _ = sleep_until(recycle) => {
+                shared.counters.forced_closes.fetch_add(1, Ordering::Relaxed);
+                info!(session = %session_id, conn, "closing the websocket with 1000 Bye");
+                let _ = down_tx.send((Instant::now(), 0, close_msg(CloseCode::Normal, "Bye")));
+                break;
+            }
+        }
+    }
+    drop(up_tx);
+    let _ = up_task.await;
+    let _ = entry.agent.send(AgentInput::Detach { conn }).await;
+    // Give the writer a moment to deliver a pending close, then stop it.
+    let _ = tokio::time::timeout(Duration::from_millis(200), writer).await;
+    info!(session = %session_id, conn, "client detached");
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Decides each frame's fate: dropped, delivered once or twice, on time or late.
+struct FaultLine {
+    faults: Faults,
+    rng: StdRng,
+}
+
+impl FaultLine {
+    fn new(faults: Faults, seed: u64) -> Self {
+        FaultLine { faults, rng: StdRng::seed_from_u64(seed) }
+    }
+
+    fn route(&mut self, frame: Vec<u8>, counters: &Counters) -> Vec<(Duration, Vec<u8>)> {
+        let f = &self.faults;
+        if !f.is_active() {
+            return vec![(Duration::ZERO, frame)];
+        }
+        if f.drop > 0.0 && self.rng.random_bool(f.drop) {
+            counters.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            return Vec::new();
+        }
+        let mut delay = f.delay;
+        if f.reorder > 0.0 && self.rng.random_bool(f.reorder) {
+            counters.frames_reordered.fetch_add(1, Ordering::Relaxed);
+            delay += Duration::from_millis(self.rng.random_range(2..20));
+        }
+        let mut out = vec![(delay, frame)];
+        if f.duplicate > 0.0 && self.rng.random_bool(f.duplicate) {
+            counters.frames_duplicated.fetch_add(1, Ordering::Relaxed);
+            let again = out[0].1.clone();
+            out.push((delay + Duration::from_millis(1), again));
+        }
+        out
+    }
+}

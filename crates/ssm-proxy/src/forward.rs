@@ -1,0 +1,231 @@
+//! `ssm-proxy forward`: what `aws ssm start-session` with the port forwarding
+//! documents and the session-manager-plugin do, natively.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ssm_channel::aws::{ApiError, AwsOptions, SsmApi};
+use ssm_channel::port::{self, BoxFuture, Conn, PortConfig, Resume, SessionEnd};
+use ssm_channel::transport::{Endpoint, Trust};
+use ssm_channel::version::PortMode;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+/// How long the agent has to complete the handshake after we connect.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  Forward local port 15432 to PostgreSQL on the instance itself:
+    ssm-proxy forward --instance-id i-0abc123def4567890 --remote-port 5432 --local-port 15432
+  Forward to a database the instance can reach:
+    ssm-proxy forward --instance-id i-0abc123def4567890 --remote-host db.internal --remote-port 5432
+
+The session ends on Ctrl-C. Credentials come from the usual AWS chain (environment,
+--profile or AWS_PROFILE, SSO, credential_process). The user needs ssm:StartSession on the
+instance and the document, plus ssm:ResumeSession and ssm:TerminateSession.")]
+pub struct ForwardArgs {
+    /// The managed instance to go through (i-... or mi-...).
+    #[arg(long, value_parser = parse_instance_id)]
+    instance_id: String,
+    /// Port to reach on the instance (or on --remote-host).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    remote_port: u16,
+    /// Host to reach from the instance (uses AWS-StartPortForwardingSessionToRemoteHost).
+    #[arg(long)]
+    remote_host: Option<String>,
+    /// Local port to listen on; 0 picks a free one.
+    #[arg(long, default_value_t = 0)]
+    local_port: u16,
+    /// Local address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    local_addr: IpAddr,
+    /// AWS region (default: from the environment or profile).
+    #[arg(long)]
+    region: Option<String>,
+    /// AWS profile to use.
+    #[arg(long)]
+    profile: Option<String>,
+}
+
+fn parse_instance_id(s: &str) -> Result<String, String> {
+    let hex = s.strip_prefix("i-").or_else(|| s.strip_prefix("mi-"));
+    match hex {
+        Some(h) if (8..=17).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(s.to_owned()),
+        _ => Err(format!("{s:?} is not an instance id (expected i- or mi- followed by 8 to 17 hex digits)")),
+    }
+}
+
+struct SsmResume {
+    api: SsmApi,
+    session_id: String,
+    stream_url: String,
+    client_id: uuid::Uuid,
+}
+
+impl Resume for SsmResume {
+    fn resume(&self) -> BoxFuture<'_, Result<Option<Endpoint>, String>> {
+        Box::pin(async move {
+            match self.api.resume_session(&self.session_id).await {
+                Ok(Some(token)) => Ok(Some(Endpoint {
+                    stream_url: self.stream_url.clone(),
+                    token,
+                    client_id: self.client_id,
+                })),
+                Ok(None) | Err(ApiError::SessionNotFound(_)) => Ok(None),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
+    let local = SocketAddr::new(args.local_addr, args.local_port);
+    let listener = TcpListener::bind(local).await.with_context(|| {
+        format!("cannot listen on {local} (is the port in use? pick another --local-port, or 0 for any)")
+    })?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+
+    let trust = Trust::from_env()?;
+    let tls = trust.rustls_config()?;
+    let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
+    let target = match &args.remote_host {
+        Some(h) => format!("{h}:{} via {}", args.remote_port, args.instance_id),
+        None => format!("{}:{}", args.instance_id, args.remote_port),
+    };
+    eprintln!("Starting session with {} in {}...", args.instance_id, api.region());
+    let client_id = uuid::Uuid::new_v4();
+    let started = api
+        .start_port_session(&args.instance_id, args.remote_port, args.remote_host.as_deref(), client_id)
+        .await?;
+    let session_id = started.session_id.clone();
+    info!(session = %session_id, "session started");
+
+    let resume = Arc::new(SsmResume {
+        api: api.clone(),
+        session_id: session_id.clone(),
+        stream_url: started.endpoint.stream_url.clone(),
+        client_id,
+    });
+    let (conn_tx, conn_rx) = mpsc::channel::<Conn>(64);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let shutdown: BoxFuture<'static, ()> = Box::pin(async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = stop_rx => {}
+        }
+    });
+    let mut session = tokio::spawn(port::run(
+        PortConfig::default(),
+        started.endpoint,
+        Some(tls),
+        resume,
+        conn_rx,
+        ready_tx,
+        shutdown,
+    ));
+
+    let ready = tokio::select! {
+        r = tokio::time::timeout(READY_TIMEOUT, ready_rx) => r,
+        done = &mut session => {
+            let outcome = finish(&api, &session_id, done).await;
+            return outcome.and_then(|_| bail!("the session ended before it was ready"));
+        }
+    };
+    let ready = match ready {
+        Ok(Ok(r)) => r,
+        _ => {
+            let _ = stop_tx.send(());
+            session.abort();
+            let _ = api.terminate_session(&session_id).await;
+            bail!(
+                "the instance agent did not complete the session handshake within {}s; \
+                 check that the SSM agent on {} is running and up to date",
+                READY_TIMEOUT.as_secs(),
+                args.instance_id
+            );
+        }
+    };
+    if !ready.customer_message.is_empty() {
+        eprintln!("{}", ready.customer_message);
+    }
+    let mode = match ready.mode {
+        PortMode::Mux { .. } => "multiplexed",
+        PortMode::Basic => "basic: one connection at a time",
+    };
+    println!("Forwarding {bound} -> {target} (session {session_id}, {mode}). Press Ctrl-C to stop.");
+
+    let accept = tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    info!(%peer, "connection");
+                    if conn_tx.send(Conn::from_tcp(stream)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    let done = session.await;
+    accept.abort();
+    drop(stop_tx);
+    finish(&api, &session_id, done).await
+}
+
+/// Calls TerminateSession whatever happened, then reports the outcome.
+async fn finish(
+    api: &SsmApi,
+    session_id: &str,
+    done: Result<Result<port::Summary, port::PortError>, tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    if let Err(e) = api.terminate_session(session_id).await {
+        warn!("TerminateSession failed: {e}");
+    }
+    let summary = done.context("the session task failed")??;
+    info!(
+        sent = summary.stats.bytes_sent,
+        received = summary.stats.bytes_received,
+        retransmissions = summary.stats.retransmissions,
+        reconnects = summary.reconnects,
+        "session summary"
+    );
+    match summary.end {
+        SessionEnd::Terminated { .. } => {
+            eprintln!("Session {session_id} ended.");
+            Ok(())
+        }
+        SessionEnd::ChannelClosed(reason) if reason.is_empty() => bail!("the service closed session {session_id}"),
+        SessionEnd::ChannelClosed(reason) => bail!("the service closed session {session_id}: {reason}"),
+    }
+}
