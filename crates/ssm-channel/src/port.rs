@@ -133,6 +133,9 @@ pub enum PortError {
 
 type ConnId = u32;
 
+/// How long to keep reading a websocket we can no longer write to.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
 enum Cmd {
     Data(ConnId, Vec<u8>),
     Eof(ConnId),
@@ -228,18 +231,21 @@ pub async fn run(
     let mut shutting_down = false;
     let mut terminate_deadline: Option<Instant> = None;
     let mut conns_open = true;
+    let mut drain_until: Option<Instant> = None;
 
     loop {
         let now = Instant::now();
         core.pump(now);
-        if ws_rx.is_some() {
+        if ws_rx.is_some() && drain_until.is_none() {
             let mut ok = true;
             if now >= next_ping {
                 ok &= ws_tx.feed(WsMessage::Ping("keepalive".into())).await.is_ok();
                 next_ping = now + PING_INTERVAL;
             }
             while let Some(frame) = core.session.poll_transmit(now.into_std()) {
-                trace!(bytes = frame.len(), "frame out");
+                if tracing::enabled!(tracing::Level::TRACE) {
+                    trace_frame("out", &frame);
+                }
                 if ws_tx.feed(WsMessage::Binary(frame.into())).await.is_err() {
                     ok = false;
                     break;
@@ -247,11 +253,22 @@ pub async fn run(
             }
             ok &= ws_tx.flush().await.is_ok();
             if !ok {
-                ws_rx = None;
+                // Stop writing but keep reading what the service already sent
+                // until the socket ends: dropping it would lose those frames,
+                // and the agent resends lost frames only one per 100 ms.
                 core.session.set_connected(false, now.into_std());
-                warn!("websocket write failed; reconnecting");
-                reconnect = Some(reconnect_loop(resume.clone(), tls.clone(), config.reconnect_for));
+                drain_until = Some(now + DRAIN_LIMIT);
+                warn!("websocket write failed; reading what is left, then reconnecting");
             }
+        }
+        if drain_until.is_some_and(|t| now >= t) {
+            drain_until = None;
+            ws_rx = None;
+        }
+        if ws_rx.is_none() && reconnect.is_none() && core.end.is_none() {
+            drain_until = None;
+            core.session.set_connected(false, now.into_std());
+            reconnect = Some(reconnect_loop(resume.clone(), tls.clone(), config.reconnect_for));
         }
         if let Some(end) = core.end.take() {
             let _ = ws_tx.close().await;
@@ -267,6 +284,7 @@ pub async fn run(
             core.mux_timeout().map(Instant::from_std),
             terminate_deadline,
             ws_rx.is_some().then_some(next_ping),
+            drain_until,
         ]
         .into_iter()
         .flatten()
@@ -280,6 +298,9 @@ pub async fn run(
                 match msg {
                     Some(Ok(WsMessage::Binary(b))) => {
                         received_any = true;
+                        if tracing::enabled!(tracing::Level::TRACE) {
+                            trace_frame("in", &b);
+                        }
                         if let Err(e) = core.session.handle_frame(now.into_std(), &b) {
                             debug!("dropped frame: {e}");
                         }
@@ -310,16 +331,13 @@ pub async fn run(
                         ws_rx = None;
                     }
                 }
-                if ws_rx.is_none() {
-                    core.session.set_connected(false, now.into_std());
-                    reconnect = Some(reconnect_loop(resume.clone(), tls.clone(), config.reconnect_for));
-                }
             }
             res = await_opt(&mut reconnect) => {
                 reconnect = None;
                 let ws = res?;
                 reconnects += 1;
                 first_connection = false;
+                drain_until = None;
                 info!(reconnects, "websocket reconnected; resending unacknowledged messages");
                 let (tx, rx) = ws.split();
                 ws_tx = tx;
@@ -360,6 +378,17 @@ pub async fn run(
                 terminate_deadline = Some(Instant::now() + config.terminate_wait);
             }
         }
+    }
+}
+
+fn trace_frame(dir: &str, frame: &[u8]) {
+    match crate::codec::Message::parse(frame) {
+        Ok(m) if m.message_type == crate::codec::message_type::ACKNOWLEDGE => {
+            let seq = serde_json::from_slice::<crate::payloads::Acknowledge>(&m.payload).map(|a| a.sequence_number);
+            trace!(dir, ack = ?seq.ok(), "frame");
+        }
+        Ok(m) => trace!(dir, r#type = %m.message_type, seq = m.sequence_number.0, pt = ?m.payload_type.map(|p| p.0), len = m.payload.len(), "frame"),
+        Err(e) => trace!(dir, "undecodable frame: {e}"),
     }
 }
 

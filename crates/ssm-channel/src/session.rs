@@ -63,6 +63,9 @@ pub mod rto {
     pub const MAX: Duration = Duration::from_secs(1);
 }
 
+/// How many recent acks are repeated after a reconnect.
+const RECENT_ACKS: usize = 2048;
+
 /// Largest payload upstream puts in one stream message (`StreamDataPayloadSize`).
 pub const MAX_PAYLOAD: usize = 1024;
 
@@ -85,8 +88,10 @@ impl Default for SessionConfig {
         SessionConfig {
             client_version: CLIENT_VERSION.to_owned(),
             max_in_flight: 512,
-            reorder_capacity: 10_000,
-            receive_buffer_bytes: 4 << 20,
+            // Generous on purpose: whatever we refuse, the stock agent resends
+            // at one message per 100 ms tick (head-only resend).
+            reorder_capacity: 32_768,
+            receive_buffer_bytes: 16 << 20,
             ack_timeout: Duration::from_secs(300),
         }
     }
@@ -233,6 +238,10 @@ pub struct Session {
     reorder: BTreeMap<SequenceNumber, Message>,
     events: VecDeque<Event>,
     buffered_bytes: usize,
+    /// What we acked lately, re-acked after a reconnect: acks are never
+    /// retransmitted, and the agent resends an unacked message only when it
+    /// reaches the head of its queue, one per 100 ms.
+    recent_acks: VecDeque<(SequenceNumber, Uuid)>,
 
     stats: Stats,
 }
@@ -268,6 +277,7 @@ impl Session {
             reorder: BTreeMap::new(),
             events: VecDeque::new(),
             buffered_bytes: 0,
+            recent_acks: VecDeque::new(),
             stats: Stats::default(),
         }
     }
@@ -300,6 +310,11 @@ impl Session {
         self.connected = connected;
         if connected {
             self.last_progress = Some(now);
+            self.control.clear();
+            let recent: Vec<_> = self.recent_acks.drain(..).collect();
+            for (seq, id) in recent {
+                self.queue_ack_for(message_type::OUTPUT_STREAM_DATA, seq, id);
+            }
             self.send_queue.clear();
             for m in self.in_flight.iter_mut() {
                 m.last_sent = None;
@@ -513,10 +528,18 @@ impl Session {
     }
 
     fn queue_ack(&mut self, msg: &Message) {
+        self.queue_ack_for(&msg.message_type.clone(), msg.sequence_number, msg.message_id);
+    }
+
+    fn queue_ack_for(&mut self, message_type: &str, seq: SequenceNumber, id: Uuid) {
+        if self.recent_acks.len() == RECENT_ACKS {
+            self.recent_acks.pop_front();
+        }
+        self.recent_acks.push_back((seq, id));
         let ack = Acknowledge {
-            message_type: msg.message_type.clone(),
-            message_id: msg.message_id.to_string(),
-            sequence_number: msg.sequence_number.0,
+            message_type: message_type.to_owned(),
+            message_id: id.to_string(),
+            sequence_number: seq.0,
             is_sequential: true,
         };
         let payload = serde_json::to_vec(&ack).unwrap_or_default();

@@ -123,6 +123,7 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
         properties,
         target: Target { host: remote_host.unwrap_or_else(|| instance.host.clone()), port },
         profile: shared.config.profile,
+        buffer_detached: !shared.config.faults.lossy_reconnect,
     };
     let (tx, rx) = mpsc::channel::<AgentInput>(1024);
     let entry = Arc::new(SessionEntry::new(session_id.clone(), req.target.clone(), tx, token.clone()));

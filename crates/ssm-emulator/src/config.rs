@@ -29,6 +29,9 @@ pub struct Faults {
     pub close_every: Option<Duration>,
     /// Refuse every OpenDataChannel token (close 1003).
     pub reject_tokens: bool,
+    /// Lose the agent's frames while no client websocket is attached, instead
+    /// of holding them until the client reconnects.
+    pub lossy_reconnect: bool,
 }
 
 impl Faults {

@@ -52,6 +52,9 @@ struct Args {
     /// Reject every data channel token (close 1003).
     #[arg(long)]
     reject_tokens: bool,
+    /// Lose the agent's frames while the client is reconnecting (default: hold them).
+    #[arg(long)]
+    lossy_reconnect: bool,
     /// Seed for fault injection.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -81,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
             delay: Duration::from_millis(args.delay_ms),
             close_every: args.close_every.map(Duration::from_secs_f64),
             reject_tokens: args.reject_tokens,
+            lossy_reconnect: args.lossy_reconnect,
         },
         ..Config::default()
     };

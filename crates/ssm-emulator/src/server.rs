@@ -261,16 +261,23 @@ where
     let faults = shared.config.faults.clone();
     let seed = shared.config.seed ^ conn;
 
-    // Agent -> client, through the fault line.
+    // Agent -> client, through the fault line. The writer ends when the agent
+    // detaches this client (its sender drops); frames it has not written yet
+    // go back to the agent, to be delivered after the client reconnects.
     let down_shared = shared.clone();
     let mut down = FaultLine::new(faults.clone(), seed.wrapping_mul(2));
-    let (down_tx, mut down_rx) = mpsc::unbounded_channel::<(Instant, u64, WsMessage)>();
+    let recycled = Arc::new(AtomicBool::new(false));
+    let recycled_w = recycled.clone();
+    let agent_w = entry.agent.clone();
     let writer = tokio::spawn(async move {
         let mut heap: BinaryHeap<std::cmp::Reverse<(Instant, u64, Vec<u8>, bool)>> = BinaryHeap::new();
         let mut n = 0u64;
         let mut closing: Option<WsMessage> = None;
+        // After a failed write, keep collecting until the agent detaches us, so
+        // that nothing it sent in the meantime is lost.
+        let mut failed = false;
         loop {
-            let next = heap.peek().map(|std::cmp::Reverse((t, ..))| *t);
+            let next = if failed { None } else { heap.peek().map(|std::cmp::Reverse((t, ..))| *t) };
             tokio::select! {
                 m = to_client_rx.recv() => match m {
                     Some(ToClient::Frame(f)) => {
@@ -286,24 +293,44 @@ where
                     }
                     None => break,
                 },
-                m = down_rx.recv() => match m {
-                    Some((_, _, msg)) => {
-                        let is_close = matches!(msg, WsMessage::Close(_));
-                        if tx.send(msg).await.is_err() || is_close { break; }
-                    }
-                    None => break,
-                },
                 _ = sleep_until(next) => {
                     while let Some(std::cmp::Reverse((t, ..))) = heap.peek() {
                         if *t > Instant::now() { break; }
-                        let Some(std::cmp::Reverse((_, _, f, is_close))) = heap.pop() else { break };
-                        let msg = if is_close { closing.take().unwrap_or(WsMessage::Close(None)) } else { WsMessage::Binary(f.into()) };
-                        if tx.send(msg).await.is_err() || is_close {
+                        let Some(std::cmp::Reverse((t, k, f, is_close))) = heap.pop() else { break };
+                        if is_close {
+                            let _ = tx.send(closing.take().unwrap_or(WsMessage::Close(None))).await;
                             return;
+                        }
+                        if tx.send(WsMessage::Binary(f.clone().into())).await.is_err() {
+                            heap.push(std::cmp::Reverse((t, k, f, false)));
+                            failed = true;
+                            break;
                         }
                     }
                 }
             }
+        }
+        if closing.is_some() && !failed {
+            // The session ended: deliver its last frames and the close.
+            while let Some(std::cmp::Reverse((_, _, f, is_close))) = heap.pop() {
+                let msg = if is_close { closing.take().unwrap_or(WsMessage::Close(None)) } else { WsMessage::Binary(f.into()) };
+                if tx.send(msg).await.is_err() || is_close {
+                    return;
+                }
+            }
+            return;
+        }
+        let mut unsent = Vec::new();
+        while let Some(std::cmp::Reverse((_, _, f, is_close))) = heap.pop() {
+            if !is_close {
+                unsent.push(f);
+            }
+        }
+        if !unsent.is_empty() {
+            let _ = agent_w.send(AgentInput::Requeue(unsent)).await;
+        }
+        if recycled_w.load(Ordering::SeqCst) && !failed {
+            let _ = tx.send(close_msg(CloseCode::Normal, "Bye")).await;
         }
     });
 
@@ -352,16 +379,34 @@ where
             _ = sleep_until(recycle) => {
                 shared.counters.forced_closes.fetch_add(1, Ordering::Relaxed);
                 info!(session = %session_id, conn, "closing the websocket with 1000 Bye");
-                let _ = down_tx.send((Instant::now(), 0, close_msg(CloseCode::Normal, "Bye")));
+                recycled.store(true, Ordering::SeqCst);
                 break;
             }
         }
     }
+    let _ = entry.agent.send(AgentInput::Detach { conn }).await;
+    // The agent dropped our sender: the writer hands back what it holds and
+    // sends "Bye" if we are recycling.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    // Finish the close handshake, still relaying what the client sends (acks
+    // above all: the client never resends those). Dropping the socket with
+    // unread data would make the kernel answer with RST, which discards
+    // frames the client has not read yet.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(m)) = rx.next().await {
+            match m {
+                WsMessage::Binary(b) => {
+                    n += 1;
+                    let _ = up_tx.send((Instant::now(), n, b.to_vec()));
+                }
+                WsMessage::Close(_) => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
     drop(up_tx);
     let _ = up_task.await;
-    let _ = entry.agent.send(AgentInput::Detach { conn }).await;
-    // Give the writer a moment to deliver a pending close, then stop it.
-    let _ = tokio::time::timeout(Duration::from_millis(200), writer).await;
     info!(session = %session_id, conn, "client detached");
 }
 

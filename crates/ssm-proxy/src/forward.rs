@@ -160,7 +160,12 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     };
     let ready = match ready {
         Ok(Ok(r)) => r,
-        _ => {
+        // The session task ended before the handshake: report its own error.
+        Ok(Err(_)) => {
+            let outcome = finish(&api, &session_id, session.await).await;
+            return outcome.and_then(|_| bail!("the session ended before it was ready"));
+        }
+        Err(_) => {
             let _ = stop_tx.send(());
             session.abort();
             let _ = api.terminate_session(&session_id).await;

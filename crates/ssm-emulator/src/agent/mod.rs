@@ -32,6 +32,8 @@ pub enum AgentInput {
     /// A client websocket is now relayed to this agent.
     Attach { conn: u64, tx: mpsc::UnboundedSender<ToClient> },
     Detach { conn: u64 },
+    /// Frames the service had queued for a client that went away, oldest first.
+    Requeue(Vec<Vec<u8>>),
     Frame(Vec<u8>),
     /// TerminateSession was called.
     Terminate,
@@ -59,7 +61,13 @@ pub struct AgentSpec {
     pub properties: BTreeMap<String, serde_json::Value>,
     pub target: Target,
     pub profile: Profile,
+    /// Hold frames for a detached client and deliver them when it reattaches.
+    pub buffer_detached: bool,
 }
+
+/// Frames held for a detached client. MGS's behaviour here is not public; a
+/// bounded buffer is our model, and `--lossy-reconnect` models losing them.
+const DETACHED_BUFFER: usize = 10_000;
 
 enum TargetEvent {
     Dialed(u32, std::io::Result<TcpStream>),
@@ -91,6 +99,7 @@ struct Runtime {
     spec: AgentSpec,
     chan: AgentChannel,
     client: Option<(u64, mpsc::UnboundedSender<ToClient>)>,
+    detached: VecDeque<Vec<u8>>,
     mode: Option<PortMode>,
     mux: Option<Mux>,
     streams: HashMap<u32, Stream>,
@@ -109,6 +118,7 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
         spec,
         chan,
         client: None,
+        detached: VecDeque::new(),
         mode: None,
         mux: None,
         streams: HashMap::new(),
@@ -132,10 +142,28 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
         tokio::select! {
             msg = input.recv() => match msg {
                 None => return "service gone".into(),
-                Some(AgentInput::Attach { conn, tx }) => rt.client = Some((conn, tx)),
+                Some(AgentInput::Attach { conn, tx }) => {
+                    for f in rt.detached.drain(..) {
+                        let _ = tx.send(ToClient::Frame(f));
+                    }
+                    rt.client = Some((conn, tx));
+                }
                 Some(AgentInput::Detach { conn }) => {
                     if rt.client.as_ref().is_some_and(|(c, _)| *c == conn) {
                         rt.client = None;
+                    }
+                }
+                Some(AgentInput::Requeue(frames)) => {
+                    if let Some((_, tx)) = &rt.client {
+                        // The client is already back: order does not matter to the protocol.
+                        for f in frames {
+                            let _ = tx.send(ToClient::Frame(f));
+                        }
+                    } else if rt.spec.buffer_detached {
+                        for f in frames.into_iter().rev() {
+                            rt.detached.push_front(f);
+                        }
+                        rt.detached.truncate(DETACHED_BUFFER);
                     }
                 }
                 Some(AgentInput::Frame(f)) => {
@@ -185,12 +213,16 @@ async fn sleep_until(t: Option<Instant>) {
 }
 
 impl Runtime {
-    /// Sends what the channel has for the client; with no client attached the
-    /// frames are lost, as with the real service, and resent by the channel.
+    /// Sends what the channel has for the client. With no client attached the
+    /// frames wait in a bounded buffer (or are lost, with `buffer_detached` off).
     fn flush(&mut self) {
         while let Some(f) = self.chan.poll_transmit() {
-            if let Some((_, tx)) = &self.client {
-                let _ = tx.send(ToClient::Frame(f));
+            match &self.client {
+                Some((_, tx)) => {
+                    let _ = tx.send(ToClient::Frame(f));
+                }
+                None if self.spec.buffer_detached && self.detached.len() < DETACHED_BUFFER => self.detached.push_back(f),
+                None => {}
             }
         }
         if let Some(m) = &mut self.mux {
