@@ -126,10 +126,8 @@ impl SsmApi {
                 return Err(classify("ssm:StartSession", format!(" on {instance} with {document}"), e));
             }
         };
-        let session_id = out
-            .session_id()
-            .ok_or(ApiError::Incomplete { action: "StartSession", field: "SessionId" })?
-            .to_owned();
+        let session_id =
+            out.session_id().ok_or(ApiError::Incomplete { action: "StartSession", field: "SessionId" })?.to_owned();
         let token = out.token_value().ok_or(ApiError::Incomplete { action: "StartSession", field: "TokenValue" })?;
         let url = out.stream_url().ok_or(ApiError::Incomplete { action: "StartSession", field: "StreamUrl" })?;
         Ok(StartedSession {
@@ -149,16 +147,10 @@ impl SsmApi {
     /// ResumeSession: a fresh token for the same StreamUrl, or `None` when the
     /// service says the session is gone (empty token).
     pub async fn resume_session(&self, session_id: &str) -> Result<Option<String>, ApiError> {
-        let out = self
-            .client
-            .resume_session()
-            .session_id(session_id)
-            .send()
-            .await
-            .map_err(|e| match e.code() {
-                Some("DoesNotExistException") => ApiError::SessionNotFound(session_id.to_owned()),
-                _ => classify("ssm:ResumeSession", format!(" on session {session_id}"), e),
-            })?;
+        let out = self.client.resume_session().session_id(session_id).send().await.map_err(|e| match e.code() {
+            Some("DoesNotExistException") => ApiError::SessionNotFound(session_id.to_owned()),
+            _ => classify("ssm:ResumeSession", format!(" on session {session_id}"), e),
+        })?;
         Ok(out.token_value().filter(|t| !t.is_empty()).map(str::to_owned))
     }
 
@@ -175,11 +167,10 @@ impl SsmApi {
 
     /// DescribeInstanceInformation for one instance; `None` if SSM does not know it.
     pub async fn instance_status(&self, instance: &str) -> Result<Option<InstanceStatus>, ApiError> {
-        let filter = InstanceInformationStringFilter::builder()
-            .key("InstanceIds")
-            .values(instance)
-            .build()
-            .map_err(|e| ApiError::Other { action: "DescribeInstanceInformation", detail: e.to_string(), hint: "" })?;
+        let filter =
+            InstanceInformationStringFilter::builder().key("InstanceIds").values(instance).build().map_err(|e| {
+                ApiError::Other { action: "DescribeInstanceInformation", detail: e.to_string(), hint: "" }
+            })?;
         let out = self
             .client
             .describe_instance_information()
@@ -205,8 +196,11 @@ where
     let message = err.message().unwrap_or_default().to_owned();
     match code.as_str() {
         "AccessDeniedException" | "AccessDenied" => ApiError::AccessDenied { action, on, message },
-        "UnrecognizedClientException" | "InvalidSignatureException" | "ExpiredTokenException"
-        | "InvalidClientTokenId" | "SignatureDoesNotMatch" => ApiError::BadCredentials { code, message },
+        "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "ExpiredTokenException"
+        | "InvalidClientTokenId"
+        | "SignatureDoesNotMatch" => ApiError::BadCredentials { code, message },
         _ => {
             let detail = DisplayErrorContext(&err).to_string();
             let hint = if detail.contains("credentials") || detail.contains("Credentials") {

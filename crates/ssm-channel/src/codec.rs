@@ -114,8 +114,8 @@ pub enum DecodeError {
     PayloadLengthMismatch { declared: u32, present: usize },
     #[error("message type is empty")]
     EmptyMessageType,
-    #[error("message type is not ASCII")]
-    NonAsciiMessageType,
+    #[error("message type has bytes other than printable ASCII")]
+    BadMessageType,
     #[error("created date is zero")]
     ZeroCreatedDate,
     #[error("payload digest does not match its SHA-256")]
@@ -125,7 +125,7 @@ pub enum DecodeError {
 /// Why a message could not be encoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EncodeError {
-    #[error("message type {0:?} is empty, longer than 32 bytes or not ASCII")]
+    #[error("message type {0:?} is empty, longer than 32 bytes or not printable ASCII")]
     BadMessageType(String),
     #[error("empty payloads are never sent (upstream's serializer rejects them)")]
     EmptyPayload,
@@ -168,10 +168,7 @@ impl<'a> Frame<'a> {
         let frame = Frame { buf, header_length };
         let declared = frame.payload_length();
         if declared as usize > frame.payload().len() {
-            return Err(DecodeError::PayloadLengthMismatch {
-                declared,
-                present: frame.payload().len(),
-            });
+            return Err(DecodeError::PayloadLengthMismatch { declared, present: frame.payload().len() });
         }
         Ok(frame)
     }
@@ -271,12 +268,14 @@ impl Message {
     pub fn parse(buf: &[u8]) -> Result<Message, DecodeError> {
         let frame = Frame::new_checked(buf)?;
         let raw_type = frame.message_type_raw();
-        if !raw_type.is_ascii() {
-            return Err(DecodeError::NonAsciiMessageType);
+        // Real types are printable ASCII words; anything else (inner NULs,
+        // control bytes) would not survive a re-emit and matches no handler.
+        if !raw_type.iter().all(u8::is_ascii_graphic) {
+            return Err(DecodeError::BadMessageType);
         }
         let message_type = String::from_utf8_lossy(raw_type).into_owned();
-        let lenient = message_type == message_type::START_PUBLICATION
-            || message_type == message_type::PAUSE_PUBLICATION;
+        let lenient =
+            message_type == message_type::START_PUBLICATION || message_type == message_type::PAUSE_PUBLICATION;
         if !lenient {
             if message_type.is_empty() {
                 return Err(DecodeError::EmptyMessageType);
@@ -308,7 +307,7 @@ impl Message {
     /// Writes the frame with HL=116 and a space-padded type, as upstream does.
     pub fn emit(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         let t = self.message_type.as_bytes();
-        if t.is_empty() || t.len() > MESSAGE_TYPE_LEN || !t.is_ascii() {
+        if t.is_empty() || t.len() > MESSAGE_TYPE_LEN || !t.iter().all(u8::is_ascii_graphic) {
             return Err(EncodeError::BadMessageType(self.message_type.clone()));
         }
         if self.payload.is_empty() {
@@ -351,7 +350,7 @@ pub fn emit_short_header(
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
     let t = message_type.as_bytes();
-    if t.is_empty() || t.len() > MESSAGE_TYPE_LEN || !t.is_ascii() {
+    if t.is_empty() || t.len() > MESSAGE_TYPE_LEN || !t.iter().all(u8::is_ascii_graphic) {
         return Err(EncodeError::BadMessageType(message_type.to_owned()));
     }
     if payload.is_empty() {
@@ -447,13 +446,21 @@ mod tests {
     }
 
     #[test]
+    fn rejects_types_with_control_bytes() {
+        // Found by the fuzzer: " \0\0s" trims to "\0\0s", which a re-emit would change.
+        let mut bytes = vector_message().to_bytes().expect("encodes");
+        bytes[4..36].copy_from_slice(&[
+            b' ', 0, 0, b's', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ',
+            b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ',
+        ]);
+        assert_eq!(Message::parse(&bytes), Err(DecodeError::BadMessageType));
+    }
+
+    #[test]
     fn rejects_declared_length_beyond_frame() {
         let mut bytes = vector_message().to_bytes().expect("encodes");
         bytes[116..120].copy_from_slice(&5u32.to_be_bytes());
-        assert_eq!(
-            Message::parse(&bytes),
-            Err(DecodeError::PayloadLengthMismatch { declared: 5, present: 4 })
-        );
+        assert_eq!(Message::parse(&bytes), Err(DecodeError::PayloadLengthMismatch { declared: 5, present: 4 }));
     }
 
     #[test]

@@ -5,12 +5,18 @@
 //! - [`session`]: the reliability layer and handshake as a sans-IO state machine.
 //! - [`smux`]: smux v1, which multiplexes TCP connections in mux-mode Port sessions.
 //! - [`version`]: the version rules that pick basic or mux mode.
+//!
+//! With the default `driver` feature: [`transport`] (the websocket), [`aws`]
+//! (StartSession and friends) and [`port`] (the tokio driver of a Port session).
 
+#[cfg(feature = "driver")]
+pub mod aws;
 pub mod codec;
 pub mod payloads;
+#[cfg(feature = "driver")]
+pub mod port;
 pub mod session;
 pub mod smux;
-pub mod version;
-pub mod aws;
+#[cfg(feature = "driver")]
 pub mod transport;
-pub mod port;
+pub mod version;

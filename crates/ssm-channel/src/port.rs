@@ -276,7 +276,11 @@ pub async fn run(
         }
         if terminate_deadline.is_some_and(|t| now >= t) {
             let _ = ws_tx.close().await;
-            return Ok(Summary { end: SessionEnd::Terminated { acked: false }, stats: core.session.stats(), reconnects });
+            return Ok(Summary {
+                end: SessionEnd::Terminated { acked: false },
+                stats: core.session.stats(),
+                reconnects,
+            });
         }
 
         let timer = [
@@ -387,7 +391,9 @@ fn trace_frame(dir: &str, frame: &[u8]) {
             let seq = serde_json::from_slice::<crate::payloads::Acknowledge>(&m.payload).map(|a| a.sequence_number);
             trace!(dir, ack = ?seq.ok(), "frame");
         }
-        Ok(m) => trace!(dir, r#type = %m.message_type, seq = m.sequence_number.0, pt = ?m.payload_type.map(|p| p.0), len = m.payload.len(), "frame"),
+        Ok(m) => {
+            trace!(dir, r#type = %m.message_type, seq = m.sequence_number.0, pt = ?m.payload_type.map(|p| p.0), len = m.payload.len(), "frame")
+        }
         Err(e) => trace!(dir, "undecodable frame: {e}"),
     }
 }
@@ -702,13 +708,11 @@ impl Core {
                 debug!(conn = %c.label, "local connection closed");
                 match &mut self.mode {
                     Some(Mode::Mux(m)) => m.close(StreamId(id)),
-                    Some(Mode::Basic(b)) => {
-                        if b.active == Some(id) {
-                            b.active = None;
-                            b.disconnect_pending = true;
-                        }
+                    Some(Mode::Basic(b)) if b.active == Some(id) => {
+                        b.active = None;
+                        b.disconnect_pending = true;
                     }
-                    None => {}
+                    _ => {}
                 }
             }
         }

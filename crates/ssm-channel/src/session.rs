@@ -133,7 +133,9 @@ pub enum Event {
     /// The agent's HandshakeRequest arrived; our response is already queued.
     Handshake(HandshakeInfo),
     /// HandshakeComplete arrived: data may flow.
-    Established { customer_message: String },
+    Established {
+        customer_message: String,
+    },
     /// Output bytes from the agent, in order.
     Data(Vec<u8>),
     /// A Flag message from the agent (ConnectToPortError in mux mode).
@@ -431,17 +433,10 @@ impl Session {
         if !self.connected || self.paused || self.is_closed() {
             return None;
         }
-        let retransmit = self
-            .in_flight
-            .iter()
-            .filter(|m| !m.queued)
-            .filter_map(|m| m.last_sent)
-            .min()
-            .map(|t| t + self.rtt.rto);
-        let give_up = (!self.in_flight.is_empty())
-            .then_some(self.last_progress)
-            .flatten()
-            .map(|t| t + self.config.ack_timeout);
+        let retransmit =
+            self.in_flight.iter().filter(|m| !m.queued).filter_map(|m| m.last_sent).min().map(|t| t + self.rtt.rto);
+        let give_up =
+            (!self.in_flight.is_empty()).then_some(self.last_progress).flatten().map(|t| t + self.config.ack_timeout);
         match (retransmit, give_up) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -683,7 +678,9 @@ impl Session {
                                 .collect();
                             (ActionStatus::SUCCESS, String::new())
                         }
-                        Ok(p) => (ActionStatus::FAILED, format!("session type {:?} is not a Port session", p.session_type)),
+                        Ok(p) => {
+                            (ActionStatus::FAILED, format!("session type {:?} is not a Port session", p.session_type))
+                        }
                         Err(e) => (ActionStatus::FAILED, format!("malformed SessionType parameters: {e}")),
                     }
                 }

@@ -114,10 +114,7 @@ impl std::fmt::Debug for Endpoint {
 
 /// Dials the StreamUrl exactly as given (no extra headers), then sends the
 /// OpenDataChannel frame with a fresh RequestId.
-pub async fn connect(
-    endpoint: &Endpoint,
-    tls: Option<Arc<rustls::ClientConfig>>,
-) -> Result<WsStream, TransportError> {
+pub async fn connect(endpoint: &Endpoint, tls: Option<Arc<rustls::ClientConfig>>) -> Result<WsStream, TransportError> {
     let url = endpoint.stream_url.clone();
     let connector = tls.map(tokio_tungstenite::Connector::Rustls);
     let dial = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, connector);

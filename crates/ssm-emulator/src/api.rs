@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tracing::info;
 
 use crate::agent::{self, AgentInput, AgentSpec, Target};
-use crate::server::{Shared, SessionEntry};
+use crate::server::{SessionEntry, Shared};
 
 /// An error body as AWS sends it for awsJson1_1 (HTTP 400).
 #[derive(Debug)]
@@ -71,7 +71,11 @@ pub fn handle(shared: &Arc<Shared>, target: &str, body: &[u8], host: &str) -> Re
         "ResumeSession" => resume_session(shared, serde_json::from_slice(body).map_err(parse_err)?, host),
         "TerminateSession" => terminate_session(shared, serde_json::from_slice(body).map_err(parse_err)?),
         "DescribeInstanceInformation" => {
-            let req: DescribeRequest = if body.is_empty() { DescribeRequest::default() } else { serde_json::from_slice(body).map_err(parse_err)? };
+            let req: DescribeRequest = if body.is_empty() {
+                DescribeRequest::default()
+            } else {
+                serde_json::from_slice(body).map_err(parse_err)?
+            };
             describe(shared, req)
         }
         _ => Err(err("UnknownOperationException", format!("operation {op} is not emulated"))),

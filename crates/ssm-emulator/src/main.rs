@@ -99,9 +99,8 @@ async fn main() -> anyhow::Result<()> {
             config.credentials.insert(k.to_owned(), s.to_owned());
         }
     }
-    let emulator = Emulator::start(config, args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let emulator =
+        Emulator::start(config, args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     println!("ssm-emulator listening on {} (AWS_ENDPOINT_URL={})", emulator.addr, emulator.endpoint_url());
     tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
     Ok(())

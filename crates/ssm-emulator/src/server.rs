@@ -43,7 +43,13 @@ pub struct SessionEntry {
 
 impl SessionEntry {
     pub fn new(id: String, target: String, agent: mpsc::Sender<AgentInput>, token: String) -> Self {
-        SessionEntry { id, target, agent, tokens: Mutex::new(HashSet::from([token])), terminated: AtomicBool::new(false) }
+        SessionEntry {
+            id,
+            target,
+            agent,
+            tokens: Mutex::new(HashSet::from([token])),
+            terminated: AtomicBool::new(false),
+        }
     }
     pub fn add_token(&self, t: String) {
         self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(t);
@@ -158,7 +164,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if req.method() != hyper::Method::POST {
         return Ok(Response::builder()
             .status(StatusCode::NOT_FOUND)
-            .body(Full::new(Bytes::from_static(b"ssm-emulator: POST the SSM JSON API to /, or open /v1/data-channel/<session>\n")))
+            .body(Full::new(Bytes::from_static(
+                b"ssm-emulator: POST the SSM JSON API to /, or open /v1/data-channel/<session>\n",
+            )))
             .unwrap_or_default());
     }
     shared.counters.api_calls.fetch_add(1, Ordering::Relaxed);
@@ -167,16 +175,17 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(error_response("SerializationException", "request body too large or unreadable")),
     };
-    let headers: Vec<(String, String)> = parts
-        .headers
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-        .collect();
+    let headers: Vec<(String, String)> =
+        parts.headers.iter().filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned()))).collect();
     let uri = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     if let Err(e) = crate::sigv4::verify(parts.method.as_str(), uri, &headers, &body, &shared.config.credentials) {
         shared.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
         warn!(code = e.code, "refused API call: {}", e.message);
-        let status = if e.code == "MissingAuthenticationTokenException" { StatusCode::FORBIDDEN } else { StatusCode::BAD_REQUEST };
+        let status = if e.code == "MissingAuthenticationTokenException" {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::BAD_REQUEST
+        };
         return Ok(json_response(status, serde_json::json!({"__type": e.code, "message": e.message}), Some(e.code)));
     }
     let target = parts.headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default();
@@ -270,39 +279,34 @@ where
     let recycled_w = recycled.clone();
     let agent_w = entry.agent.clone();
     let writer = tokio::spawn(async move {
-        let mut heap: BinaryHeap<std::cmp::Reverse<(Instant, u64, Vec<u8>, bool)>> = BinaryHeap::new();
-        let mut n = 0u64;
+        let mut queue = DelayQueue::default();
         let mut closing: Option<WsMessage> = None;
         // After a failed write, keep collecting until the agent detaches us, so
         // that nothing it sent in the meantime is lost.
         let mut failed = false;
         loop {
-            let next = if failed { None } else { heap.peek().map(|std::cmp::Reverse((t, ..))| *t) };
+            let next = if failed { None } else { queue.next_due() };
             tokio::select! {
                 m = to_client_rx.recv() => match m {
                     Some(ToClient::Frame(f)) => {
                         for (delay, f) in down.route(f, &down_shared.counters) {
-                            n += 1;
-                            heap.push(std::cmp::Reverse((Instant::now() + delay, n, f, false)));
+                            queue.push(Instant::now() + delay, f, false);
                         }
                     }
                     Some(ToClient::Close(code, reason)) => {
                         closing = Some(close_msg(CloseCode::from(code), &reason));
-                        n += 1;
-                        heap.push(std::cmp::Reverse((Instant::now() + faults.delay, n, Vec::new(), true)));
+                        queue.push(Instant::now() + faults.delay, Vec::new(), true);
                     }
                     None => break,
                 },
                 _ = sleep_until(next) => {
-                    while let Some(std::cmp::Reverse((t, ..))) = heap.peek() {
-                        if *t > Instant::now() { break; }
-                        let Some(std::cmp::Reverse((t, k, f, is_close))) = heap.pop() else { break };
-                        if is_close {
+                    while let Some(item) = queue.pop_due(Instant::now()) {
+                        if item.close {
                             let _ = tx.send(closing.take().unwrap_or(WsMessage::Close(None))).await;
                             return;
                         }
-                        if tx.send(WsMessage::Binary(f.clone().into())).await.is_err() {
-                            heap.push(std::cmp::Reverse((t, k, f, false)));
+                        if tx.send(WsMessage::Binary(item.frame.clone().into())).await.is_err() {
+                            queue.put_back(item);
                             failed = true;
                             break;
                         }
@@ -312,20 +316,19 @@ where
         }
         if closing.is_some() && !failed {
             // The session ended: deliver its last frames and the close.
-            while let Some(std::cmp::Reverse((_, _, f, is_close))) = heap.pop() {
-                let msg = if is_close { closing.take().unwrap_or(WsMessage::Close(None)) } else { WsMessage::Binary(f.into()) };
-                if tx.send(msg).await.is_err() || is_close {
+            for item in queue.drain() {
+                let msg = if item.close {
+                    closing.take().unwrap_or(WsMessage::Close(None))
+                } else {
+                    WsMessage::Binary(item.frame.into())
+                };
+                if tx.send(msg).await.is_err() || item.close {
                     return;
                 }
             }
             return;
         }
-        let mut unsent = Vec::new();
-        while let Some(std::cmp::Reverse((_, _, f, is_close))) = heap.pop() {
-            if !is_close {
-                unsent.push(f);
-            }
-        }
+        let unsent: Vec<Vec<u8>> = queue.drain().filter(|i| !i.close).map(|i| i.frame).collect();
         if !unsent.is_empty() {
             let _ = agent_w.send(AgentInput::Requeue(unsent)).await;
         }
@@ -337,41 +340,39 @@ where
     // Client -> agent, through the fault line, until the socket ends or is recycled.
     let mut up = FaultLine::new(shared.config.faults.clone(), seed.wrapping_mul(2) + 1);
     let recycle = shared.config.faults.close_every.map(|d| Instant::now() + d);
-    let (up_tx, mut up_rx) = mpsc::unbounded_channel::<(Instant, u64, Vec<u8>)>();
+    let (up_tx, mut up_rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let agent = entry.agent.clone();
     let up_task = tokio::spawn(async move {
-        let mut heap: BinaryHeap<std::cmp::Reverse<(Instant, u64, Vec<u8>)>> = BinaryHeap::new();
+        let mut queue = DelayQueue::default();
+        let mut open = true;
         loop {
-            let next = heap.peek().map(|std::cmp::Reverse((t, ..))| *t);
+            if !open && queue.next_due().is_none() {
+                return;
+            }
             tokio::select! {
-                m = up_rx.recv() => match m {
-                    Some(item) => heap.push(std::cmp::Reverse(item)),
-                    None => if heap.is_empty() { return } else { continue },
+                m = up_rx.recv(), if open => match m {
+                    Some((at, f)) => queue.push(at, f, false),
+                    None => open = false,
                 },
-                _ = sleep_until(next) => {
-                    while let Some(std::cmp::Reverse((t, ..))) = heap.peek() {
-                        if *t > Instant::now() { break; }
-                        let Some(std::cmp::Reverse((_, _, f))) = heap.pop() else { break };
-                        if agent.send(AgentInput::Frame(f)).await.is_err() { return; }
+                _ = sleep_until(queue.next_due()) => {
+                    while let Some(item) = queue.pop_due(Instant::now()) {
+                        if agent.send(AgentInput::Frame(item.frame)).await.is_err() { return; }
                     }
                 }
             }
         }
     });
-    let mut n = 0u64;
     loop {
         tokio::select! {
             m = rx.next() => match m {
                 Some(Ok(WsMessage::Binary(b))) => {
                     for (delay, f) in up.route(b.to_vec(), &shared.counters) {
-                        n += 1;
-                        let _ = up_tx.send((Instant::now() + delay, n, f));
+                        let _ = up_tx.send((Instant::now() + delay, f));
                     }
                 }
                 Some(Ok(WsMessage::Text(t))) => {
                     // The plugin feeds text frames to the same parser.
-                    n += 1;
-                    let _ = up_tx.send((Instant::now(), n, t.as_bytes().to_vec()));
+                    let _ = up_tx.send((Instant::now(), t.as_bytes().to_vec()));
                 }
                 Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
@@ -396,8 +397,7 @@ where
         while let Some(Ok(m)) = rx.next().await {
             match m {
                 WsMessage::Binary(b) => {
-                    n += 1;
-                    let _ = up_tx.send((Instant::now(), n, b.to_vec()));
+                    let _ = up_tx.send((Instant::now(), b.to_vec()));
                 }
                 WsMessage::Close(_) => break,
                 _ => {}
@@ -414,6 +414,63 @@ async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+/// A frame waiting for its delivery time.
+#[derive(Debug, PartialEq, Eq)]
+struct Timed {
+    at: Instant,
+    /// Arrival order, so equal times keep their order.
+    n: u64,
+    frame: Vec<u8>,
+    /// A close, not a frame.
+    close: bool,
+}
+
+impl Ord for Timed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.n).cmp(&(other.at, other.n))
+    }
+}
+
+impl PartialOrd for Timed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Frames in delivery-time order (the fault line's delays and reordering).
+#[derive(Debug, Default)]
+struct DelayQueue {
+    heap: BinaryHeap<std::cmp::Reverse<Timed>>,
+    n: u64,
+}
+
+impl DelayQueue {
+    fn push(&mut self, at: Instant, frame: Vec<u8>, close: bool) {
+        self.n += 1;
+        self.heap.push(std::cmp::Reverse(Timed { at, n: self.n, frame, close }));
+    }
+
+    fn put_back(&mut self, item: Timed) {
+        self.heap.push(std::cmp::Reverse(item));
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.heap.peek().map(|std::cmp::Reverse(t)| t.at)
+    }
+
+    fn pop_due(&mut self, now: Instant) -> Option<Timed> {
+        if self.next_due()? > now {
+            return None;
+        }
+        self.heap.pop().map(|std::cmp::Reverse(t)| t)
+    }
+
+    /// Everything left, in order.
+    fn drain(&mut self) -> impl Iterator<Item = Timed> + '_ {
+        std::iter::from_fn(move || self.heap.pop().map(|std::cmp::Reverse(t)| t))
     }
 }
 

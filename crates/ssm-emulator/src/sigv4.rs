@@ -94,7 +94,10 @@ pub fn verify(
         return Err(AuthError::new("IncompleteSignatureException", "Authorization header is malformed"));
     };
     let Some(secret) = credentials.get(parsed.access_key) else {
-        return Err(AuthError::new("UnrecognizedClientException", "The security token included in the request is invalid."));
+        return Err(AuthError::new(
+            "UnrecognizedClientException",
+            "The security token included in the request is invalid.",
+        ));
     };
     let Some(time) = header("x-amz-date").and_then(parse_amz_date) else {
         return Err(AuthError::new("IncompleteSignatureException", "X-Amz-Date is missing or malformed"));
@@ -104,7 +107,10 @@ pub fn verify(
     }
     let skew = SystemTime::now().duration_since(time).unwrap_or_else(|e| e.duration());
     if skew > Duration::from_secs(300) {
-        return Err(AuthError::new("InvalidSignatureException", "Signature expired: the request time is more than 5 minutes from the server time"));
+        return Err(AuthError::new(
+            "InvalidSignatureException",
+            "Signature expired: the request time is more than 5 minutes from the server time",
+        ));
     }
     let mut creds = Credentials::new(parsed.access_key, secret, None, None, "emulator");
     if let Some(token) = header("x-amz-security-token") {
@@ -128,7 +134,8 @@ pub fn verify(
         .map_err(|e| AuthError::new("IncompleteSignatureException", e.to_string()))?;
     let request = SignableRequest::new(method, uri, signed.into_iter(), SignableBody::Bytes(body))
         .map_err(|e| AuthError::new("IncompleteSignatureException", e.to_string()))?;
-    let out = sign(request, &params.into()).map_err(|e| AuthError::new("IncompleteSignatureException", e.to_string()))?;
+    let out =
+        sign(request, &params.into()).map_err(|e| AuthError::new("IncompleteSignatureException", e.to_string()))?;
     if out.signature() != parsed.signature {
         return Err(AuthError::new(
             "InvalidSignatureException",
@@ -153,7 +160,11 @@ mod tests {
             .settings(SigningSettings::default())
             .build()
             .expect("params");
-        let headers = [("host", "127.0.0.1:1234"), ("content-type", "application/x-amz-json-1.1"), ("x-amz-target", "AmazonSSM.StartSession")];
+        let headers = [
+            ("host", "127.0.0.1:1234"),
+            ("content-type", "application/x-amz-json-1.1"),
+            ("x-amz-target", "AmazonSSM.StartSession"),
+        ];
         let req = SignableRequest::new("POST", "/", headers.iter().copied(), SignableBody::Bytes(b"{}")).expect("req");
         let (instructions, _) = sign(req, &params.into()).expect("signs").into_parts();
         let mut out: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -170,7 +181,10 @@ mod tests {
         let bad = signed_request("wrong");
         assert_eq!(verify("POST", "/", &bad, b"{}", &creds).map_err(|e| e.code), Err("InvalidSignatureException"));
         let none: Vec<(String, String)> = vec![];
-        assert_eq!(verify("POST", "/", &none, b"{}", &creds).map_err(|e| e.code), Err("MissingAuthenticationTokenException"));
+        assert_eq!(
+            verify("POST", "/", &none, b"{}", &creds).map_err(|e| e.code),
+            Err("MissingAuthenticationTokenException")
+        );
         let other = BTreeMap::from([("AKIDOTHER".to_owned(), "secret".to_owned())]);
         assert_eq!(verify("POST", "/", &good, b"{}", &other).map_err(|e| e.code), Err("UnrecognizedClientException"));
     }

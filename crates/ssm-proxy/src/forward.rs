@@ -70,11 +70,9 @@ impl Resume for SsmResume {
     fn resume(&self) -> BoxFuture<'_, Result<Option<Endpoint>, String>> {
         Box::pin(async move {
             match self.api.resume_session(&self.session_id).await {
-                Ok(Some(token)) => Ok(Some(Endpoint {
-                    stream_url: self.stream_url.clone(),
-                    token,
-                    client_id: self.client_id,
-                })),
+                Ok(Some(token)) => {
+                    Ok(Some(Endpoint { stream_url: self.stream_url.clone(), token, client_id: self.client_id }))
+                }
                 Ok(None) | Err(ApiError::SessionNotFound(_)) => Ok(None),
                 Err(e) => Err(e.to_string()),
             }
@@ -120,9 +118,8 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     };
     eprintln!("Starting session with {} in {}...", args.instance_id, api.region());
     let client_id = uuid::Uuid::new_v4();
-    let started = api
-        .start_port_session(&args.instance_id, args.remote_port, args.remote_host.as_deref(), client_id)
-        .await?;
+    let started =
+        api.start_port_session(&args.instance_id, args.remote_port, args.remote_host.as_deref(), client_id).await?;
     let session_id = started.session_id.clone();
     info!(session = %session_id, "session started");
 

@@ -42,7 +42,11 @@ async fn echo_server() -> SocketAddr {
 }
 
 /// Starts `ssm-proxy forward` and returns it with the address it listens on.
-fn spawn_forward(emulator: &Emulator, remote_port: u16, extra: &[&str]) -> (ChildGuard, SocketAddr, BufReader<std::process::ChildStderr>) {
+fn spawn_forward(
+    emulator: &Emulator,
+    remote_port: u16,
+    extra: &[&str],
+) -> (ChildGuard, SocketAddr, BufReader<std::process::ChildStderr>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ssm-proxy"))
         .args(["forward", "--instance-id", INSTANCE, "--remote-port", &remote_port.to_string(), "--local-port", "0"])
         .args(extra)

@@ -77,11 +77,7 @@ fn acked_seqs(frames: &[Message]) -> Vec<i64> {
 }
 
 fn stream_seqs(frames: &[Message]) -> Vec<i64> {
-    frames
-        .iter()
-        .filter(|m| m.message_type == message_type::INPUT_STREAM_DATA)
-        .map(|m| m.sequence_number.0)
-        .collect()
+    frames.iter().filter(|m| m.message_type == message_type::INPUT_STREAM_DATA).map(|m| m.sequence_number.0).collect()
 }
 
 /// Runs the handshake; returns the session established.

@@ -371,7 +371,8 @@ impl AgentChannel {
             Ok(r) => r,
             Err(e) => {
                 self.handshake = Handshake::Failed;
-                self.events.push_back(AgentEvent::Failed(format!("Unmarshalling of HandshakeResponse message failed, {e}")));
+                self.events
+                    .push_back(AgentEvent::Failed(format!("Unmarshalling of HandshakeResponse message failed, {e}")));
                 return;
             }
         };

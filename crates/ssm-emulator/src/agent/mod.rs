@@ -30,8 +30,13 @@ use channel::{AgentChannel, AgentEvent, PAYLOAD_SIZE};
 #[derive(Debug)]
 pub enum AgentInput {
     /// A client websocket is now relayed to this agent.
-    Attach { conn: u64, tx: mpsc::UnboundedSender<ToClient> },
-    Detach { conn: u64 },
+    Attach {
+        conn: u64,
+        tx: mpsc::UnboundedSender<ToClient>,
+    },
+    Detach {
+        conn: u64,
+    },
     /// Frames the service had queued for a client that went away, oldest first.
     Requeue(Vec<Vec<u8>>),
     Frame(Vec<u8>),
@@ -221,7 +226,9 @@ impl Runtime {
                 Some((_, tx)) => {
                     let _ = tx.send(ToClient::Frame(f));
                 }
-                None if self.spec.buffer_detached && self.detached.len() < DETACHED_BUFFER => self.detached.push_back(f),
+                None if self.spec.buffer_detached && self.detached.len() < DETACHED_BUFFER => {
+                    self.detached.push_back(f)
+                }
                 None => {}
             }
         }
