@@ -75,12 +75,10 @@ fn session(c: &mut Criterion) {
     let chunk = [0x5au8; 1024];
     let mut g = c.benchmark_group("session");
     g.throughput(Throughput::Bytes(1024));
-    let mut ack_seq = 1i64;
     g.bench_function("send + transmit + ack one message", |b| {
         b.iter(|| {
-            s.send(&chunk).expect("room");
+            let ack_seq = s.send(&chunk).expect("room").0;
             let f = s.poll_transmit(now).expect("frame");
-            ack_seq += 1;
             let ack = format!(r#"{{"AcknowledgedMessageType":"input_stream_data","AcknowledgedMessageId":"x","AcknowledgedMessageSequenceNumber":{ack_seq},"IsSequentialMessage":true}}"#);
             let ack = Message { message_type: message_type::ACKNOWLEDGE.into(), payload_type: Some(PayloadType::NONE), payload: ack.into_bytes(), ..full_message() }
                 .to_bytes()

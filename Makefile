@@ -1,0 +1,41 @@
+# ssm-proxy: common tasks. `make test` and `make demo` set up a fresh Debian
+# machine themselves (as root).
+CARGO ?= cargo
+
+.PHONY: build test test-only demo lint fmt check-macos fuzz bench clean
+
+build:
+	$(CARGO) build --workspace --locked
+
+# Everything CI runs: unit, property, pair-harness and end-to-end tests.
+test:
+	bash scripts/ensure-deps.sh
+	$(CARGO) test --workspace --locked
+
+demo:
+	bash scripts/demo.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+# Type-check for aarch64/x86_64 macOS from Linux (see the script for costs).
+check-macos:
+	bash scripts/check-macos.sh
+
+# FUZZ_SECONDS per target; cargo-fuzz needs nightly features (RUSTC_BOOTSTRAP on stable).
+FUZZ_SECONDS ?= 60
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in frame_decode smux_deframe session_input; do \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
+
+bench:
+	$(CARGO) bench -p ssm-channel --bench codec
+	$(CARGO) bench -p ssm-proxy --bench forward
+
+clean:
+	$(CARGO) clean
