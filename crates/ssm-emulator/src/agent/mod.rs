@@ -190,11 +190,17 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
                 let now = Instant::now();
                 match rt.spec.profile {
                     // The agent's read loop: one read of at most 1024 bytes, send, sleep 1 ms.
+                    // Paced on a schedule, not by sleeping 1 ms after each send:
+                    // tokio's timer rounds a 1 ms sleep up to about 2 ms, which
+                    // would halve the rate the real agent achieves.
                     Profile::Stock => {
                         let n = rt.out.len().min(PAYLOAD_SIZE);
                         let chunk: Vec<u8> = rt.out.drain(..n).collect();
                         rt.chan.send_output(now.into_std(), &chunk);
-                        next_send = now + Duration::from_millis(1);
+                        next_send += Duration::from_millis(1);
+                        if next_send + Duration::from_millis(2) < now {
+                            next_send = now; // idle before: no burst
+                        }
                     }
                     Profile::Fast => {
                         while !rt.out.is_empty() {
