@@ -82,8 +82,9 @@ pub fn handle(shared: &Arc<Shared>, target: &str, body: &[u8], host: &str) -> Re
     }
 }
 
-fn stream_url(host: &str, session_id: &str) -> String {
-    format!("ws://{host}/v1/data-channel/{session_id}?role=publish_subscribe&cell-number=emulator")
+fn stream_url(shared: &Shared, host: &str, session_id: &str) -> String {
+    let scheme = &shared.config.stream_url_scheme;
+    format!("{scheme}://{host}/v1/data-channel/{session_id}?role=publish_subscribe&cell-number=emulator")
 }
 
 fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> Result<Value, ApiError> {
@@ -138,7 +139,7 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
         info!(session = %entry.id, reason = %why, "session ended");
         entry.mark_terminated();
     });
-    Ok(json!({"SessionId": session_id, "TokenValue": token, "StreamUrl": stream_url(host, &session_id)}))
+    Ok(json!({"SessionId": session_id, "TokenValue": token, "StreamUrl": stream_url(shared, host, &session_id)}))
 }
 
 fn new_token() -> String {
@@ -158,7 +159,7 @@ fn resume_session(shared: &Arc<Shared>, req: SessionIdRequest, host: &str) -> Re
     let token = new_token();
     entry.add_token(token.clone());
     info!(session = %entry.id, "ResumeSession");
-    Ok(json!({"SessionId": entry.id, "TokenValue": token, "StreamUrl": stream_url(host, &entry.id)}))
+    Ok(json!({"SessionId": entry.id, "TokenValue": token, "StreamUrl": stream_url(shared, host, &entry.id)}))
 }
 
 fn terminate_session(shared: &Arc<Shared>, req: SessionIdRequest) -> Result<Value, ApiError> {

@@ -61,6 +61,9 @@ pub struct Config {
     pub faults: Faults,
     /// Seed for fault injection.
     pub seed: u64,
+    /// Scheme of the StreamUrl handed out: `ws`, or `wss` when a TLS front
+    /// end sits before the emulator.
+    pub stream_url_scheme: String,
 }
 
 /// The credentials tests and the demo use.
@@ -76,6 +79,7 @@ impl Default for Config {
             profile: Profile::Fast,
             faults: Faults::default(),
             seed: 1,
+            stream_url_scheme: "ws".into(),
         }
     }
 }

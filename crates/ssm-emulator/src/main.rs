@@ -58,6 +58,9 @@ struct Args {
     /// Seed for fault injection.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// StreamUrl scheme to hand out: ws, or wss behind a TLS front end.
+    #[arg(long, default_value = "ws", value_parser = ["ws", "wss"])]
+    stream_url_scheme: String,
 }
 
 fn probability(name: &str, p: f64) -> anyhow::Result<f64> {
@@ -77,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         agent_version: args.agent_version,
         profile: args.profile,
         seed: args.seed,
+        stream_url_scheme: args.stream_url_scheme,
         faults: Faults {
             drop: probability("drop", args.drop)?,
             duplicate: probability("duplicate", args.duplicate)?,

@@ -45,14 +45,22 @@ async fn echo_server() -> SocketAddr {
 fn spawn_forward(
     emulator: &Emulator,
     remote_port: u16,
-    extra: &[&str],
+) -> (ChildGuard, SocketAddr, BufReader<std::process::ChildStderr>) {
+    spawn_forward_to(&emulator.endpoint_url(), remote_port, &[])
+}
+
+/// `forward` against any endpoint URL, with extra environment.
+fn spawn_forward_to(
+    url: &str,
+    remote_port: u16,
+    env: &[(&str, &str)],
 ) -> (ChildGuard, SocketAddr, BufReader<std::process::ChildStderr>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ssm-proxy"))
         .args(["forward", "--instance-id", INSTANCE, "--remote-port", &remote_port.to_string(), "--local-port", "0"])
-        .args(extra)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("AWS_ENDPOINT_URL", emulator.endpoint_url())
+        .envs(env.iter().copied())
+        .env("AWS_ENDPOINT_URL", url)
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY)
@@ -133,7 +141,7 @@ async fn sixty_four_mib_echo(profile: Profile, faults: Faults) {
     let recycle = faults.close_every;
     let config = Config { profile, faults, ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
     let emulator = emulator(config).await;
-    let (guard, addr, stderr) = spawn_forward(&emulator, echo.port(), &[]);
+    let (guard, addr, stderr) = spawn_forward(&emulator, echo.port());
 
     let started = std::time::Instant::now();
     let per_conn = 8 << 20;
@@ -204,7 +212,7 @@ async fn refused_target_port_closes_that_connection_and_says_why() {
         l.local_addr().expect("addr").port()
     };
     let emu = emulator(Config::default().with_instance(INSTANCE, "127.0.0.1")).await;
-    let (guard, addr, stderr) = spawn_forward(&emu, closed_port, &[]);
+    let (guard, addr, stderr) = spawn_forward(&emu, closed_port);
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let _ = s.write_all(b"hello").await;
     let mut buf = [0u8; 16];
@@ -216,10 +224,20 @@ async fn refused_target_port_closes_that_connection_and_says_why() {
 
 /// Runs `forward` to completion (for runs expected to fail) and returns its stderr.
 async fn forward_fails(url: String, secret: &'static str, instance: &'static str) -> String {
+    forward_fails_with(url, secret, instance, &[]).await
+}
+
+async fn forward_fails_with(
+    url: String,
+    secret: &'static str,
+    instance: &'static str,
+    env: &'static [(&'static str, &'static str)],
+) -> String {
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_ssm-proxy"))
             .args(["forward", "--instance-id", instance, "--remote-port", "22"])
             .env_clear()
+            .envs(env.iter().copied())
             .env("AWS_ENDPOINT_URL", url)
             .env("AWS_REGION", "us-east-1")
             .env("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
@@ -259,4 +277,60 @@ async fn rejected_token_is_reported() {
     let emu = emulator(config).await;
     let err = forward_fails(emu.endpoint_url(), TEST_SECRET_KEY, INSTANCE).await;
     assert!(err.contains("rejected the session token (websocket close 1003"), "{err}");
+}
+
+const TEST_CA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ca.pem");
+
+/// A TLS front end for the emulator, with the test CA's server certificate for
+/// `localhost`: the API and the websocket both go through it.
+async fn tls_front(backend: SocketAddr) -> SocketAddr {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(format!("{dir}/server.pem"))
+        .expect("server.pem")
+        .collect::<Result<_, _>>()
+        .expect("certificates");
+    let key = PrivateKeyDer::from_pem_file(format!("{dir}/server.key")).expect("server.key");
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut plain) = TcpStream::connect(backend).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_ca_bundle_is_trusted_by_the_api_and_the_websocket() {
+    let echo = echo_server().await;
+    let config = Config { stream_url_scheme: "wss".into(), ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
+    let emu = emulator(config).await;
+    let front = tls_front(emu.addr).await;
+    let url = format!("https://localhost:{}", front.port());
+
+    // Without the bundle the test CA is unknown: the API call fails on the certificate.
+    let err = forward_fails_with(url.clone(), TEST_SECRET_KEY, INSTANCE, &[]).await;
+    assert!(err.to_lowercase().contains("certificate"), "expected a certificate error:\n{err}");
+    assert_eq!(emu.shared.counters.api_calls.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    // With it, StartSession over https and the data channel over wss both work.
+    let (guard, addr, stderr) = spawn_forward_to(&url, echo.port(), &[("AWS_CA_BUNDLE", TEST_CA)]);
+    echo_round_trip(addr, 99, 1 << 20).await;
+    assert!(emu.shared.counters.websockets.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    stop(guard, stderr);
 }
