@@ -25,7 +25,8 @@ enum Command {
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn,ssm_proxy=info,ssm_channel=info",
+        // The SDK warns about every provider it tries (IMDS...); our errors say what matters.
+        0 => "warn,aws_config=error,ssm_proxy=info,ssm_channel=info",
         1 => "info,ssm_proxy=debug,ssm_channel=debug",
         _ => "debug,ssm_proxy=trace,ssm_channel=trace",
     };
