@@ -30,6 +30,38 @@ pub struct Acknowledge {
     pub is_sequential: bool,
 }
 
+impl Acknowledge {
+    /// The ack upstream sends for a stream message: `message_type` and
+    /// `message_id` are the acknowledged message's.
+    pub fn of(message_type: &str, sequence_number: crate::codec::SequenceNumber, message_id: uuid::Uuid) -> Self {
+        Acknowledge {
+            message_type: message_type.to_owned(),
+            message_id: message_id.to_string(),
+            sequence_number: sequence_number.0,
+            is_sequential: true,
+        }
+    }
+
+    /// The whole `acknowledge` frame: header seq 0, flags 3, PayloadType 0,
+    /// its own `frame_id` and CreatedDate.
+    pub fn to_frame(&self, created_date: u64, frame_id: uuid::Uuid) -> Vec<u8> {
+        use crate::codec::{message_type, Flags, Message, PayloadType, SequenceNumber};
+        let frame = Message {
+            message_type: message_type::ACKNOWLEDGE.into(),
+            schema_version: 1,
+            created_date,
+            sequence_number: SequenceNumber(0),
+            flags: Flags::ACK,
+            message_id: frame_id,
+            payload_type: Some(PayloadType::NONE),
+            // Serializing plain strings and integers cannot fail; the JSON is
+            // never empty, so encoding cannot fail either.
+            payload: serde_json::to_vec(self).unwrap_or_default(),
+        };
+        frame.to_bytes().unwrap_or_default()
+    }
+}
+
 /// Agent -> client, PayloadType 5.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase")]

@@ -235,7 +235,7 @@ pub async fn run(
 
     loop {
         let now = Instant::now();
-        core.pump(now);
+        core.pump();
         if ws_rx.is_some() && drain_until.is_none() {
             let mut ok = true;
             if now >= next_ping {
@@ -479,7 +479,7 @@ impl Core {
     }
 
     /// Moves events and bytes between the session, the mux and local writers.
-    fn pump(&mut self, now: Instant) {
+    fn pump(&mut self) {
         loop {
             if self.blocked.is_some() || self.end.is_some() {
                 break;
@@ -491,12 +491,12 @@ impl Core {
                 }
             }
             let Some(ev) = self.session.poll_event() else { break };
-            self.handle_session_event(ev, now);
+            self.handle_session_event(ev);
         }
-        self.flush_output(now);
+        self.flush_output();
     }
 
-    fn flush_output(&mut self, _now: Instant) {
+    fn flush_output(&mut self) {
         let Some(mode) = &mut self.mode else { return };
         match mode {
             Mode::Mux(m) => {
@@ -528,7 +528,7 @@ impl Core {
         }
     }
 
-    fn handle_session_event(&mut self, ev: Event, _now: Instant) {
+    fn handle_session_event(&mut self, ev: Event) {
         match ev {
             Event::Handshake(info) => {
                 let lpf = info.properties.get("type").map(String::as_str) == Some("LocalPortForwarding");

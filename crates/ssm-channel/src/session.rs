@@ -523,7 +523,7 @@ impl Session {
     }
 
     fn queue_ack(&mut self, msg: &Message) {
-        self.queue_ack_for(&msg.message_type.clone(), msg.sequence_number, msg.message_id);
+        self.queue_ack_for(&msg.message_type, msg.sequence_number, msg.message_id);
     }
 
     fn queue_ack_for(&mut self, message_type: &str, seq: SequenceNumber, id: Uuid) {
@@ -531,26 +531,8 @@ impl Session {
             self.recent_acks.pop_front();
         }
         self.recent_acks.push_back((seq, id));
-        let ack = Acknowledge {
-            message_type: message_type.to_owned(),
-            message_id: id.to_string(),
-            sequence_number: seq.0,
-            is_sequential: true,
-        };
-        let payload = serde_json::to_vec(&ack).unwrap_or_default();
-        let frame = Message {
-            message_type: message_type::ACKNOWLEDGE.into(),
-            schema_version: 1,
-            created_date: self.env.wall_clock_ms(),
-            sequence_number: SequenceNumber(0),
-            flags: Flags::ACK,
-            message_id: self.env.message_id(),
-            payload_type: Some(PayloadType::NONE),
-            payload,
-        };
-        if let Ok(bytes) = frame.to_bytes() {
-            self.control.push_back(bytes);
-        }
+        let frame = Acknowledge::of(message_type, seq, id).to_frame(self.env.wall_clock_ms(), self.env.message_id());
+        self.control.push_back(frame);
     }
 
     fn handle_stream(&mut self, msg: Message) {

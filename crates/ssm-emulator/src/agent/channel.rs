@@ -277,26 +277,8 @@ impl AgentChannel {
     }
 
     fn ack(&mut self, msg: &Message) {
-        let payload = serde_json::to_vec(&Acknowledge {
-            message_type: msg.message_type.clone(),
-            message_id: msg.message_id.to_string(),
-            sequence_number: msg.sequence_number.0,
-            is_sequential: true,
-        })
-        .unwrap_or_default();
-        let ack = Message {
-            message_type: message_type::ACKNOWLEDGE.into(),
-            schema_version: 1,
-            created_date: self.env.wall_clock_ms(),
-            sequence_number: SequenceNumber(0),
-            flags: Flags::ACK,
-            message_id: self.env.message_id(),
-            payload_type: Some(PayloadType::NONE),
-            payload,
-        };
-        if let Ok(f) = ack.to_bytes() {
-            self.tx.push_back(f);
-        }
+        let ack = Acknowledge::of(&msg.message_type, msg.sequence_number, msg.message_id);
+        self.tx.push_back(ack.to_frame(self.env.wall_clock_ms(), self.env.message_id()));
     }
 
     fn handle_stream(&mut self, now: Instant, msg: Message) {

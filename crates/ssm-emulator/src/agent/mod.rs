@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ssm_channel::codec::{emit_short_header, message_type};
 use ssm_channel::payloads::{ChannelClosed, Flag};
-use ssm_channel::session::SystemEnvironment;
+use ssm_channel::session::{Environment, SystemEnvironment};
 use ssm_channel::smux::{Mux, MuxEvent, Role, StreamId};
 use ssm_channel::version::PortMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -250,10 +250,7 @@ impl Runtime {
     fn close_client(&mut self, output: &str) {
         let Some((_, tx)) = self.client.take() else { return };
         let id = uuid::Uuid::new_v4();
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(1);
+        let now_ms = SystemEnvironment.wall_clock_ms();
         let payload = serde_json::to_vec(&ChannelClosed {
             message_id: id.to_string(),
             created_date: now_ms.to_string(),
