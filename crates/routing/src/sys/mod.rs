@@ -1,0 +1,26 @@
+//! The OS routing table.
+
+#[cfg(target_os = "linux")]
+mod linux;
+#[cfg(target_os = "macos")]
+mod macos;
+
+use crate::{RouteError, RouteTable};
+
+/// The routing table of this machine (of the current network namespace on Linux).
+pub fn system_table() -> Result<Box<dyn RouteTable>, RouteError> {
+    #[cfg(target_os = "linux")]
+    return Ok(Box::new(linux::NetlinkTable::open()?));
+    #[cfg(target_os = "macos")]
+    return Ok(Box::new(macos::RoutingSocket::open()?));
+    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+    return Err(RouteError::Os {
+        op: "open the routing table",
+        source: std::io::Error::new(std::io::ErrorKind::Unsupported, "only Linux and macOS are supported"),
+    });
+}
+
+/// Interface name for an index, or `ifN` when the OS no longer knows it.
+pub(crate) fn ifname(index: u32) -> String {
+    nix::net::if_::if_indextoname(index).ok().and_then(|c| c.into_string().ok()).unwrap_or_else(|| format!("if{index}"))
+}
