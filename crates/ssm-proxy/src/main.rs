@@ -1,6 +1,7 @@
 //! `ssm-proxy`: reach private AWS VPC addresses from your laptop over SSM
 //! Session Manager, with no AWS CLI and no session-manager-plugin.
 
+mod cleanup;
 mod forward;
 
 use std::process::ExitCode;
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Forward a local TCP port to a port on the instance or on a host it can reach.
     Forward(forward::ForwardArgs),
+    /// Remove routes left behind by a tunnel that was killed or crashed.
+    Cleanup(cleanup::CleanupArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -50,11 +53,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(async {
-        match cli.command {
-            Command::Forward(args) => forward::run(args).await,
-        }
-    });
+    let result = match cli.command {
+        Command::Forward(args) => rt.block_on(forward::run(args)),
+        Command::Cleanup(args) => cleanup::run(args),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
