@@ -1,0 +1,175 @@
+//! The laptop side: packets the OS routes into the tunnel device go through an
+//! FQ-CoDel queue into the stream to the ec2-agent; packets from the agent are
+//! written back into the device.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tunnel::Device;
+
+use crate::fq::FqConfig;
+use crate::link::{self, LinkEnd, LinkStats, TxQueue};
+use crate::wire::{self, caps, Deframer, Frame, Hello, Reason, Role};
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub fq: FqConfig,
+    /// Most bytes of frames written to the stream at once (several packets per SSM
+    /// message, without hiding a deep queue below the FQ-CoDel one).
+    pub batch: usize,
+    pub ping_every: Duration,
+    pub hello_timeout: Duration,
+    pub client_id: [u8; 16],
+    pub software: String,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            fq: FqConfig::default(),
+            batch: 4096,
+            ping_every: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(20),
+            client_id: [0; 16],
+            software: format!("ssm-proxy {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("the ec2-agent did not answer within {0:?} (is it running on the instance, on the port given?)")]
+    Timeout(Duration),
+    #[error("the ec2-agent refused the connection: {0:?}: {1}")]
+    Refused(Reason, String),
+    #[error("the other end is not an ec2-agent, or speaks another version: {0}")]
+    Protocol(String),
+}
+
+/// Everything a running forwarder exposes.
+#[derive(Debug)]
+pub struct ClientHandle {
+    pub stats: Arc<LinkStats>,
+    pub queue: Arc<TxQueue>,
+    /// Packets from the agent dropped because the device could not take them.
+    pub device_drops: AtomicU64,
+}
+
+impl ClientHandle {
+    pub fn new(config: &ClientConfig) -> Arc<Self> {
+        Arc::new(ClientHandle {
+            stats: Arc::new(LinkStats::default()),
+            queue: TxQueue::new(config.fq),
+            device_drops: AtomicU64::new(0),
+        })
+    }
+}
+
+/// Exchange HELLOs over a fresh stream.
+pub async fn handshake<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    config: &ClientConfig,
+    mtu: u16,
+) -> Result<(Hello, Deframer), HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let hello = Hello {
+        version: wire::VERSION,
+        role: Role::Client,
+        caps: caps::PING | caps::IPV6,
+        mtu,
+        client_id: config.client_id,
+        software: config.software.clone(),
+        resolvers: Vec::new(),
+    };
+    let exchange = async {
+        link::write_frame(writer, &Frame::Hello(hello)).await.map_err(|e| HandshakeError::Protocol(e.to_string()))?;
+        match link::read_hello(reader).await {
+            Ok((h, d)) if h.role == Role::Agent && h.version == wire::VERSION => Ok((h, d)),
+            Ok((h, _)) => Err(HandshakeError::Protocol(format!("agent HELLO version {} role {:?}", h.version, h.role))),
+            Err(LinkEnd::Goodbye { reason, message }) => Err(HandshakeError::Refused(reason, message)),
+            Err(e) => Err(HandshakeError::Protocol(e.to_string())),
+        }
+    };
+    tokio::time::timeout(config.hello_timeout, exchange)
+        .await
+        .map_err(|_| HandshakeError::Timeout(config.hello_timeout))?
+}
+
+/// Carry packets between `device` and the stream until either ends or `shutdown`
+/// completes (then a GOODBYE is sent). Returns how the link ended (`None`: shutdown).
+#[allow(clippy::too_many_arguments)]
+pub async fn run<D, R, W>(
+    device: Arc<D>,
+    reader: R,
+    writer: W,
+    deframer: Deframer,
+    config: &ClientConfig,
+    handle: Arc<ClientHandle>,
+    shutdown: impl Future<Output = ()>,
+) -> Option<LinkEnd>
+where
+    D: Device,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let epoch = Instant::now();
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(64);
+    let writer_task =
+        tokio::spawn(link::write_loop(handle.queue.clone(), ctl_rx, writer, config.batch, handle.stats.clone()));
+    let pinger = tokio::spawn(link::ping_loop(ctl_tx.clone(), config.ping_every, epoch));
+
+    // Device -> queue.
+    let dev = device.clone();
+    let queue = handle.queue.clone();
+    let tun_reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match dev.recv(&mut buf).await {
+                Ok(0) => continue,
+                Ok(n) => queue.push(Bytes::copy_from_slice(&buf[..n])),
+                Err(e) => {
+                    tracing::error!("reading the tunnel device failed: {e}");
+                    return;
+                }
+            }
+        }
+    });
+
+    // Stream -> device, through a bounded hand-off so a slow device cannot stall acks.
+    let (dev_tx, mut dev_rx) = mpsc::channel::<Bytes>(1024);
+    let dev = device.clone();
+    let tun_writer = tokio::spawn(async move {
+        while let Some(p) = dev_rx.recv().await {
+            if let Err(e) = dev.send(&p).await {
+                tracing::debug!("the device refused a packet: {e}");
+            }
+        }
+    });
+    let h = handle.clone();
+    let on_packet = move |p: Bytes| {
+        if dev_tx.try_send(p).is_err() {
+            h.device_drops.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let reading = link::read_loop(reader, deframer, on_packet, ctl_tx, handle.stats.clone(), epoch);
+
+    let ended = tokio::select! {
+        end = reading => Some(end),
+        () = shutdown => None,
+    };
+    pinger.abort();
+    tun_reader.abort();
+    handle.queue.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+    tun_writer.abort();
+    ended
+}

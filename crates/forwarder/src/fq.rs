@@ -1,0 +1,304 @@
+//! FQ-CoDel (RFC 8290) for packets waiting to enter the SSM stream.
+//!
+//! Packets are hashed by flow (addresses, protocol, ports) into buckets served by
+//! deficit round robin, new (sparse) flows first, so a ping or a keystroke overtakes
+//! a bulk transfer instead of waiting behind it. Each bucket runs CoDel (RFC 8289):
+//! when packets have waited longer than `target` for a whole `interval`, it drops
+//! from the head at a rising rate, which tells the bulk flow's TCP to slow down. The
+//! byte limit is a last resort: it drops from the fattest bucket.
+
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+#[derive(Clone, Copy, Debug)]
+pub struct FqConfig {
+    pub buckets: usize,
+    /// Bytes a bucket may send per round.
+    pub quantum: usize,
+    /// CoDel's acceptable standing queue delay.
+    pub target: Duration,
+    /// CoDel's window: about a worst-case round-trip time.
+    pub interval: Duration,
+    /// Total bytes queued before overflow drops start.
+    pub limit_bytes: usize,
+}
+
+impl Default for FqConfig {
+    fn default() -> Self {
+        FqConfig {
+            buckets: 256,
+            quantum: 1514,
+            target: Duration::from_millis(5),
+            interval: Duration::from_millis(100),
+            limit_bytes: 2 << 20,
+        }
+    }
+}
+
+/// Counters of one queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub enqueued: u64,
+    pub dequeued: u64,
+    pub dropped_codel: u64,
+    pub dropped_overflow: u64,
+    /// Queueing delay of the last packet dequeued.
+    pub last_delay: Duration,
+    /// Largest queueing delay seen.
+    pub max_delay: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum List {
+    New,
+    Old,
+}
+
+#[derive(Debug, Default)]
+struct Codel {
+    first_above: Option<Instant>,
+    drop_next: Option<Instant>,
+    count: u32,
+    last_count: u32,
+    dropping: bool,
+}
+
+#[derive(Debug, Default)]
+struct Bucket {
+    packets: VecDeque<(Instant, Bytes)>,
+    bytes: usize,
+    deficit: i64,
+    list: Option<List>,
+    codel: Codel,
+}
+
+#[derive(Debug)]
+pub struct FqCodel {
+    config: FqConfig,
+    buckets: Vec<Bucket>,
+    new_flows: VecDeque<usize>,
+    old_flows: VecDeque<usize>,
+    bytes: usize,
+    packets: usize,
+    hasher: std::collections::hash_map::RandomState,
+    stats: QueueStats,
+}
+
+/// The flow a packet belongs to: IP version, addresses, protocol and, for TCP/UDP
+/// (and anything else with ports up front), the ports.
+fn flow_key(packet: &[u8], h: &mut impl Hasher) {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) if packet.len() >= 20 => {
+            let ihl = ((packet[0] & 0x0f) as usize) * 4;
+            packet[9].hash(h);
+            packet[12..20].hash(h);
+            if let Some(ports) = packet.get(ihl..ihl + 4) {
+                ports.hash(h);
+            }
+        }
+        Some(6) if packet.len() >= 40 => {
+            packet[6].hash(h);
+            packet[8..40].hash(h);
+            if let Some(ports) = packet.get(40..44) {
+                ports.hash(h);
+            }
+        }
+        _ => packet.get(..packet.len().min(20)).hash(h),
+    }
+}
+
+impl FqCodel {
+    pub fn new(config: FqConfig) -> Self {
+        let buckets = (0..config.buckets.max(1)).map(|_| Bucket::default()).collect();
+        FqCodel {
+            config,
+            buckets,
+            new_flows: VecDeque::new(),
+            old_flows: VecDeque::new(),
+            bytes: 0,
+            packets: 0,
+            hasher: Default::default(),
+            stats: QueueStats::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.packets
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.packets == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+
+    fn bucket_of(&self, packet: &[u8]) -> usize {
+        let mut h = self.hasher.build_hasher();
+        flow_key(packet, &mut h);
+        (h.finish() % self.buckets.len() as u64) as usize
+    }
+
+    /// Queue a packet that arrived at `now`.
+    pub fn enqueue(&mut self, now: Instant, packet: Bytes) {
+        let idx = self.bucket_of(&packet);
+        let len = packet.len();
+        let b = &mut self.buckets[idx];
+        b.packets.push_back((now, packet));
+        b.bytes += len;
+        if b.list.is_none() {
+            b.list = Some(List::New);
+            b.deficit = self.config.quantum as i64;
+            self.new_flows.push_back(idx);
+        }
+        self.bytes += len;
+        self.packets += 1;
+        self.stats.enqueued += 1;
+        while self.bytes > self.config.limit_bytes {
+            self.drop_from_fattest();
+        }
+    }
+
+    fn drop_from_fattest(&mut self) {
+        let Some((idx, _)) = self.buckets.iter().enumerate().max_by_key(|(_, b)| b.bytes) else { return };
+        let b = &mut self.buckets[idx];
+        if let Some((_, p)) = b.packets.pop_front() {
+            b.bytes -= p.len();
+            self.bytes -= p.len();
+            self.packets -= 1;
+            self.stats.dropped_overflow += 1;
+        }
+    }
+
+    /// The next packet to send at `now`, after CoDel's drops.
+    pub fn dequeue(&mut self, now: Instant) -> Option<Bytes> {
+        loop {
+            let (list, idx) = match (self.new_flows.front(), self.old_flows.front()) {
+                (Some(&i), _) => (List::New, i),
+                (None, Some(&i)) => (List::Old, i),
+                (None, None) => return None,
+            };
+            if self.buckets[idx].deficit <= 0 {
+                self.buckets[idx].deficit += self.config.quantum as i64;
+                self.pop_list(list);
+                self.buckets[idx].list = Some(List::Old);
+                self.old_flows.push_back(idx);
+                continue;
+            }
+            match self.codel_dequeue(idx, now) {
+                Some(p) => {
+                    self.buckets[idx].deficit -= p.len() as i64;
+                    self.stats.dequeued += 1;
+                    return Some(p);
+                }
+                None => {
+                    self.pop_list(list);
+                    if list == List::New {
+                        // RFC 8290 §4.2: an emptied new flow goes to the old list once,
+                        // so it cannot starve old flows by coming back as "new".
+                        self.buckets[idx].list = Some(List::Old);
+                        self.old_flows.push_back(idx);
+                    } else {
+                        self.buckets[idx].list = None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn pop_list(&mut self, list: List) {
+        match list {
+            List::New => self.new_flows.pop_front(),
+            List::Old => self.old_flows.pop_front(),
+        };
+    }
+
+    fn take(&mut self, idx: usize, now: Instant) -> Option<(Bytes, bool)> {
+        let (target, interval, mtu) = (self.config.target, self.config.interval, self.config.quantum);
+        let b = &mut self.buckets[idx];
+        let (ts, p) = b.packets.pop_front()?;
+        b.bytes -= p.len();
+        self.bytes -= p.len();
+        self.packets -= 1;
+        let delay = now.saturating_duration_since(ts);
+        self.stats.last_delay = delay;
+        self.stats.max_delay = self.stats.max_delay.max(delay);
+        let c = &mut b.codel;
+        let ok_to_drop = if delay < target || b.bytes <= mtu {
+            c.first_above = None;
+            false
+        } else {
+            match c.first_above {
+                None => {
+                    c.first_above = Some(now + interval);
+                    false
+                }
+                Some(t) => now >= t,
+            }
+        };
+        Some((p, ok_to_drop))
+    }
+
+    fn control_law(&self, t: Instant, count: u32) -> Instant {
+        t + self.config.interval.div_f64((count.max(1) as f64).sqrt())
+    }
+
+    fn codel_dequeue(&mut self, idx: usize, now: Instant) -> Option<Bytes> {
+        let Some((mut p, ok_to_drop)) = self.take(idx, now) else {
+            self.buckets[idx].codel.dropping = false;
+            return None;
+        };
+        let interval = self.config.interval;
+        if self.buckets[idx].codel.dropping {
+            if !ok_to_drop {
+                self.buckets[idx].codel.dropping = false;
+                return Some(p);
+            }
+            while self.buckets[idx].codel.drop_next.is_some_and(|d| now >= d) {
+                self.stats.dropped_codel += 1;
+                self.buckets[idx].codel.count += 1;
+                let Some((next, ok)) = self.take(idx, now) else {
+                    self.buckets[idx].codel.dropping = false;
+                    return None;
+                };
+                p = next;
+                if !ok {
+                    self.buckets[idx].codel.dropping = false;
+                    return Some(p);
+                }
+                let (dn, count) = (self.buckets[idx].codel.drop_next, self.buckets[idx].codel.count);
+                self.buckets[idx].codel.drop_next = dn.map(|d| self.control_law(d, count));
+            }
+            return Some(p);
+        }
+        if ok_to_drop {
+            self.stats.dropped_codel += 1;
+            let c = &self.buckets[idx].codel;
+            let delta = c.count.saturating_sub(c.last_count);
+            let recent = c.drop_next.is_some_and(|d| now.saturating_duration_since(d) < interval * 16);
+            let count = if delta > 1 && recent { delta } else { 1 };
+            let drop_next = self.control_law(now, count);
+            let c = &mut self.buckets[idx].codel;
+            c.dropping = true;
+            c.count = count;
+            c.last_count = count;
+            c.drop_next = Some(drop_next);
+            // RFC 8289: the packet after the dropped one goes out; the next dequeue
+            // decides whether dropping continues.
+            let (next, _) = self.take(idx, now)?;
+            p = next;
+        }
+        Some(p)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,12 @@
+//! The packet link between the laptop's tunnel device and the ec2-agent.
+//!
+//! - [`wire`]: the framing both ends speak inside the Port session (HELLO, PACKET,
+//!   PING/PONG, GOODBYE) and an incremental deframer.
+//! - [`fq`]: FQ-CoDel, so interactive flows are not stuck behind bulk transfers.
+//! - [`link`]: queue-draining writer and frame reader shared by both ends.
+//! - [`client`]: the laptop end, between a [`tunnel::Device`] and the stream.
+
+pub mod client;
+pub mod fq;
+pub mod link;
+pub mod wire;

@@ -1,0 +1,285 @@
+//! The forwarder <-> ec2-agent wire protocol, carried as a byte stream inside a Port
+//! session (SPECIFICATION.md §7 has the byte layout).
+//!
+//! Every frame is `type: u8`, `length: u16 BE`, `body: [u8; length]`. The client
+//! sends HELLO first; the agent answers with its own HELLO or a GOODBYE. Then either
+//! side sends PACKET, PING/PONG and finally GOODBYE in any order. Several frames travel
+//! in one SSM message: the writer coalesces, the [`Deframer`] copes with any split.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+pub const MAGIC: [u8; 4] = *b"SSMP";
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 3;
+/// Largest frame body (and so the largest IP packet carried).
+pub const MAX_BODY: usize = u16::MAX as usize;
+
+pub const T_HELLO: u8 = 0x01;
+pub const T_PACKET: u8 = 0x02;
+pub const T_PING: u8 = 0x03;
+pub const T_PONG: u8 = 0x04;
+pub const T_GOODBYE: u8 = 0x05;
+
+/// Who sent a HELLO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Client = 1,
+    Agent = 2,
+}
+
+/// Capability bits in HELLO.
+pub mod caps {
+    /// The sender answers PING with PONG.
+    pub const PING: u32 = 1 << 0;
+    /// IPv6 packets are forwarded.
+    pub const IPV6: u32 = 1 << 1;
+}
+
+/// Optional HELLO fields, as `type: u8, length: u8, value`.
+pub mod tlv {
+    /// Software name and version, UTF-8.
+    pub const SOFTWARE: u8 = 1;
+    /// A DNS resolver the agent forwards to (4 or 16 address bytes); repeatable.
+    pub const RESOLVER: u8 = 2;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u8,
+    pub role: Role,
+    pub caps: u32,
+    /// Largest IP packet the sender accepts.
+    pub mtu: u16,
+    /// Identifies a client across reconnects (the agent keys flows by it).
+    pub client_id: [u8; 16],
+    pub software: String,
+    pub resolvers: Vec<std::net::IpAddr>,
+}
+
+/// Why a side says GOODBYE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    Normal = 0,
+    UnsupportedVersion = 1,
+    BadFrame = 2,
+    Shutdown = 3,
+    TooManyClients = 4,
+}
+
+impl Reason {
+    fn from_u8(v: u8) -> Option<Reason> {
+        Some(match v {
+            0 => Reason::Normal,
+            1 => Reason::UnsupportedVersion,
+            2 => Reason::BadFrame,
+            3 => Reason::Shutdown,
+            4 => Reason::TooManyClients,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    Packet(Bytes),
+    Ping(u64),
+    Pong(u64),
+    Goodbye { reason: Reason, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("unknown frame type {0:#04x}")]
+    UnknownType(u8),
+    #[error("frame type {kind:#04x} with a {len}-byte body (expected {expected})")]
+    BadLength { kind: u8, len: usize, expected: &'static str },
+    #[error("the peer does not speak this protocol (magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    #[error("bad HELLO: {0}")]
+    BadHello(&'static str),
+    #[error("unknown GOODBYE reason {0}")]
+    BadReason(u8),
+    #[error("empty PACKET frame")]
+    EmptyPacket,
+}
+
+const HELLO_FIXED: usize = 4 + 1 + 1 + 2 + 4 + 2 + 16;
+
+fn put_header(out: &mut BytesMut, kind: u8, len: usize) {
+    debug_assert!(len <= MAX_BODY);
+    out.put_u8(kind);
+    out.put_u16(len as u16);
+}
+
+/// Append the encoding of `frame` to `out`. Packets larger than [`MAX_BODY`] and
+/// HELLO strings longer than 255 bytes are the caller's bug; they are truncated
+/// rather than corrupting the stream.
+pub fn encode(frame: &Frame, out: &mut BytesMut) {
+    match frame {
+        Frame::Packet(p) => encode_packet(p, out),
+        Frame::Ping(t) => {
+            put_header(out, T_PING, 8);
+            out.put_u64(*t);
+        }
+        Frame::Pong(t) => {
+            put_header(out, T_PONG, 8);
+            out.put_u64(*t);
+        }
+        Frame::Goodbye { reason, message } => {
+            let msg = &message.as_bytes()[..message.len().min(MAX_BODY - 1)];
+            put_header(out, T_GOODBYE, 1 + msg.len());
+            out.put_u8(*reason as u8);
+            out.put_slice(msg);
+        }
+        Frame::Hello(h) => {
+            let mut body = BytesMut::with_capacity(64);
+            body.put_slice(&MAGIC);
+            body.put_u8(h.version);
+            body.put_u8(h.role as u8);
+            body.put_u16(0);
+            body.put_u32(h.caps);
+            body.put_u16(h.mtu);
+            body.put_slice(&h.client_id);
+            if !h.software.is_empty() {
+                let s = &h.software.as_bytes()[..h.software.len().min(255)];
+                body.put_u8(tlv::SOFTWARE);
+                body.put_u8(s.len() as u8);
+                body.put_slice(s);
+            }
+            for r in &h.resolvers {
+                body.put_u8(tlv::RESOLVER);
+                match r {
+                    std::net::IpAddr::V4(a) => {
+                        body.put_u8(4);
+                        body.put_slice(&a.octets());
+                    }
+                    std::net::IpAddr::V6(a) => {
+                        body.put_u8(16);
+                        body.put_slice(&a.octets());
+                    }
+                }
+            }
+            put_header(out, T_HELLO, body.len());
+            out.put_slice(&body);
+        }
+    }
+}
+
+/// Append one PACKET frame (the hot path: no intermediate allocation).
+pub fn encode_packet(packet: &[u8], out: &mut BytesMut) {
+    let p = &packet[..packet.len().min(MAX_BODY)];
+    out.reserve(HEADER_LEN + p.len());
+    put_header(out, T_PACKET, p.len());
+    out.put_slice(p);
+}
+
+fn decode_hello(mut b: &[u8]) -> Result<Hello, WireError> {
+    if b.len() < HELLO_FIXED {
+        return Err(WireError::BadLength { kind: T_HELLO, len: b.len(), expected: "at least 30" });
+    }
+    let magic = [b[0], b[1], b[2], b[3]];
+    if magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    b.advance(4);
+    let version = b.get_u8();
+    let role = match b.get_u8() {
+        1 => Role::Client,
+        2 => Role::Agent,
+        _ => return Err(WireError::BadHello("unknown role")),
+    };
+    let _reserved = b.get_u16();
+    let caps = b.get_u32();
+    let mtu = b.get_u16();
+    let mut client_id = [0u8; 16];
+    b.copy_to_slice(&mut client_id);
+    let mut hello = Hello { version, role, caps, mtu, client_id, software: String::new(), resolvers: Vec::new() };
+    while !b.is_empty() {
+        if b.len() < 2 {
+            return Err(WireError::BadHello("truncated option"));
+        }
+        let (t, l) = (b[0], b[1] as usize);
+        b.advance(2);
+        if b.len() < l {
+            return Err(WireError::BadHello("truncated option"));
+        }
+        let v = &b[..l];
+        match t {
+            tlv::SOFTWARE => hello.software = String::from_utf8_lossy(v).into_owned(),
+            tlv::RESOLVER => match l {
+                4 => hello.resolvers.push(std::net::Ipv4Addr::new(v[0], v[1], v[2], v[3]).into()),
+                16 => {
+                    let mut o = [0u8; 16];
+                    o.copy_from_slice(v);
+                    hello.resolvers.push(std::net::Ipv6Addr::from(o).into());
+                }
+                _ => return Err(WireError::BadHello("resolver address of odd length")),
+            },
+            // Unknown options are skipped: later versions may add some.
+            _ => {}
+        }
+        b.advance(l);
+    }
+    Ok(hello)
+}
+
+/// Incremental decoder: feed it whatever the stream delivered, take frames out.
+#[derive(Debug, Default)]
+pub struct Deframer {
+    buf: BytesMut,
+}
+
+impl Deframer {
+    pub fn new() -> Self {
+        Deframer { buf: BytesMut::with_capacity(16 * 1024) }
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes received but not yet a whole frame.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next whole frame, `None` if more bytes are needed. An error means the
+    /// stream is not ours or is corrupt; it cannot be resynchronised.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let kind = self.buf[0];
+        let len = u16::from_be_bytes([self.buf[1], self.buf[2]]) as usize;
+        // Check what can be checked before the body arrives.
+        match kind {
+            T_HELLO | T_PACKET | T_GOODBYE => {}
+            T_PING | T_PONG if len == 8 => {}
+            T_PING | T_PONG => return Err(WireError::BadLength { kind, len, expected: "8" }),
+            other => return Err(WireError::UnknownType(other)),
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        self.buf.advance(HEADER_LEN);
+        let body = self.buf.split_to(len).freeze();
+        Ok(Some(match kind {
+            T_PACKET if body.is_empty() => return Err(WireError::EmptyPacket),
+            T_PACKET => Frame::Packet(body),
+            T_PING => Frame::Ping(u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8]))),
+            T_PONG => Frame::Pong(u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8]))),
+            T_HELLO => Frame::Hello(decode_hello(&body)?),
+            _ => {
+                let Some((&r, msg)) = body.split_first() else {
+                    return Err(WireError::BadLength { kind, len, expected: "at least 1" });
+                };
+                let reason = Reason::from_u8(r).ok_or(WireError::BadReason(r))?;
+                Frame::Goodbye { reason, message: String::from_utf8_lossy(msg).into_owned() }
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests;
