@@ -74,6 +74,16 @@ pub struct PortConfig {
     pub reconnect_for: Duration,
     /// How long to wait for the TerminateSession flag's ack.
     pub terminate_wait: Duration,
+    /// Where to publish the session's counters while it runs (for `status`).
+    pub live: Option<Arc<std::sync::Mutex<Live>>>,
+}
+
+/// The running session's counters, refreshed about twice a second.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    pub stats: Stats,
+    pub reconnects: u64,
+    pub connected: bool,
 }
 
 impl Default for PortConfig {
@@ -85,6 +95,7 @@ impl Default for PortConfig {
             read_chunk: 16 << 10,
             reconnect_for: Duration::from_secs(600),
             terminate_wait: Duration::from_secs(2),
+            live: None,
         }
     }
 }
@@ -232,10 +243,18 @@ pub async fn run(
     let mut terminate_deadline: Option<Instant> = None;
     let mut conns_open = true;
     let mut drain_until: Option<Instant> = None;
+    let mut next_publish = Instant::now();
 
     loop {
         let now = Instant::now();
         core.pump();
+        if let Some(live) = config.live.as_ref().filter(|_| now >= next_publish) {
+            let mut l = live.lock().unwrap_or_else(|p| p.into_inner());
+            l.stats = core.session.stats();
+            l.reconnects = reconnects;
+            l.connected = ws_rx.is_some() && reconnect.is_none();
+            next_publish = now + Duration::from_millis(500);
+        }
         if ws_rx.is_some() && drain_until.is_none() {
             let mut ok = true;
             if now >= next_ping {

@@ -2,7 +2,10 @@
 //! Session Manager, with no AWS CLI and no session-manager-plugin.
 
 mod cleanup;
+mod control;
 mod forward;
+mod ssm;
+mod start;
 
 use std::process::ExitCode;
 
@@ -22,8 +25,80 @@ struct Cli {
 enum Command {
     /// Forward a local TCP port to a port on the instance or on a host it can reach.
     Forward(forward::ForwardArgs),
+    /// Start a tunnel: route CIDRs through an instance running the ec2-agent (root).
+    Start(start::StartArgs),
+    /// Show the running tunnels (any user).
+    Status(StatusArgs),
+    /// Stop a running tunnel (root, or the user who started it).
+    Stop(StopArgs),
     /// Remove routes left behind by a tunnel that was killed or crashed.
     Cleanup(cleanup::CleanupArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// Only this tunnel.
+    #[arg(long)]
+    name: Option<String>,
+    /// Machine-readable output: a JSON array of tunnels.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct StopArgs {
+    /// The tunnel to stop (needed when several run).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let dir = routing::default_run_dir();
+    let names = match args.name {
+        Some(n) => vec![n],
+        None => control::tunnel_names(&dir),
+    };
+    let mut all = Vec::new();
+    let mut problems = Vec::new();
+    for n in &names {
+        match control::status_of(&dir, n).await {
+            Ok(s) => all.push(s),
+            Err(e) => problems.push(format!("{n}: not answering ({e:#}); if it crashed, run `sudo ssm-proxy cleanup`")),
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if all.is_empty() && problems.is_empty() {
+        println!("no tunnels running");
+    } else {
+        for s in &all {
+            println!("{}", control::render(s));
+        }
+    }
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    Ok(())
+}
+
+async fn stop(args: StopArgs) -> anyhow::Result<()> {
+    let dir = routing::default_run_dir();
+    let name = match args.name {
+        Some(n) => n,
+        None => {
+            let names = control::tunnel_names(&dir);
+            match names.as_slice() {
+                [] => anyhow::bail!("no tunnels running"),
+                [one] => one.clone(),
+                many => anyhow::bail!("several tunnels run ({}); say which with --name", many.join(", ")),
+            }
+        }
+    };
+    control::stop(&dir, &name, std::time::Duration::from_secs(20)).await?;
+    println!("tunnel {name:?} stopped");
+    Ok(())
 }
 
 fn init_logging(verbose: u8) {
@@ -56,6 +131,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Forward(args) => rt.block_on(forward::run(args)),
         Command::Cleanup(args) => cleanup::run(args),
+        Command::Start(args) => rt.block_on(start::run(args)),
+        Command::Status(args) => rt.block_on(status(args)),
+        Command::Stop(args) => rt.block_on(stop(args)),
+        Command::Version => {
+            println!("ssm-proxy {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,181 @@
+//! `ec2-agent`: the instance end of ssm-proxy. It listens on loopback for the Port
+//! sessions the SSM agent opens on behalf of `ssm-proxy start`, ends the tunnel's
+//! TCP, UDP and ICMP flows in userspace and opens ordinary sockets to their
+//! destinations. No root, no ip_forward, no firewall changes.
+
+mod packet;
+mod policy;
+mod session;
+mod stack;
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ipnet::IpNet;
+use tracing::{error, info, warn};
+
+use crate::policy::Policy;
+use crate::session::AgentConfig;
+
+/// Default loopback port: what `ssm-proxy start --agent-port` assumes unless told.
+pub const DEFAULT_PORT: u16 = 7301;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ec2-agent",
+    version,
+    about = "The instance end of ssm-proxy: forwards the tunnel's traffic into the VPC",
+    after_help = "Examples:\n  ec2-agent                                  # 127.0.0.1:7301, private ranges allowed\n  \
+ec2-agent --allow 203.0.113.0/24           # also a public range the VPC uses\n  \
+ec2-agent --only --allow 10.20.0.0/16      # nothing but this range\n  \
+ec2-agent --deny 10.20.5.0/24 --log-format json\n\n\
+Always denied, whatever --allow says: 169.254.0.0/16 (instance metadata, DNS, NTP,\n\
+ECS credentials), fd00:ec2::/32, fe80::/10, loopback, multicast, broadcast."
+)]
+struct Args {
+    /// Address to listen on: keep it on loopback, the SSM agent connects from there.
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
+    listen: SocketAddr,
+    /// Also allow this destination range (repeatable). Default: 10/8, 172.16/12,
+    /// 192.168/16, 100.64/10, fc00::/7.
+    #[arg(long, value_name = "CIDR")]
+    allow: Vec<IpNet>,
+    /// Allow only the --allow ranges, not the default private ones.
+    #[arg(long)]
+    only: bool,
+    /// Deny this destination range too (repeatable); the deny-list always wins.
+    #[arg(long, value_name = "CIDR")]
+    deny: Vec<IpNet>,
+    /// Largest packet accepted from clients.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u16,
+    /// Forget a UDP flow after this many seconds without traffic.
+    #[arg(long, default_value_t = 60)]
+    udp_idle: u64,
+    /// Give up connecting to a TCP destination after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout: u64,
+    /// Concurrent clients (Port sessions).
+    #[arg(long, default_value_t = 16)]
+    max_clients: usize,
+    /// TCP connections per client.
+    #[arg(long, default_value_t = 4096)]
+    max_tcp_flows: usize,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// The instance's resolvers, from /etc/resolv.conf (offered to clients in HELLO).
+fn resolvers() -> Vec<IpAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect()
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if !args.listen.ip().is_loopback() {
+        warn!(listen = %args.listen, "listening beyond loopback: anyone who can reach this port can use the tunnel");
+    }
+    let config = Arc::new(AgentConfig {
+        policy: Policy::new(&args.allow, &args.deny, args.only),
+        mtu: args.mtu.max(1280),
+        udp_idle: Duration::from_secs(args.udp_idle.max(1)),
+        connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+        max_tcp_flows: args.max_tcp_flows.max(1),
+        resolvers: resolvers(),
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (is another ec2-agent running?)", args.listen))?;
+    info!(
+        listen = %args.listen,
+        allow = ?config.policy.allow().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        deny = ?config.policy.deny().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "ec2-agent {} ready",
+        env!("CARGO_PKG_VERSION")
+    );
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        };
+        if active.load(Ordering::Relaxed) >= args.max_clients {
+            warn!(%peer, "refusing a client: --max-clients {} reached", args.max_clients);
+            tokio::spawn(async move {
+                let (_r, mut w) = stream.into_split();
+                let bye = forwarder::wire::Frame::Goodbye {
+                    reason: forwarder::wire::Reason::TooManyClients,
+                    message: "too many clients".into(),
+                };
+                let _ = forwarder::link::write_frame(&mut w, &bye).await;
+            });
+            continue;
+        }
+        let (config, active) = (config.clone(), active.clone());
+        active.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            match session::serve(stream, config, peer.to_string()).await {
+                Ok(()) => {}
+                // Connected and left without a word: a port probe, not a client.
+                Err(forwarder::link::LinkEnd::Eof) => tracing::debug!(%peer, "connection closed before HELLO"),
+                Err(e) => warn!(%peer, "client session failed: {e}"),
+            }
+            active.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    info!("shutting down");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! One client (one Port session): HELLO, then every packet it sends is checked
+//! against the policy and forwarded: TCP through the smoltcp [`Stack`], UDP through
+//! a connected socket per flow, ICMP echo through unprivileged ping sockets.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use forwarder::fq::FqConfig;
+use forwarder::link::{self, LinkEnd, LinkStats, TxQueue};
+use forwarder::wire::{self, caps, Frame, Hello, Reason, Role};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{mpsc, Notify};
+use tracing::{debug, info, warn};
+
+use crate::packet::{self, Unreachable, L4};
+use crate::policy::{Policy, Verdict};
+use crate::stack::{flow_key, FlowKey, Stack};
+
+#[derive(Debug)]
+pub struct AgentConfig {
+    pub policy: Policy,
+    pub mtu: u16,
+    pub udp_idle: Duration,
+    pub connect_timeout: Duration,
+    pub max_tcp_flows: usize,
+    pub resolvers: Vec<IpAddr>,
+}
+
+/// Set once: the first refused ping socket is explained in the log, later ones not.
+static PING_DENIED_LOGGED: AtomicBool = AtomicBool::new(false);
+
+struct UdpFlow {
+    /// Datagrams for the destination, sent by the flow's task.
+    to_remote: mpsc::Sender<Bytes>,
+    /// Milliseconds since the session epoch of the last datagram either way.
+    last: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Session {
+    config: Arc<AgentConfig>,
+    queue: Arc<TxQueue>,
+    stack: Stack,
+    udp: HashMap<FlowKey, UdpFlow>,
+    /// TCP SYNs waiting for the destination to answer.
+    connecting: HashMap<FlowKey, ()>,
+    events: mpsc::Sender<(FlowKey, std::io::Result<TcpStream>, Bytes)>,
+    epoch: Instant,
+    denied: u64,
+}
+
+fn ms_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+/// Serve one client connection until it ends.
+pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) -> Result<(), LinkEnd> {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.into_split();
+    let (hello, deframer) = tokio::time::timeout(Duration::from_secs(30), link::read_hello(&mut reader))
+        .await
+        .map_err(|_| LinkEnd::Eof)??;
+    if hello.role != Role::Client || hello.version != wire::VERSION {
+        let bye = Frame::Goodbye {
+            reason: Reason::UnsupportedVersion,
+            message: format!("this agent speaks version {} to clients", wire::VERSION),
+        };
+        let _ = link::write_frame(&mut writer, &bye).await;
+        return Err(LinkEnd::Wire(wire::WireError::BadHello("unsupported version or role")));
+    }
+    let mtu = config.mtu.min(hello.mtu).max(1280);
+    let reply = Hello {
+        version: wire::VERSION,
+        role: Role::Agent,
+        caps: caps::PING | caps::IPV6,
+        mtu: config.mtu,
+        client_id: hello.client_id,
+        software: format!("ec2-agent {}", env!("CARGO_PKG_VERSION")),
+        resolvers: config.resolvers.clone(),
+    };
+    link::write_frame(&mut writer, &Frame::Hello(reply)).await?;
+    info!(client = %peer, software = %hello.software, mtu, "client connected");
+
+    let queue = TxQueue::new(FqConfig::default());
+    let stats = Arc::new(LinkStats::default());
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(64);
+    let writer_task = tokio::spawn(link::write_loop(queue.clone(), ctl_rx, writer, 4096, stats.clone()));
+    let (pkt_tx, mut pkt_rx) = mpsc::channel::<Bytes>(4096);
+    let dropped_in = Arc::new(AtomicU64::new(0));
+    let d = dropped_in.clone();
+    let epoch = Instant::now();
+    let reading = tokio::spawn(link::read_loop(
+        reader,
+        deframer,
+        move |p| {
+            if pkt_tx.try_send(p).is_err() {
+                d.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+        ctl_tx,
+        stats.clone(),
+        epoch,
+    ));
+
+    let wake = Arc::new(Notify::new());
+    let (ev_tx, mut ev_rx) = mpsc::channel(256);
+    let mut s = Session {
+        stack: Stack::new(queue.clone(), mtu as usize, wake.clone()),
+        config,
+        queue: queue.clone(),
+        udp: HashMap::new(),
+        connecting: HashMap::new(),
+        events: ev_tx,
+        epoch,
+        denied: 0,
+    };
+    let mut sweep = tokio::time::interval(Duration::from_secs(5));
+    let mut delay = None;
+    loop {
+        let sleep = tokio::time::sleep(delay.unwrap_or(Duration::from_secs(1)));
+        tokio::select! {
+            p = pkt_rx.recv() => match p {
+                Some(p) => {
+                    s.handle_packet(p);
+                    // Take whatever else is already there before polling the stack.
+                    while let Ok(p) = pkt_rx.try_recv() {
+                        s.handle_packet(p);
+                    }
+                }
+                None => break,
+            },
+            Some((key, result, syn)) = ev_rx.recv() => s.connected(key, result, syn),
+            () = wake.notified() => {}
+            () = sleep => {}
+            _ = sweep.tick() => s.expire_udp(),
+        }
+        delay = s.stack.poll();
+    }
+    let end = reading.await.unwrap_or(LinkEnd::Eof);
+    queue.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+    info!(
+        client = %peer,
+        tcp_flows = s.stack.opened,
+        packets_in = stats.received.packets.load(Ordering::Relaxed),
+        packets_out = stats.sent.packets.load(Ordering::Relaxed),
+        denied = s.denied,
+        dropped_in = dropped_in.load(Ordering::Relaxed),
+        "client disconnected: {end}"
+    );
+    Ok(())
+}
+
+impl Session {
+    fn reply(&self, packet: Option<Vec<u8>>) {
+        if let Some(p) = packet {
+            self.queue.push(Bytes::from(p));
+        }
+    }
+
+    /// Policy for a new flow; on refusal, answer the client and log it.
+    fn permitted(&mut self, raw: &[u8], p: &packet::Parsed<'_>, what: &str) -> bool {
+        let verdict = self.config.policy.check(p.dst);
+        if verdict == Verdict::Allow {
+            return true;
+        }
+        self.denied += 1;
+        match &verdict {
+            Verdict::Denied(net) => {
+                warn!(src = %p.src, dst = %p.dst, "{what} refused: destination in the deny-list ({net})")
+            }
+            _ => warn!(src = %p.src, dst = %p.dst, "{what} refused: destination outside the allowed ranges"),
+        }
+        if matches!(p.l4, L4::Tcp { .. }) {
+            self.reply(packet::tcp_reset(p));
+        } else {
+            self.reply(packet::unreachable(raw, p, Unreachable::Prohibited));
+        }
+        false
+    }
+
+    fn handle_packet(&mut self, raw: Bytes) {
+        let Some(p) = packet::parse(&raw) else {
+            debug!(len = raw.len(), "not an IP packet; dropped");
+            return;
+        };
+        match p.l4 {
+            L4::Tcp { sport, dport, syn, ack, rst, .. } => {
+                let key = flow_key(p.src, sport, p.dst, dport);
+                if self.stack.has_flow(&key) {
+                    self.stack.deliver(raw.clone());
+                } else if self.connecting.contains_key(&key) {
+                    // A retransmitted SYN while we dial: the first one is kept.
+                } else if syn && !ack {
+                    if !self.permitted(&raw, &p, "TCP connection") {
+                        return;
+                    }
+                    if self.stack.flow_count() + self.connecting.len() >= self.config.max_tcp_flows {
+                        warn!(dst = %key.1, "too many TCP connections for this client; refused");
+                        self.reply(packet::tcp_reset(&p));
+                        return;
+                    }
+                    self.connecting.insert(key, ());
+                    let events = self.events.clone();
+                    let timeout = self.config.connect_timeout;
+                    tokio::spawn(async move {
+                        let r = match tokio::time::timeout(timeout, TcpStream::connect(key.1)).await {
+                            Ok(r) => r,
+                            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+                        };
+                        let _ = events.send((key, r, raw)).await;
+                    });
+                } else if !rst {
+                    // A segment of a connection we do not know (agent restarted, say).
+                    self.reply(packet::tcp_reset(&p));
+                }
+            }
+            L4::Udp { sport, dport, payload } => {
+                let key = flow_key(p.src, sport, p.dst, dport);
+                if !self.udp.contains_key(&key) {
+                    if !self.permitted(&raw, &p, "UDP flow") {
+                        return;
+                    }
+                    match self.open_udp(key) {
+                        Ok(flow) => {
+                            self.udp.insert(key, flow);
+                        }
+                        Err(e) => {
+                            warn!(dst = %key.1, "cannot open a UDP socket: {e}");
+                            self.reply(packet::unreachable(&raw, &p, Unreachable::Host));
+                            return;
+                        }
+                    }
+                }
+                if let Some(flow) = self.udp.get(&key) {
+                    flow.last.store(ms_since(self.epoch), Ordering::Relaxed);
+                    if flow.to_remote.try_send(Bytes::copy_from_slice(payload)).is_err() {
+                        debug!(dst = %key.1, "UDP flow backlogged; datagram dropped");
+                    }
+                }
+            }
+            L4::EchoRequest { id, seq, payload } => {
+                if !self.permitted(&raw, &p, "ping") {
+                    return;
+                }
+                let (src, dst, payload) = (p.src, p.dst, payload.to_vec());
+                let queue = self.queue.clone();
+                tokio::spawn(async move {
+                    if let Some(reply) = ping(dst, seq, &payload).await {
+                        if let Some(pkt) = packet::echo_reply(dst, src, id, seq, &reply) {
+                            queue.push(Bytes::from(pkt));
+                        }
+                    }
+                });
+            }
+            L4::Other(proto) => debug!(proto, dst = %p.dst, "protocol not forwarded; dropped"),
+        }
+    }
+
+    fn connected(&mut self, key: FlowKey, result: std::io::Result<TcpStream>, syn: Bytes) {
+        self.connecting.remove(&key);
+        match result {
+            Ok(stream) => self.stack.accept(key, stream, syn),
+            Err(e) => {
+                debug!(dst = %key.1, "connect failed: {e}");
+                let Some(p) = packet::parse(&syn) else { return };
+                if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    self.reply(packet::tcp_reset(&p));
+                } else {
+                    self.reply(packet::unreachable(&syn, &p, Unreachable::Host));
+                }
+            }
+        }
+    }
+
+    fn open_udp(&self, key: FlowKey) -> std::io::Result<UdpFlow> {
+        let bind: SocketAddr = if key.1.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }
+            .map_err(|_| std::io::Error::other("bind address"))?;
+        let std_sock = std::net::UdpSocket::bind(bind)?;
+        std_sock.connect(key.1)?;
+        std_sock.set_nonblocking(true)?;
+        let socket = UdpSocket::from_std(std_sock)?;
+        let last = Arc::new(AtomicU64::new(ms_since(self.epoch)));
+        let (to_remote, mut outgoing) = mpsc::channel::<Bytes>(256);
+        let (l, queue, epoch) = (last.clone(), self.queue.clone(), self.epoch);
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    out = outgoing.recv() => match out {
+                        Some(d) => {
+                            if let Err(e) = socket.send(&d).await {
+                                debug!(dst = %key.1, "UDP send failed: {e}");
+                            }
+                        }
+                        None => return,
+                    },
+                    r = socket.recv(&mut buf) => match r {
+                        Ok(n) => {
+                            l.store(ms_since(epoch), Ordering::Relaxed);
+                            if let Some(pkt) = packet::udp(key.1, key.0, &buf[..n]) {
+                                queue.push(Bytes::from(pkt));
+                            }
+                        }
+                        // The destination answered with ICMP port unreachable: pass it
+                        // on, quoting a datagram of this flow, so the client fails fast.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            let quote = packet::udp(key.0, key.1, &[]);
+                            let parsed = quote.as_deref().and_then(packet::parse);
+                            if let (Some(q), Some(p)) = (quote.as_deref(), parsed) {
+                                if let Some(err) = packet::unreachable(q, &p, Unreachable::Port) {
+                                    queue.push(Bytes::from(err));
+                                }
+                            }
+                        }
+                        Err(_) => return,
+                    },
+                }
+            }
+        });
+        Ok(UdpFlow { to_remote, last, task })
+    }
+
+    fn expire_udp(&mut self) {
+        let now = ms_since(self.epoch);
+        let idle = self.config.udp_idle.as_millis() as u64;
+        self.udp.retain(|_, f| now.saturating_sub(f.last.load(Ordering::Relaxed)) < idle);
+    }
+}
+
+/// One echo request through an unprivileged ping socket; the reply's payload.
+async fn ping(dst: IpAddr, seq: u16, payload: &[u8]) -> Option<Vec<u8>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let (domain, proto, request, reply) = match dst {
+        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8),
+        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128u8, 129u8),
+    };
+    let sock = match Socket::new(domain, Type::DGRAM, Some(proto)) {
+        Ok(s) => s,
+        Err(e) => {
+            if !PING_DENIED_LOGGED.swap(true, Ordering::Relaxed) {
+                warn!(
+                    "ping through the tunnel is unavailable: this user may not open ping sockets ({e}); \
+                     allow its group with sysctl net.ipv4.ping_group_range"
+                );
+            }
+            return None;
+        }
+    };
+    sock.set_nonblocking(true).ok()?;
+    let udp = UdpSocket::from_std(std::net::UdpSocket::from(sock)).ok()?;
+    udp.connect(SocketAddr::new(dst, 0)).await.ok()?;
+    // Type, code, checksum, identifier (the kernel sets both), sequence, data.
+    let mut msg = vec![request, 0, 0, 0, 0, 0];
+    msg.extend_from_slice(&seq.to_be_bytes());
+    msg.extend_from_slice(payload);
+    udp.send(&msg).await.ok()?;
+    let mut buf = vec![0u8; 65536];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = tokio::time::timeout_at(deadline, udp.recv(&mut buf)).await.ok()?.ok()?;
+        if n >= 8 && buf[0] == reply && buf[6..8] == seq.to_be_bytes() {
+            return Some(buf[8..n].to_vec());
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The control socket of a running tunnel (`<run dir>/<name>.sock`) and the
+//! `status` and `stop` commands that talk to it.
+//!
+//! Protocol: the client writes one JSON line, `{"cmd":"status"}` or `{"cmd":"stop"}`,
+//! and reads one JSON line back. Anyone on the machine may ask for the status; `stop`
+//! is accepted only from root or the user who started the tunnel (the kernel's peer
+//! credentials of the socket, not anything the client claims).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub name: String,
+    pub pid: u32,
+    pub instance_id: String,
+    pub region: String,
+    pub session_id: String,
+    /// `connected` or `reconnecting`.
+    pub state: String,
+    pub uptime_secs: u64,
+    pub cidrs: Vec<String>,
+    pub interface: String,
+    pub addresses: Vec<String>,
+    pub agent: String,
+    /// Laptop -> VPC.
+    pub sent: Counter,
+    /// VPC -> laptop.
+    pub received: Counter,
+    /// Round trip through the whole path (forwarder PING to the ec2-agent), ms.
+    pub rtt_ms: Option<f64>,
+    /// The data channel's smoothed RTT as its retransmission logic sees it, ms.
+    pub channel_srtt_ms: f64,
+    pub retransmissions: u64,
+    pub reconnects: u64,
+    /// Packets the outgoing queue dropped (CoDel, overflow) and that the device refused.
+    pub dropped_codel: u64,
+    pub dropped_overflow: u64,
+    pub dropped_device: u64,
+    pub queue_delay_ms: f64,
+    pub queue_delay_max_ms: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Request {
+    cmd: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Reply {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(default)]
+    stopping: bool,
+}
+
+pub fn socket_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.sock"))
+}
+
+/// Serve the control socket until dropped. `status` builds the answer; `stop` is
+/// called (once per accepted request) when an authorised peer asks to stop.
+pub async fn serve(
+    listener: UnixListener,
+    owner_uid: u32,
+    status: impl Fn() -> Status + Send + Sync + 'static,
+    stop: impl Fn() + Send + Sync + 'static,
+) {
+    let status = std::sync::Arc::new(status);
+    let stop = std::sync::Arc::new(stop);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (status, stop) = (status.clone(), stop.clone());
+        tokio::spawn(async move {
+            let uid = stream.peer_cred().map(|c| c.uid()).ok();
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), BufReader::new(r).read_line(&mut line)).await;
+            if !matches!(read, Ok(Ok(n)) if n > 0) {
+                return;
+            }
+            let reply = match serde_json::from_str::<Request>(&line) {
+                Ok(req) if req.cmd == "status" => Reply { status: Some(status()), error: None, stopping: false },
+                Ok(req) if req.cmd == "stop" => match uid {
+                    Some(u) if u == 0 || u == owner_uid => {
+                        stop();
+                        Reply { status: None, error: None, stopping: true }
+                    }
+                    _ => Reply {
+                        status: None,
+                        error: Some("only root or the user who started this tunnel may stop it".into()),
+                        stopping: false,
+                    },
+                },
+                Ok(req) => {
+                    Reply { status: None, error: Some(format!("unknown command {:?}", req.cmd)), stopping: false }
+                }
+                Err(e) => Reply { status: None, error: Some(format!("bad request: {e}")), stopping: false },
+            };
+            if let Ok(mut text) = serde_json::to_string(&reply) {
+                text.push('\n');
+                let _ = w.write_all(text.as_bytes()).await;
+            }
+        });
+    }
+}
+
+async fn ask(path: &Path, cmd: &str) -> anyhow::Result<Reply> {
+    let stream = UnixStream::connect(path).await.with_context(|| format!("cannot reach {}", path.display()))?;
+    let (r, mut w) = stream.into_split();
+    w.write_all(format!("{{\"cmd\":\"{cmd}\"}}\n").as_bytes()).await?;
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(5), BufReader::new(r).read_line(&mut line))
+        .await
+        .context("the tunnel did not answer within 5 s")??;
+    let reply: Reply = serde_json::from_str(&line).context("unreadable answer from the tunnel")?;
+    if let Some(e) = reply.error.clone() {
+        bail!("{e}");
+    }
+    Ok(reply)
+}
+
+/// Names of the tunnels with a control socket in `dir`, sorted.
+pub fn tunnel_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".sock")).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+pub async fn status_of(dir: &Path, name: &str) -> anyhow::Result<Status> {
+    ask(&socket_path(dir, name), "status").await?.status.context("the tunnel sent no status")
+}
+
+/// Ask `name` to stop and wait until it is gone.
+pub async fn stop(dir: &Path, name: &str, wait: Duration) -> anyhow::Result<()> {
+    let path = socket_path(dir, name);
+    ask(&path, "stop").await?;
+    let deadline = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < deadline {
+        if UnixStream::connect(&path).await.is_err() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("tunnel {name:?} accepted the stop request but is still running after {}s", wait.as_secs())
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+/// The human-readable status block.
+pub fn render(s: &Status) -> String {
+    let up = s.uptime_secs;
+    let rtt = s.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "-".into());
+    format!(
+        "tunnel {name} (pid {pid}): {state}, up {h}h{m:02}m{sec:02}s\n  \
+         instance   {inst} in {region}, session {session}\n  \
+         agent      {agent}\n  \
+         routes     {cidrs} via {iface} ({addrs})\n  \
+         sent       {sp} packets, {sb}\n  \
+         received   {rp} packets, {rb}\n  \
+         rtt        {rtt} (channel srtt {srtt:.1} ms), {retx} retransmissions, {rec} reconnects\n  \
+         queue      delay {qd:.1} ms (max {qm:.1} ms), dropped {dc} (CoDel) + {dov} (overflow) + {dd} (device)",
+        name = s.name,
+        pid = s.pid,
+        state = s.state,
+        h = up / 3600,
+        m = up / 60 % 60,
+        sec = up % 60,
+        inst = s.instance_id,
+        region = s.region,
+        session = s.session_id,
+        agent = s.agent,
+        cidrs = s.cidrs.join(", "),
+        iface = s.interface,
+        addrs = s.addresses.join(", "),
+        sp = s.sent.packets,
+        sb = human_bytes(s.sent.bytes),
+        rp = s.received.packets,
+        rb = human_bytes(s.received.bytes),
+        srtt = s.channel_srtt_ms,
+        retx = s.retransmissions,
+        rec = s.reconnects,
+        qd = s.queue_delay_ms,
+        qm = s.queue_delay_max_ms,
+        dc = s.dropped_codel,
+        dov = s.dropped_overflow,
+        dd = s.dropped_device,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_like_a_human_wrote_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(50 << 20), "50.0 MiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+
+    #[tokio::test]
+    async fn stop_needs_the_owner_and_status_does_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_path(dir.path(), "t");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stopped.clone();
+        let me = nix::unistd::geteuid().as_raw();
+        // Owned by someone else (and we are not root in this check unless uid 0).
+        let other = if me == 0 { 0 } else { me + 1 };
+        tokio::spawn(serve(
+            listener,
+            other,
+            || Status { name: "t".into(), pid: 42, ..Status::default() },
+            move || flag.store(true, std::sync::atomic::Ordering::SeqCst),
+        ));
+        let s = status_of(dir.path(), "t").await.expect("status");
+        assert_eq!((s.name.as_str(), s.pid), ("t", 42));
+        let r = ask(&path, "stop").await;
+        if me == 0 {
+            assert!(r.is_ok() && stopped.load(std::sync::atomic::Ordering::SeqCst));
+        } else {
+            assert!(r.expect_err("refused").to_string().contains("only root or the user"));
+            assert!(!stopped.load(std::sync::atomic::Ordering::SeqCst));
+        }
+        assert!(ask(&path, "reboot").await.is_err());
+        assert_eq!(tunnel_names(dir.path()), vec!["t".to_string()]);
+    }
+}

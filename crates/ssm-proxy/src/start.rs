@@ -1,0 +1,350 @@
+//! `ssm-proxy start`: the tunnel daemon. Pre-flight checks, the SSM Port session to
+//! the ec2-agent, the TUN/utun device, routes, then packets until stopped; teardown in
+//! reverse order on every exit path.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use forwarder::client::{self, ClientConfig, ClientHandle};
+use ipnet::IpNet;
+use routing::{Journal, Route, RouteGuard};
+use ssm_channel::aws::{AwsOptions, SsmApi};
+use ssm_channel::port::{self, BoxFuture, Conn, Live, PortConfig};
+use ssm_channel::session::SessionConfig;
+use ssm_channel::transport::Trust;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{info, warn};
+use tunnel::{Device, TunConfig, TunDevice};
+
+use crate::control::{self, Counter, Status};
+use crate::ssm::{finish, parse_instance_id, shutdown_signal, SsmResume};
+
+/// The ec2-agent's default loopback port on the instance.
+pub const DEFAULT_AGENT_PORT: u16 = 7301;
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  sudo ssm-proxy start --instance-id i-0abc123def4567890 --cidr 10.0.0.0/16
+  sudo ssm-proxy start --instance-id i-0abc123def4567890 --cidr 10.1.0.0/16 --cidr 10.2.0.0/16 \\
+       --name staging --profile staging --region eu-west-1
+
+Then reach private addresses directly: psql -h 10.0.1.5, curl http://10.0.2.100:8080, ssh ...
+`ssm-proxy status` shows the tunnel, `sudo ssm-proxy stop` (or Ctrl-C) ends it. The instance
+needs the ec2-agent listening on --agent-port (see README: Installing the ec2-agent).")]
+pub struct StartArgs {
+    /// The managed instance running the ec2-agent (i-... or mi-...).
+    #[arg(long, value_parser = parse_instance_id)]
+    instance_id: String,
+    /// A destination range to route through the tunnel (repeatable).
+    #[arg(long = "cidr", value_name = "CIDR", required = true)]
+    cidrs: Vec<IpNet>,
+    /// AWS region (default: from the environment or profile).
+    #[arg(long)]
+    region: Option<String>,
+    /// AWS profile to use.
+    #[arg(long)]
+    profile: Option<String>,
+    /// The ec2-agent's port on the instance's loopback.
+    #[arg(long, default_value_t = DEFAULT_AGENT_PORT)]
+    agent_port: u16,
+    /// Name of this tunnel; several tunnels with different names and CIDRs can run at once.
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Add the routes even when they conflict with existing routes or networks.
+    #[arg(long)]
+    force: bool,
+    /// MTU of the tunnel interface (1280 or more).
+    #[arg(long, default_value_t = tunnel::DEFAULT_MTU, value_parser = clap::value_parser!(u16).range(1280..))]
+    mtu: u16,
+    /// Interface name (Linux only; macOS always picks utunN itself).
+    #[arg(long)]
+    interface: Option<String>,
+}
+
+/// Resolve the endpoints the tunnel itself uses, so routes can never capture them.
+async fn endpoint_addresses(region: &str, stream_url: &str) -> Vec<IpAddr> {
+    let mut hosts = vec![format!("ssm.{region}.amazonaws.com"), format!("sts.{region}.amazonaws.com")];
+    for var in ["AWS_ENDPOINT_URL_SSM", "AWS_ENDPOINT_URL"] {
+        if let Some(h) = std::env::var(var).ok().and_then(|u| host_of(&u)) {
+            hosts.push(h);
+        }
+    }
+    hosts.extend(host_of(stream_url));
+    let mut out = Vec::new();
+    for h in hosts {
+        if let Ok(ip) = h.parse::<IpAddr>() {
+            out.push(ip);
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((h.as_str(), 443))).await {
+            Ok(Ok(addrs)) => out.extend(addrs.map(|a| a.ip())),
+            _ => tracing::debug!(host = %h, "could not resolve; not pinned"),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn host_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let authority = rest.split(['/', '?']).next()?;
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority),
+    };
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+/// The user behind `sudo`, who may stop the tunnel too.
+fn owner_uid() -> u32 {
+    std::env::var("SUDO_UID").ok().and_then(|u| u.parse().ok()).unwrap_or_else(|| nix::unistd::getuid().as_raw())
+}
+
+pub async fn run(args: StartArgs) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("start creates a network device and routes: run it with sudo");
+    }
+    let mut cidrs: Vec<IpNet> = Vec::new();
+    for c in &args.cidrs {
+        let t = c.trunc();
+        if t != *c {
+            warn!("{c} has host bits set; routing {t}");
+        }
+        if !cidrs.contains(&t) {
+            cidrs.push(t);
+        }
+    }
+    let run_dir: PathBuf = routing::default_run_dir();
+    let (journal, leftover) = Journal::open(&run_dir, &args.name).map_err(|e| match e {
+        routing::JournalError::InUse { .. } => anyhow::anyhow!(
+            "a tunnel named {:?} is already running (see `ssm-proxy status`); stop it or pick another --name",
+            args.name
+        ),
+        other => anyhow::anyhow!(other),
+    })?;
+    let mut table = routing::system_table().context("cannot open the routing table")?;
+    if leftover.is_some() {
+        drop(journal);
+        let report = routing::cleanup_stale(&run_dir, table.as_mut(), Some(&args.name))?;
+        for r in &report.removed {
+            warn!("removed route {} left by a previous run that did not exit cleanly", r.route);
+        }
+        return Box::pin(run(args)).await;
+    }
+
+    // Conflicts first: nothing has been touched yet.
+    let entries = table.list()?;
+    let ifaces = routing::interfaces().context("cannot list network interfaces")?;
+    let conflicts = routing::find_conflicts(&cidrs, &entries, &ifaces, None);
+    for c in conflicts.iter().filter(|c| !c.blocks()) {
+        warn!("{c}");
+    }
+    let blocking: Vec<String> = conflicts.iter().filter(|c| c.blocks()).map(|c| format!("  - {c}")).collect();
+    if !blocking.is_empty() && !args.force {
+        bail!("the routes would conflict with this machine's network:\n{}\nChoose other --cidr ranges, or pass --force to add them anyway", blocking.join("\n"));
+    }
+
+    // The SSM session to the ec2-agent.
+    let trust = Trust::from_env()?;
+    let tls = trust.rustls_config()?;
+    let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
+    eprintln!("Starting a session with {} in {}...", args.instance_id, api.region());
+    let client_uuid = uuid::Uuid::new_v4();
+    let started = api.start_port_session(&args.instance_id, args.agent_port, None, client_uuid).await?;
+    let session_id = started.session_id.clone();
+    let stream_url = started.endpoint.stream_url.clone();
+    let resume = Arc::new(SsmResume {
+        api: api.clone(),
+        session_id: session_id.clone(),
+        stream_url: stream_url.clone(),
+        client_id: client_uuid,
+    });
+    let live = Arc::new(Mutex::new(Live::default()));
+    let config = PortConfig {
+        // A short in-flight window keeps the queue where FQ-CoDel can manage it.
+        session: SessionConfig { max_in_flight: 128, ..SessionConfig::default() },
+        max_backlog: 16 << 10,
+        read_chunk: 16 << 10,
+        live: Some(live.clone()),
+        ..PortConfig::default()
+    };
+    let (conn_tx, conn_rx) = mpsc::channel::<Conn>(4);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let session_shutdown: BoxFuture<'static, ()> = Box::pin(async move {
+        let _ = stop_rx.await;
+    });
+    let mut session =
+        tokio::spawn(port::run(config, started.endpoint, Some(tls), resume, conn_rx, ready_tx, session_shutdown));
+    let ready = tokio::select! {
+        r = tokio::time::timeout(READY_TIMEOUT, ready_rx) => r,
+        done = &mut session => {
+            finish(&api, &session_id, done).await?;
+            bail!("the session ended before it was ready");
+        }
+    };
+    if !matches!(ready, Ok(Ok(_))) {
+        let _ = stop_tx.send(());
+        let done = session.await;
+        let _ = finish(&api, &session_id, done).await;
+        bail!("the SSM agent on {} did not complete the session handshake", args.instance_id);
+    }
+
+    // One stream through the session to the ec2-agent.
+    let (local, remote) = tokio::io::duplex(64 << 10);
+    let (remote_r, remote_w) = tokio::io::split(remote);
+    let _ =
+        conn_tx.send(Conn { reader: Box::new(remote_r), writer: Box::new(remote_w), label: "ec2-agent".into() }).await;
+    let (mut reader, mut writer) = tokio::io::split(local);
+    let client_config = ClientConfig { client_id: *client_uuid.as_bytes(), ..ClientConfig::default() };
+    let hello = client::handshake(&mut reader, &mut writer, &client_config, args.mtu).await;
+    let (agent_hello, deframer) = match hello {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = stop_tx.send(());
+            let done = session.await;
+            let _ = finish(&api, &session_id, done).await;
+            bail!("{e} (instance {}, port {})", args.instance_id, args.agent_port);
+        }
+    };
+    info!(agent = %agent_hello.software, "ec2-agent answered");
+
+    // Device and routes.
+    let tables_now = table.list()?;
+    let mut in_use: Vec<IpNet> = ifaces.iter().flat_map(|i| i.networks.iter().copied()).collect();
+    in_use.extend(cidrs.iter().copied());
+    in_use.extend(tables_now.iter().map(|e| e.route.dest).filter(|d| d.prefix_len() >= 16));
+    let ipv4 =
+        tunnel::allocate_v4(tunnel::DEFAULT_V4_RANGE, &in_use).context("no free tunnel address in 100.127.0.0/16")?;
+    let mut id = [0u8; 5];
+    id.copy_from_slice(&client_uuid.as_bytes()[..5]);
+    let device = Arc::new(TunDevice::create(&TunConfig {
+        name: args.interface.clone(),
+        ipv4,
+        ipv6: Some(tunnel::ula(id)),
+        mtu: args.mtu,
+    })?);
+    let endpoints = endpoint_addresses(api.region(), &stream_url).await;
+    let pins = routing::endpoint_pins(&endpoints, &cidrs, &tables_now, Some(device.index()))?;
+    let mut journal = journal;
+    journal.set_interface(device.name())?;
+    let mut guard = RouteGuard::new(table, Some(journal));
+    for pin in &pins {
+        let ifname =
+            tables_now.iter().find(|e| e.route.ifindex == pin.ifindex).map(|e| e.ifname.clone()).unwrap_or_default();
+        guard.add(pin.clone(), &ifname).with_context(|| format!("pinning the AWS endpoint {}", pin.dest))?;
+        info!(route = %pin, "kept an AWS endpoint off the tunnel");
+    }
+    for cidr in &cidrs {
+        guard
+            .add(Route::via_interface(*cidr, device.index()), device.name())
+            .with_context(|| format!("adding the route for {cidr}"))?;
+    }
+
+    // Control socket.
+    let sock_path = control::socket_path(&run_dir, &args.name);
+    let _ = std::fs::remove_file(&sock_path);
+    let listener =
+        tokio::net::UnixListener::bind(&sock_path).with_context(|| format!("cannot create {}", sock_path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o666))?;
+    }
+    let handle = ClientHandle::new(&client_config);
+    let stop_now = Arc::new(Notify::new());
+    let started_at = Instant::now();
+    let status = {
+        let (handle, live) = (handle.clone(), live.clone());
+        let base = Status {
+            name: args.name.clone(),
+            pid: std::process::id(),
+            instance_id: args.instance_id.clone(),
+            region: api.region().to_string(),
+            session_id: session_id.clone(),
+            cidrs: cidrs.iter().map(ToString::to_string).collect(),
+            interface: device.name().to_string(),
+            addresses: vec![ipv4.local.to_string(), tunnel::ula(id).addr().to_string()],
+            agent: agent_hello.software.clone(),
+            ..Status::default()
+        };
+        move || {
+            let l = live.lock().map(|l| l.clone()).unwrap_or_default();
+            let q = handle.queue.stats();
+            let rtt = handle.stats.rtt_us.load(Ordering::Relaxed);
+            Status {
+                state: if l.connected { "connected".into() } else { "reconnecting".into() },
+                uptime_secs: started_at.elapsed().as_secs(),
+                sent: Counter {
+                    packets: handle.stats.sent.packets.load(Ordering::Relaxed),
+                    bytes: handle.stats.sent.bytes.load(Ordering::Relaxed),
+                },
+                received: Counter {
+                    packets: handle.stats.received.packets.load(Ordering::Relaxed),
+                    bytes: handle.stats.received.bytes.load(Ordering::Relaxed),
+                },
+                rtt_ms: (rtt > 0).then(|| rtt as f64 / 1000.0),
+                channel_srtt_ms: l.stats.srtt.as_secs_f64() * 1000.0,
+                retransmissions: l.stats.retransmissions,
+                reconnects: l.reconnects,
+                dropped_codel: q.dropped_codel,
+                dropped_overflow: q.dropped_overflow,
+                dropped_device: handle.device_drops.load(Ordering::Relaxed),
+                queue_delay_ms: q.last_delay.as_secs_f64() * 1000.0,
+                queue_delay_max_ms: q.max_delay.as_secs_f64() * 1000.0,
+                ..base.clone()
+            }
+        }
+    };
+    let notify = stop_now.clone();
+    let control_task = tokio::spawn(control::serve(listener, owner_uid(), status, move || notify.notify_one()));
+
+    println!(
+        "ssm-proxy: tunnel {:?} up: {} via {} -> {} (session {session_id}). Ctrl-C or `sudo ssm-proxy stop --name {}` ends it.",
+        args.name,
+        cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        device.name(),
+        args.instance_id,
+        args.name
+    );
+
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown_signal() => info!("signal received; stopping"),
+            () = stop_now.notified() => info!("stop requested; stopping"),
+        }
+    };
+    let link_end = tokio::select! {
+        end = client::run(device.clone(), reader, writer, deframer, &client_config, handle.clone(), shutdown) => end,
+        done = &mut session => {
+            // The session ended on its own; tear down and report it.
+            control_task.abort();
+            let _ = std::fs::remove_file(&sock_path);
+            drop(guard);
+            drop(device);
+            return finish(&api, &session_id, done).await.and_then(|()| bail!("the SSM session ended"));
+        }
+    };
+    if let Some(end) = link_end {
+        warn!("the link to the ec2-agent ended: {end}");
+    }
+    // Teardown, in order: routes, device, control socket, session.
+    control_task.abort();
+    let _ = std::fs::remove_file(&sock_path);
+    let errors = guard.remove_all();
+    drop(guard);
+    drop(device);
+    let _ = stop_tx.send(());
+    let done = session.await;
+    let result = finish(&api, &session_id, done).await;
+    if !errors.is_empty() {
+        bail!("{} route(s) could not be removed; run `sudo ssm-proxy cleanup`", errors.len());
+    }
+    eprintln!("Tunnel {:?} stopped.", args.name);
+    result
+}

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The namespace lab: four network namespaces joined by veth pairs (root only).
+#
+#   laptop 192.168.100.2 ── 192.168.100.1 aws ── 192.168.101.1 ── 192.168.101.2 instance ── 10.10.0.1 ── 10.10.0.2 vpc
+#   (ssm-proxy)                  (ssm-emulator :4566)               (ec2-agent :7301, user nobody)        (postgres, http, dns)
+#
+# The emulator plays the AWS side and the instance's SSM agent: it dials the
+# ec2-agent at 192.168.101.2:7301 where the real SSM agent would dial 127.0.0.1.
+#
+#   scripts/lab.sh up     BIN_DIR   start everything (BIN_DIR holds ssm-emulator and ec2-agent)
+#   scripts/lab.sh down             stop everything, delete the namespaces and files
+#   scripts/lab.sh env              the environment for running ssm-proxy in the laptop namespace
+#
+# LAB (default "lab") prefixes namespace, interface and file names, so a test lab
+# and a demo lab can coexist. PROFILE (fast|stock) selects the emulator's pacing;
+# EMULATOR_ARGS adds emulator options (faults). The vpc serves a BLOB_MIB MiB file.
+set -euo pipefail
+LAB=${LAB:-lab}
+DIR=/tmp/ssm-proxy-$LAB
+INSTANCE=i-0123456789abcdef0
+ns() { echo "$LAB-$1"; }
+in_ns() { local n; n=$(ns "$1"); shift; ip netns exec "$n" "$@"; }
+
+env_lines() {
+  cat <<EOF
+AWS_ENDPOINT_URL=http://192.168.100.1:4566
+AWS_REGION=us-east-1
+AWS_ACCESS_KEY_ID=AKIAEMULATOR00000001
+AWS_SECRET_ACCESS_KEY=emulator/secret/key/000000000000000000000
+AWS_EC2_METADATA_DISABLED=true
+SSM_PROXY_RUN_DIR=$DIR/run
+LAB_INSTANCE=$INSTANCE
+EOF
+}
+
+down() {
+  for n in laptop aws instance vpc; do
+    local name; name=$(ns $n)
+    if ip netns list | grep -qw "$name"; then
+      for pid in $(ip netns pids "$name" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+      ip netns del "$name" 2>/dev/null || true
+    fi
+  done
+  rm -rf "$DIR"
+}
+
+link() { # link NS_A IF_A ADDR_A NS_B IF_B ADDR_B
+  ip link add "$2" type veth peer name "$5"
+  ip link set "$2" netns "$(ns "$1")"
+  ip link set "$5" netns "$(ns "$4")"
+  in_ns "$1" ip addr add "$3" dev "$2"
+  in_ns "$4" ip addr add "$6" dev "$5"
+  in_ns "$1" ip link set "$2" up
+  in_ns "$4" ip link set "$5" up
+}
+
+wait_port() { # wait_port NS HOST PORT
+  for _ in $(seq 1 100); do
+    if in_ns "$1" bash -c "exec 3<>/dev/tcp/$2/$3" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "lab: nothing listens on $2:$3 in $(ns "$1")" >&2
+  return 1
+}
+
+up() {
+  local bin=$1
+  down
+  trap 'echo "lab: setup failed; tearing down (logs were in $DIR)" >&2; down' ERR
+  mkdir -p "$DIR/run" "$DIR/www"
+  chmod 755 "$DIR" "$DIR/run"
+  for n in laptop aws instance vpc; do
+    ip netns add "$(ns $n)"
+    in_ns $n ip link set lo up
+  done
+  link laptop "$LAB-l0" 192.168.100.2/24 aws "$LAB-a0" 192.168.100.1/24
+  link aws "$LAB-a1" 192.168.101.1/24 instance "$LAB-i0" 192.168.101.2/24
+  link instance "$LAB-i1" 10.10.0.1/24 vpc "$LAB-v0" 10.10.0.2/24
+  # Unprivileged ping sockets for the agent's user, as on Amazon Linux.
+  in_ns instance sysctl -qw net.ipv4.ping_group_range="0 2147483647"
+
+  # vpc: an HTTP server with a test file, a DNS server, PostgreSQL.
+  head -c $(( ${BLOB_MIB:-50} << 20 )) /dev/urandom > "$DIR/www/blob"
+  sha256sum "$DIR/www/blob" | cut -d' ' -f1 > "$DIR/blob.sha256"
+  (cd "$DIR/www" && in_ns vpc setsid python3 -m http.server 8080 --bind 10.10.0.2 </dev/null >"$DIR/http.log" 2>&1 &)
+  in_ns vpc dnsmasq --no-resolv --no-hosts --bind-interfaces --listen-address=10.10.0.2 \
+    --address=/db.corp.internal/10.10.0.2 --pid-file="$DIR/dnsmasq.pid" --log-facility="$DIR/dnsmasq.log" </dev/null >/dev/null 2>&1
+  local pgbin; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  mkdir -p "$DIR/pg" && chown postgres "$DIR/pg"
+  runuser -u postgres -- "$pgbin/initdb" -A trust -U postgres -D "$DIR/pg/data" >"$DIR/initdb.log" 2>&1
+  echo "host all all 0.0.0.0/0 trust" >> "$DIR/pg/data/pg_hba.conf"
+  in_ns vpc runuser -u postgres -- "$pgbin/pg_ctl" -s -D "$DIR/pg/data" -l "$DIR/pg/log" \
+    -o "-c listen_addresses=10.10.0.2 -c unix_socket_directories=$DIR/pg" start </dev/null >/dev/null 2>&1
+
+  # aws: the emulator. instance: the ec2-agent as nobody.
+  (in_ns aws setsid "$bin/ssm-emulator" --listen 192.168.100.1:4566 --instance "$INSTANCE=192.168.101.2" \
+     --profile "${PROFILE:-fast}" ${EMULATOR_ARGS:-} </dev/null >"$DIR/emulator.log" 2>&1 &)
+  (in_ns instance setsid setpriv --reuid=nobody --regid=nogroup --clear-groups \
+     "$bin/ec2-agent" --listen 192.168.101.2:7301 </dev/null >"$DIR/agent.log" 2>&1 &)
+  wait_port aws 192.168.100.1 4566
+  wait_port instance 192.168.101.2 7301
+  wait_port vpc 10.10.0.2 8080
+  wait_port vpc 10.10.0.2 5432
+  trap - ERR
+}
+
+case "${1:-}" in
+  up) up "${2:?usage: lab.sh up BIN_DIR}" ;;
+  down) down ;;
+  env) env_lines ;;
+  *) echo "usage: lab.sh up BIN_DIR | down | env" >&2; exit 2 ;;
+esac
