@@ -10,6 +10,7 @@ build:
 # Everything CI runs: unit, property, pair-harness and end-to-end tests.
 test:
 	bash scripts/ensure-deps.sh
+	$(CARGO) build --workspace --locked --bins
 	$(CARGO) test --workspace --locked
 
 demo:

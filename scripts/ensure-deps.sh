@@ -10,6 +10,13 @@ command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
+# The namespace lab: real servers and clients.
+command -v psql >/dev/null || need+=(postgresql-client)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+command -v dig >/dev/null || need+=(bind9-dnsutils)
+command -v nc >/dev/null || need+=(netcat-openbsd)
+command -v setpriv >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   echo "ensure-deps: installing ${need[*]}" >&2
   apt-get update -qq

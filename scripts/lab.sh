@@ -20,6 +20,9 @@ DIR=/tmp/ssm-proxy-$LAB
 INSTANCE=i-0123456789abcdef0
 ns() { echo "$LAB-$1"; }
 in_ns() { local n; n=$(ns "$1"); shift; ip netns exec "$n" "$@"; }
+# spawn NS LOG CMD...: a daemon in NS, detached from our stdio (callers may be
+# waiting for our output to end).
+spawn() { local n log; n=$(ns "$1"); log=$2; shift 2; ip netns exec "$n" setsid "$@" </dev/null >"$log" 2>&1 & }
 
 env_lines() {
   cat <<EOF
@@ -82,7 +85,7 @@ up() {
   # vpc: an HTTP server with a test file, a DNS server, PostgreSQL.
   head -c $(( ${BLOB_MIB:-50} << 20 )) /dev/urandom > "$DIR/www/blob"
   sha256sum "$DIR/www/blob" | cut -d' ' -f1 > "$DIR/blob.sha256"
-  (cd "$DIR/www" && in_ns vpc setsid python3 -m http.server 8080 --bind 10.10.0.2 </dev/null >"$DIR/http.log" 2>&1 &)
+  spawn vpc "$DIR/http.log" python3 -m http.server 8080 --bind 10.10.0.2 --directory "$DIR/www"
   in_ns vpc dnsmasq --no-resolv --no-hosts --bind-interfaces --listen-address=10.10.0.2 \
     --address=/db.corp.internal/10.10.0.2 --pid-file="$DIR/dnsmasq.pid" --log-facility="$DIR/dnsmasq.log" </dev/null >/dev/null 2>&1
   local pgbin; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
@@ -93,10 +96,11 @@ up() {
     -o "-c listen_addresses=10.10.0.2 -c unix_socket_directories=$DIR/pg" start </dev/null >/dev/null 2>&1
 
   # aws: the emulator. instance: the ec2-agent as nobody.
-  (in_ns aws setsid "$bin/ssm-emulator" --listen 192.168.100.1:4566 --instance "$INSTANCE=192.168.101.2" \
-     --profile "${PROFILE:-fast}" ${EMULATOR_ARGS:-} </dev/null >"$DIR/emulator.log" 2>&1 &)
-  (in_ns instance setsid setpriv --reuid=nobody --regid=nogroup --clear-groups \
-     "$bin/ec2-agent" --listen 192.168.101.2:7301 </dev/null >"$DIR/agent.log" 2>&1 &)
+  # shellcheck disable=SC2086
+  spawn aws "$DIR/emulator.log" "$bin/ssm-emulator" --listen 192.168.100.1:4566 \
+    --instance "$INSTANCE=192.168.101.2" --profile "${PROFILE:-fast}" ${EMULATOR_ARGS:-}
+  spawn instance "$DIR/agent.log" setpriv --reuid=nobody --regid=nogroup --clear-groups \
+    "$bin/ec2-agent" --listen 192.168.101.2:7301
   wait_port aws 192.168.100.1 4566
   wait_port instance 192.168.101.2 7301
   wait_port vpc 10.10.0.2 8080

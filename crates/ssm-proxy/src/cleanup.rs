@@ -31,7 +31,15 @@ pub fn run(args: CleanupArgs) -> anyhow::Result<()> {
         println!("left alone: tunnel {name:?} is running (stop it with `sudo ssm-proxy stop --name {name}`)");
     }
     for name in &report.journals {
+        let _ = std::fs::remove_file(crate::control::socket_path(&dir, name));
         println!("cleaned up after tunnel {name:?}");
+    }
+    // Control sockets whose tunnel left no journal (it had nothing to undo) are stale
+    // once nobody holds the tunnel's lock.
+    for name in crate::control::tunnel_names(&dir) {
+        if !report.running.contains(&name) && !dir.join(format!("{name}.journal")).exists() {
+            let _ = std::fs::remove_file(crate::control::socket_path(&dir, &name));
+        }
     }
     if report.journals.is_empty() && report.running.is_empty() && report.failed.is_empty() {
         println!("nothing to clean up in {}", dir.display());

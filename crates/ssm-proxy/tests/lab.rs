@@ -1,0 +1,308 @@
+//! End to end in the namespace lab (scripts/lab.sh): `ssm-proxy start` in `laptop`,
+//! the emulator in `aws`, the real `ec2-agent` as nobody in `instance`, real servers
+//! in `vpc`, and real clients (psql, curl, dig, ping, nc) with no per-app setup.
+//! Root only; each test builds its own lab under its own prefix and tears it down.
+
+mod netns;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_ssm-proxy")).parent().expect("target dir").to_path_buf()
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A lab that is torn down when dropped, pass or fail.
+struct Lab {
+    prefix: String,
+    env: Vec<(String, String)>,
+}
+
+impl Lab {
+    fn up(prefix: &str, blob_mib: u32, extra_env: &[(&str, &str)]) -> Lab {
+        for b in ["ssm-emulator", "ec2-agent"] {
+            assert!(
+                bin_dir().join(b).exists(),
+                "{b} is not built in {}: run `cargo build --workspace --bins` first (make test does)",
+                bin_dir().display()
+            );
+        }
+        let lab = Lab { prefix: prefix.to_string(), env: Vec::new() };
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo_root().join("scripts/lab.sh")).arg("up").arg(bin_dir());
+        cmd.env("LAB", prefix).env("BLOB_MIB", blob_mib.to_string()).stdin(Stdio::null());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run lab.sh");
+        assert!(out.status.success(), "lab.sh up failed: {}", String::from_utf8_lossy(&out.stderr));
+        let env_out = Command::new("bash")
+            .arg(repo_root().join("scripts/lab.sh"))
+            .arg("env")
+            .env("LAB", prefix)
+            .output()
+            .expect("lab.sh env");
+        let mut lab = lab;
+        lab.env = String::from_utf8_lossy(&env_out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect();
+        lab
+    }
+
+    fn ns(&self, which: &str) -> String {
+        format!("{}-{which}", self.prefix)
+    }
+
+    fn dir(&self) -> PathBuf {
+        PathBuf::from(format!("/tmp/ssm-proxy-{}", self.prefix))
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.dir().join("run")
+    }
+
+    /// A command in the laptop namespace with the lab's AWS environment.
+    fn laptop(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns("laptop"), program]);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c.stdin(Stdio::null());
+        c
+    }
+
+    fn laptop_out(&self, program: &str, args: &[&str]) -> Output {
+        self.laptop(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"))
+    }
+
+    fn ssm_proxy(&self, args: &[&str]) -> Output {
+        self.laptop_out(env!("CARGO_BIN_EXE_ssm-proxy"), args)
+    }
+
+    /// Start the daemon; returns once it printed its ready line.
+    fn start(&self, extra: &[&str]) -> netns::KillOnDrop {
+        let mut cmd = self.laptop(env!("CARGO_BIN_EXE_ssm-proxy"));
+        cmd.args(["start", "--instance-id", "i-0123456789abcdef0", "--name", "lab", "--cidr", "10.10.0.0/16"]);
+        cmd.args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(self.dir().join("daemon.log")).expect("daemon log")));
+        let mut child = cmd.spawn().expect("spawn ssm-proxy start");
+        let stdout = child.stdout.take().expect("stdout");
+        let child = netns::KillOnDrop(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains("tunnel \"lab\" up") => return child,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "the daemon did not come up:\n{}",
+                    std::fs::read_to_string(self.dir().join("daemon.log")).unwrap_or_default()
+                ),
+            }
+        }
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir().join(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ =
+            Command::new("bash").arg(repo_root().join("scripts/lab.sh")).arg("down").env("LAB", &self.prefix).output();
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn ok(o: Output, what: &str) -> String {
+    assert!(o.status.success(), "{what} failed: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// The laptop's main routing tables, IPv4 and IPv6: where routes are added. (The
+/// local table also holds the veth's link-local address, which the kernel assigns
+/// on its own schedule after the link comes up.)
+fn main_routes(lab: &Lab) -> String {
+    let v4 = ok(
+        Command::new("ip").args(["-n", &lab.ns("laptop"), "route", "show", "table", "main"]).output().expect("ip"),
+        "ip route",
+    );
+    let v6 = ok(
+        Command::new("ip")
+            .args(["-n", &lab.ns("laptop"), "-6", "route", "show", "table", "main"])
+            .output()
+            .expect("ip"),
+        "ip -6 route",
+    );
+    format!("{v4}\n--- ipv6 ---\n{v6}")
+}
+
+fn wait_exit(child: &mut netns::KillOnDrop, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.0.try_wait().expect("wait") {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(std::env::var("SSM_PROXY_ROOT_TESTS").as_deref() != Ok("require"), "{test} needs root");
+    eprintln!("skipped: {test} needs root (network namespaces)");
+    false
+}
+
+fn prefix(tag: &str) -> String {
+    format!("{tag}{}", std::process::id() % 100_000)
+}
+
+#[test]
+fn real_clients_reach_the_vpc_through_the_tunnel() {
+    if !require_root("real_clients_reach_the_vpc_through_the_tunnel") {
+        return;
+    }
+    let lab = Lab::up(&prefix("e"), 50, &[]);
+    let routes_before = main_routes(&lab);
+    let mut daemon = lab.start(&["--cidr", "169.254.169.254/32"]);
+
+    // psql: a query against the vpc's PostgreSQL.
+    let answer = ok(lab.laptop_out("psql", &["-h", "10.10.0.2", "-U", "postgres", "-tAc", "select 40 + 2"]), "psql");
+    assert_eq!(answer, "42");
+
+    // curl: 50 MiB, byte-exact.
+    let file = lab.dir().join("download");
+    let speed = ok(
+        lab.laptop_out(
+            "curl",
+            &[
+                "-sS",
+                "-m",
+                "120",
+                "-o",
+                file.to_str().expect("path"),
+                "-w",
+                "%{speed_download}",
+                "http://10.10.0.2:8080/blob",
+            ],
+        ),
+        "curl",
+    );
+    let got = ok(Command::new("sha256sum").arg(&file).output().expect("sha256sum"), "sha256sum");
+    assert_eq!(got.split_whitespace().next(), Some(lab.log("blob.sha256").trim()), "download corrupted");
+    eprintln!("50 MiB curl through the tunnel: {:.1} MB/s", speed.parse::<f64>().unwrap_or(0.0) / 1e6);
+
+    // dig over UDP and over TCP.
+    for transport in ["+notcp", "+tcp"] {
+        let a = ok(
+            lab.laptop_out("dig", &[transport, "+short", "+time=3", "+tries=1", "@10.10.0.2", "db.corp.internal"]),
+            "dig",
+        );
+        assert_eq!(a, "10.10.0.2", "dig {transport}");
+    }
+
+    // ping -c 5.
+    let p = ok(lab.laptop_out("ping", &["-c", "5", "-i", "0.2", "-W", "3", "10.10.0.2"]), "ping");
+    assert!(p.contains("5 received"), "{p}");
+
+    // A plain TCP port with nc.
+    let listener = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("vpc"), "timeout", "20", "nc", "-l", "10.10.0.2", "9000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("nc -l");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut sender = lab.laptop("nc");
+    sender.args(["-N", "-w", "5", "10.10.0.2", "9000"]).stdin(Stdio::piped());
+    let mut sender = sender.spawn().expect("nc");
+    {
+        use std::io::Write;
+        sender.stdin.take().expect("stdin").write_all(b"over the tunnel\n").expect("write");
+    }
+    assert!(sender.wait().expect("nc").success());
+    let received = listener.wait_with_output().expect("nc -l");
+    assert_eq!(String::from_utf8_lossy(&received.stdout), "over the tunnel\n");
+
+    // The instance metadata service is refused by the agent, loudly and at once.
+    let t = Instant::now();
+    let imds = lab.laptop_out("curl", &["-sS", "-m", "5", "http://169.254.169.254/latest/meta-data/"]);
+    assert_eq!(imds.status.code(), Some(7), "metadata must be refused (connection refused): {}", text(&imds));
+    assert!(t.elapsed() < Duration::from_secs(3), "refusal took {:?}", t.elapsed());
+    assert!(lab.log("agent.log").contains("refused: destination in the deny-list (169.254.0.0/16)"));
+
+    // status for any user; stop only for root or the owner.
+    let js = ok(
+        lab.laptop_out("runuser", &["-u", "nobody", "--", env!("CARGO_BIN_EXE_ssm-proxy"), "status", "--json"]),
+        "status",
+    );
+    let v: serde_json::Value = serde_json::from_str(&js).expect("status JSON");
+    let t0 = &v[0];
+    assert_eq!(t0["state"], "connected");
+    assert!(t0["received"]["bytes"].as_u64().unwrap_or(0) > 50 << 20, "{t0}");
+    assert!(t0["sent"]["packets"].as_u64().unwrap_or(0) > 100, "{t0}");
+    assert!(t0["rtt_ms"].as_f64().is_some(), "{t0}");
+    let refused = lab.laptop_out("runuser", &["-u", "nobody", "--", env!("CARGO_BIN_EXE_ssm-proxy"), "stop"]);
+    assert!(!refused.status.success() && text(&refused).contains("only root or the user"), "{}", text(&refused));
+
+    ok(lab.ssm_proxy(&["stop", "--name", "lab"]), "stop");
+    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon.log"));
+    let routes_after = main_routes(&lab);
+    assert_eq!(routes_after, routes_before, "stop left routes behind");
+    let links = ok(Command::new("ip").args(["-n", &lab.ns("laptop"), "link"]).output().expect("ip"), "ip link");
+    assert!(!links.contains("tun"), "stop left the device: {links}");
+    assert_eq!(std::fs::read_dir(lab.run_dir()).expect("run dir").count(), 0, "stop left files in the run dir");
+    assert!(
+        lab.log("emulator.log").contains("TerminateSession") || lab.log("daemon.log").contains("ended"),
+        "session not terminated"
+    );
+}
+
+#[test]
+fn kill_9_then_cleanup_leaves_nothing() {
+    if !require_root("kill_9_then_cleanup_leaves_nothing") {
+        return;
+    }
+    let lab = Lab::up(&prefix("k"), 1, &[]);
+    let before = main_routes(&lab);
+    let mut daemon = lab.start(&[]);
+    assert!(ok(lab.laptop_out("ip", &["route"]), "ip route").contains("10.10.0.0/16 dev tun"));
+    daemon.0.kill().expect("SIGKILL");
+    let _ = daemon.0.wait();
+    // The stale socket does not fool status.
+    let st = lab.ssm_proxy(&["status"]);
+    assert!(text(&st).contains("not answering"), "{}", text(&st));
+    let c = ok(lab.ssm_proxy(&["cleanup"]), "cleanup");
+    assert!(c.contains("cleaned up after tunnel \"lab\""), "{c}");
+    let after = main_routes(&lab);
+    assert_eq!(after, before);
+    let links = ok(Command::new("ip").args(["-n", &lab.ns("laptop"), "link"]).output().expect("ip"), "ip link");
+    assert!(!links.contains("tun"), "{links}");
+    assert_eq!(std::fs::read_dir(lab.run_dir()).expect("run dir").count(), 0, "cleanup left files");
+    // And a new tunnel with the same name starts cleanly afterwards.
+    let mut again = lab.start(&[]);
+    ok(lab.ssm_proxy(&["stop"]), "stop");
+    assert!(wait_exit(&mut again, Duration::from_secs(20)).success());
+}
