@@ -2,7 +2,7 @@
 # machine themselves (as root).
 CARGO ?= cargo
 
-.PHONY: build test test-only demo lint fmt check-macos fuzz bench clean
+.PHONY: build test test-only demo demo-forward lint fmt check-macos fuzz bench clean
 
 build:
 	$(CARGO) build --workspace --locked
@@ -13,8 +13,13 @@ test:
 	$(CARGO) build --workspace --locked --bins
 	$(CARGO) test --workspace --locked
 
+# The tunnel end to end in network namespaces (root).
 demo:
 	bash scripts/demo.sh
+
+# `ssm-proxy forward` against the emulator on loopback (no root needed).
+demo-forward:
+	bash scripts/demo-forward.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

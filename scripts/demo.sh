@@ -1,63 +1,56 @@
 #!/usr/bin/env bash
-# The demo: ssm-proxy against the local AWS emulator. An HTTP server stands for
-# a service on the instance; `ssm-proxy forward` carries a real curl download
-# to it over a native Session Manager data channel, through the real AWS SDK
-# (SigV4-verified by the emulator). Everything listens on 127.0.0.1 and is torn
-# down on exit, whatever happens.
+# The demo (Linux, root): the whole tunnel against the local AWS emulator, in the
+# four-namespace lab of scripts/lab.sh. `ssm-proxy start` runs in "laptop" and routes
+# 10.10.0.0/16 through the emulated Session Manager to the real ec2-agent in
+# "instance"; plain psql, curl, dig and ping then reach the servers in "vpc".
+# Everything is torn down on exit, whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "demo: needs root (network namespaces, a TUN device); try: sudo make demo" >&2; exit 1; }
 bash scripts/ensure-deps.sh
-echo "==> building ssm-proxy and ssm-emulator"
-cargo build --quiet -p ssm-proxy -p ssm-emulator
-BIN=${CARGO_TARGET_DIR:-target}/debug
-
-work=$(mktemp -d)
-pids=()
+echo "==> building ssm-proxy, ec2-agent and ssm-emulator"
+cargo build --quiet --locked -p ssm-proxy -p ec2-agent -p ssm-emulator
+BIN=$(realpath "${CARGO_TARGET_DIR:-target}/debug")
+export LAB=demo BLOB_MIB=${BLOB_MIB:-50}
+daemon=
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
+  [ -n "$daemon" ] && kill "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null
+  bash scripts/lab.sh down
 }
 trap cleanup EXIT INT TERM
 
-wait_for() { # file, pattern, seconds
-  for _ in $(seq $(($3 * 10))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "demo: timed out waiting for '$2' in $1:" >&2; cat "$1" >&2; return 1
-}
+echo "==> namespaces laptop, aws (emulator), instance (ec2-agent as nobody), vpc (PostgreSQL, HTTP, DNS)"
+bash scripts/lab.sh up "$BIN"
+envs=$(bash scripts/lab.sh env | xargs)
+laptop() { ip netns exec demo-laptop env $envs "$@"; }
+DIR=/tmp/ssm-proxy-demo
 
-head -c $((20 * 1024 * 1024)) /dev/urandom > "$work/data.bin"
-python3 -m http.server --bind 127.0.0.1 0 --directory "$work" > "$work/http.log" 2>&1 &
-pids+=($!)
-wait_for "$work/http.log" "Serving HTTP" 10
-http_port=$(sed -n 's/.*port \([0-9]*\).*/\1/p' "$work/http.log" | head -1)
-echo "==> 'instance' service: HTTP on 127.0.0.1:$http_port"
+echo "==> [laptop] sudo ssm-proxy start --instance-id i-0123456789abcdef0 --cidr 10.10.0.0/16"
+laptop "$BIN/ssm-proxy" start --instance-id i-0123456789abcdef0 --cidr 10.10.0.0/16 --name demo \
+  > "$DIR/daemon.out" 2> "$DIR/daemon.log" &
+daemon=$!
+for _ in $(seq 300); do grep -q ' up: ' "$DIR/daemon.out" 2>/dev/null && break; sleep 0.1; done
+grep ' up: ' "$DIR/daemon.out" || { echo "demo: the tunnel did not come up:" >&2; cat "$DIR/daemon.log" >&2; exit 1; }
+echo "==> [laptop] ip route"
+laptop ip route | sed 's/^/    /'
 
-"$BIN/ssm-emulator" --listen 127.0.0.1:0 --instance i-0123456789abcdef0=127.0.0.1 > "$work/emu.out" 2> "$work/emu.log" &
-pids+=($!)
-wait_for "$work/emu.out" "listening on" 10
-endpoint=$(sed -n 's/.*AWS_ENDPOINT_URL=\([^)]*\)).*/\1/p' "$work/emu.out")
-echo "==> emulator (SSM API + ssmmessages + agent): $endpoint"
-
-export AWS_ENDPOINT_URL=$endpoint AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true \
-  AWS_ACCESS_KEY_ID=AKIAEMULATOR00000001 AWS_SECRET_ACCESS_KEY=emulator/secret/key/000000000000000000000
-echo "==> ssm-proxy forward --instance-id i-0123456789abcdef0 --remote-port $http_port"
-"$BIN/ssm-proxy" forward --instance-id i-0123456789abcdef0 --remote-port "$http_port" > "$work/fwd.out" 2> "$work/fwd.log" &
-fwd=$!
-pids+=($fwd)
-wait_for "$work/fwd.out" "Forwarding" 30
-cat "$work/fwd.out"
-local_addr=$(awk '{print $2}' "$work/fwd.out")
-
-echo "==> curl http://$local_addr/data.bin (20 MiB through the session)"
-curl -sS -o "$work/got.bin" -w "    %{size_download} bytes in %{time_total} s\n" "http://$local_addr/data.bin"
-want=$(sha256sum < "$work/data.bin" | cut -d' ' -f1)
-got=$(sha256sum < "$work/got.bin" | cut -d' ' -f1)
-echo "    sha256 sent     $want"
-echo "    sha256 received $got"
-[ "$want" = "$got" ] || { echo "demo: FAILED: the download differs" >&2; exit 1; }
-
-echo "==> Ctrl-C to ssm-proxy: TerminateSession flag, then the TerminateSession API"
-kill -INT "$fwd"
-wait "$fwd" || true
-grep -E "ended" "$work/fwd.log" | sed 's/^/    /'
-echo "==> demo passed"
+echo "==> [laptop] psql -h 10.10.0.2 -U postgres -c 'select version()'"
+laptop psql -h 10.10.0.2 -U postgres -tAc "select 'PostgreSQL says: ' || version()" | sed 's/^/    /'
+echo "==> [laptop] curl http://10.10.0.2:8080/blob (${BLOB_MIB} MiB)"
+laptop curl -sS -o "$DIR/got" -w "    %{size_download} bytes in %{time_total} s (%{speed_download} B/s)\n" http://10.10.0.2:8080/blob
+echo "    sha256 served   $(cat "$DIR/blob.sha256")"
+echo "    sha256 received $(sha256sum "$DIR/got" | cut -d' ' -f1)"
+[ "$(cat "$DIR/blob.sha256")" = "$(sha256sum "$DIR/got" | cut -d' ' -f1)" ] || { echo "demo: FAILED: download differs" >&2; exit 1; }
+echo "==> [laptop] dig @10.10.0.2 db.corp.internal"
+laptop dig +short +time=3 +tries=1 @10.10.0.2 db.corp.internal | sed 's/^/    /'
+echo "==> [laptop] ping -c 3 10.10.0.2"
+laptop ping -c 3 -i 0.2 10.10.0.2 | tail -2 | sed 's/^/    /'
+echo "==> [laptop] ssm-proxy status (as an ordinary user)"
+laptop runuser -u nobody -- "$BIN/ssm-proxy" status | sed 's/^/    /'
+echo "==> [laptop] sudo ssm-proxy stop"
+laptop "$BIN/ssm-proxy" stop | sed 's/^/    /'
+wait "$daemon" || true
+daemon=
+echo "==> [laptop] ip route (the tunnel's route is gone)"
+laptop ip route | sed 's/^/    /'
+echo "==> demo done; tearing the lab down"
