@@ -36,7 +36,7 @@ check-macos:
 FUZZ_SECONDS ?= 60
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	cd fuzz && for t in frame_decode smux_deframe session_input; do \
+	cd fuzz && for t in frame_decode smux_deframe session_input wire_deframe; do \
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
 
 bench:

@@ -1,5 +1,5 @@
 //! The forwarder <-> ec2-agent wire protocol, carried as a byte stream inside a Port
-//! session (SPECIFICATION.md §7 has the byte layout).
+//! session (SPECIFICATION.md §6 has the byte layout).
 //!
 //! Every frame is `type: u8`, `length: u16 BE`, `body: [u8; length]`. The client
 //! sends HELLO first; the agent answers with its own HELLO or a GOODBYE. Then either
