@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The namespace lab: four network namespaces joined by veth pairs (root only).
 #
-#   laptop 192.168.100.2 ── 192.168.100.1 aws ── 192.168.101.1 ── 192.168.101.2 instance ── 10.10.0.1 ── 10.10.0.2 vpc
-#   (ssm-proxy)                  (ssm-emulator :4566)               (ec2-agent :7301, user nobody)        (postgres, http, dns)
+#   laptop .100.2 ── .100.1 wan .102.1 ── .102.2 aws .101.1 ── .101.2 instance 10.10.0.1 ── 10.10.0.2 vpc
+#   (ssm-proxy)      (router; netem-lite)    (ssm-emulator :4566)  (ec2-agent :7301, nobody)   (postgres, http, dns)
+#   (addresses in 192.168.0.0/16; the laptop's default gateway is wan)
 #
 # The emulator plays the AWS side and the instance's SSM agent: it dials the
 # ec2-agent at 192.168.101.2:7301 where the real SSM agent would dial 127.0.0.1.
@@ -14,6 +15,8 @@
 # LAB (default "lab") prefixes namespace, interface and file names, so a test lab
 # and a demo lab can coexist. PROFILE (fast|stock) selects the emulator's pacing;
 # EMULATOR_ARGS adds emulator options (faults). The vpc serves a BLOB_MIB MiB file.
+# IMPAIR="DELAY_MS LOSS" (say "20 0.005") makes the laptop<->aws link slow and
+# lossy both ways through netem-lite in the wan namespace (this kernel has no netem).
 set -euo pipefail
 LAB=${LAB:-lab}
 DIR=/tmp/ssm-proxy-$LAB
@@ -26,7 +29,7 @@ spawn() { local n log; n=$(ns "$1"); log=$2; shift 2; ip netns exec "$n" setsid 
 
 env_lines() {
   cat <<EOF
-AWS_ENDPOINT_URL=http://192.168.100.1:4566
+AWS_ENDPOINT_URL=http://192.168.102.2:4566
 AWS_REGION=us-east-1
 AWS_ACCESS_KEY_ID=AKIAEMULATOR00000001
 AWS_SECRET_ACCESS_KEY=emulator/secret/key/000000000000000000000
@@ -37,7 +40,7 @@ EOF
 }
 
 down() {
-  for n in laptop aws instance vpc; do
+  for n in laptop wan aws instance vpc; do
     local name; name=$(ns $n)
     if ip netns list | grep -qw "$name"; then
       for pid in $(ip netns pids "$name" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
@@ -66,17 +69,31 @@ wait_port() { # wait_port NS HOST PORT
   return 1
 }
 
+impair() { # impair BIN DELAY_MS LOSS: route everything crossing wan through netem-lite
+  local i="$LAB-in" o="$LAB-out"
+  spawn wan "$DIR/netem.log" "$1/netem-lite" --in "$i" --out "$o" --delay-ms "$2" --loss "$3"
+  for _ in $(seq 50); do in_ns wan ip link show "$o" >/dev/null 2>&1 && break; sleep 0.1; done
+  in_ns wan sysctl -qw "net.ipv4.conf.$i.rp_filter=0" "net.ipv4.conf.$o.rp_filter=0"
+  in_ns wan ip route add default dev "$i" table 101
+  in_ns wan ip rule add iif "$LAB-w0" lookup 101 priority 100
+  in_ns wan ip rule add iif "$LAB-w1" lookup 101 priority 101
+}
+
 up() {
   local bin=$1
   down
   trap 'echo "lab: setup failed; tearing down (logs were in $DIR)" >&2; down' ERR
   mkdir -p "$DIR/run" "$DIR/www"
   chmod 755 "$DIR" "$DIR/run"
-  for n in laptop aws instance vpc; do
+  for n in laptop wan aws instance vpc; do
     ip netns add "$(ns $n)"
     in_ns $n ip link set lo up
   done
-  link laptop "$LAB-l0" 192.168.100.2/24 aws "$LAB-a0" 192.168.100.1/24
+  link laptop "$LAB-l0" 192.168.100.2/24 wan "$LAB-w0" 192.168.100.1/24
+  link wan "$LAB-w1" 192.168.102.1/24 aws "$LAB-a0" 192.168.102.2/24
+  in_ns laptop ip route add default via 192.168.100.1
+  in_ns aws ip route add 192.168.100.0/24 via 192.168.102.1
+  in_ns wan sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
   link aws "$LAB-a1" 192.168.101.1/24 instance "$LAB-i0" 192.168.101.2/24
   link instance "$LAB-i1" 10.10.0.1/24 vpc "$LAB-v0" 10.10.0.2/24
   # Unprivileged ping sockets for the agent's user, as on Amazon Linux.
@@ -95,13 +112,15 @@ up() {
   in_ns vpc runuser -u postgres -- "$pgbin/pg_ctl" -s -D "$DIR/pg/data" -l "$DIR/pg/log" \
     -o "-c listen_addresses=10.10.0.2 -c unix_socket_directories=$DIR/pg" start </dev/null >/dev/null 2>&1
 
+  if [ -n "${IMPAIR:-}" ]; then impair "$bin" $IMPAIR; fi
+
   # aws: the emulator. instance: the ec2-agent as nobody.
   # shellcheck disable=SC2086
-  spawn aws "$DIR/emulator.log" "$bin/ssm-emulator" --listen 192.168.100.1:4566 \
+  spawn aws "$DIR/emulator.log" "$bin/ssm-emulator" --listen 192.168.102.2:4566 \
     --instance "$INSTANCE=192.168.101.2" --profile "${PROFILE:-fast}" ${EMULATOR_ARGS:-}
   spawn instance "$DIR/agent.log" setpriv --reuid=nobody --regid=nogroup --clear-groups \
     "$bin/ec2-agent" --listen 192.168.101.2:7301
-  wait_port aws 192.168.100.1 4566
+  wait_port laptop 192.168.102.2 4566
   wait_port instance 192.168.101.2 7301
   wait_port vpc 10.10.0.2 8080
   wait_port vpc 10.10.0.2 5432

@@ -66,26 +66,41 @@ pub struct StartArgs {
     interface: Option<String>,
 }
 
-/// Resolve the endpoints the tunnel itself uses, so routes can never capture them.
+/// Resolve the endpoints the tunnel itself uses, so routes can never capture them:
+/// the SSM API (or its override), STS for credentials, and the session's stream host.
+/// All lookups run at once, within 3 seconds.
 async fn endpoint_addresses(region: &str, stream_url: &str) -> Vec<IpAddr> {
-    let mut hosts = vec![format!("ssm.{region}.amazonaws.com"), format!("sts.{region}.amazonaws.com")];
-    for var in ["AWS_ENDPOINT_URL_SSM", "AWS_ENDPOINT_URL"] {
-        if let Some(h) = std::env::var(var).ok().and_then(|u| host_of(&u)) {
-            hosts.push(h);
+    let overrides: Vec<String> = ["AWS_ENDPOINT_URL_SSM", "AWS_ENDPOINT_URL"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .filter_map(|u| host_of(&u))
+        .collect();
+    let mut hosts = if std::env::var_os("AWS_ENDPOINT_URL").is_some() {
+        overrides
+    } else {
+        let mut h = vec![format!("sts.{region}.amazonaws.com")];
+        if overrides.is_empty() {
+            h.push(format!("ssm.{region}.amazonaws.com"));
         }
-    }
+        h.extend(overrides);
+        h
+    };
     hosts.extend(host_of(stream_url));
-    let mut out = Vec::new();
-    for h in hosts {
+    hosts.sort();
+    hosts.dedup();
+    let lookups = hosts.into_iter().map(|h| async move {
         if let Ok(ip) = h.parse::<IpAddr>() {
-            out.push(ip);
-            continue;
+            return vec![ip];
         }
-        match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((h.as_str(), 443))).await {
-            Ok(Ok(addrs)) => out.extend(addrs.map(|a| a.ip())),
-            _ => tracing::debug!(host = %h, "could not resolve; not pinned"),
+        match tokio::time::timeout(Duration::from_secs(3), tokio::net::lookup_host((h.as_str(), 443))).await {
+            Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+            _ => {
+                warn!(host = %h, "could not resolve an AWS endpoint; if a routed CIDR covers it, the tunnel may capture it");
+                Vec::new()
+            }
         }
-    }
+    });
+    let mut out: Vec<IpAddr> = futures_util::future::join_all(lookups).await.into_iter().flatten().collect();
     out.sort();
     out.dedup();
     out

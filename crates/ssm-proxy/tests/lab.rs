@@ -306,3 +306,37 @@ fn kill_9_then_cleanup_leaves_nothing() {
     ok(lab.ssm_proxy(&["stop"]), "stop");
     assert!(wait_exit(&mut again, Duration::from_secs(20)).success());
 }
+
+#[test]
+fn curl_through_a_slow_lossy_link() {
+    if !require_root("curl_through_a_slow_lossy_link") {
+        return;
+    }
+    // 20 ms each way and 0.5% loss each way on the laptop <-> aws link (netem-lite).
+    let lab = Lab::up(&prefix("d"), 50, &[("IMPAIR", "20 0.005")]);
+    let rtt = ok(lab.laptop_out("ping", &["-c", "3", "-i", "0.2", "192.168.102.2"]), "ping aws");
+    assert!(rtt.contains("rtt min/avg/max"), "{rtt}");
+    let mut daemon = lab.start(&[]);
+    let file = lab.dir().join("download");
+    let speed = ok(
+        lab.laptop_out(
+            "curl",
+            &[
+                "-sS",
+                "-m",
+                "200",
+                "-o",
+                file.to_str().expect("path"),
+                "-w",
+                "%{speed_download}",
+                "http://10.10.0.2:8080/blob",
+            ],
+        ),
+        "curl",
+    );
+    let got = ok(Command::new("sha256sum").arg(&file).output().expect("sha256sum"), "sha256sum");
+    assert_eq!(got.split_whitespace().next(), Some(lab.log("blob.sha256").trim()), "download corrupted");
+    eprintln!("50 MiB over 40 ms RTT, 0.5% loss: {:.2} MB/s", speed.parse::<f64>().unwrap_or(0.0) / 1e6);
+    ok(lab.ssm_proxy(&["stop"]), "stop");
+    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success());
+}
