@@ -2,7 +2,7 @@
 # machine themselves (as root).
 CARGO ?= cargo
 
-.PHONY: build test test-only demo demo-forward lint fmt check-macos fuzz bench clean
+.PHONY: build test test-only demo demo-forward lint fmt check-macos fuzz bench bench-tunnel clean
 
 build:
 	$(CARGO) build --workspace --locked
@@ -42,6 +42,11 @@ fuzz:
 bench:
 	$(CARGO) bench -p ssm-channel --bench codec
 	$(CARGO) bench -p ssm-proxy --bench forward
+
+# The tunnel against direct routing and OpenVPN (TCP) in the namespace lab (root).
+bench-tunnel:
+	$(CARGO) build --release --locked --bins
+	python3 scripts/bench_tunnel.py
 
 clean:
 	$(CARGO) clean

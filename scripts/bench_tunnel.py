@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Tunnel benchmark in the namespace lab (root): throughput, request/response rate
+and ping latency, idle and under a bulk download, for
+
+  direct   plain kernel routing laptop -> wan -> aws -> instance -> vpc (the floor),
+  tunnel   ssm-proxy through the emulator (`fast` and `stock` profiles),
+  openvpn  OpenVPN 2.6 in TCP mode laptop -> instance, packets over one TCP stream,
+
+on the clean link and on a 40 ms RTT link (netem-lite, 20 ms each way). Prints a
+Markdown table. Numbers, not asserts.
+
+  sudo scripts/bench_tunnel.py [--seconds 10] [--bin target/release] [--quick]
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAB = "bench"
+DIR = f"/tmp/ssm-proxy-{LAB}"
+
+
+def sh(cmd, check=True, **kw):
+    r = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{cmd}: {r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def ns(which):
+    return f"{LAB}-{which}"
+
+
+def inn(which, cmd):
+    return ["ip", "netns", "exec", ns(which)] + cmd
+
+
+def lab_env():
+    out = sh(["bash", f"{ROOT}/scripts/lab.sh", "env"], env={**os.environ, "LAB": LAB})
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def lab_up(bin_dir, profile, impair):
+    env = {**os.environ, "LAB": LAB, "PROFILE": profile, "BLOB_MIB": "1"}
+    if impair:
+        env["IMPAIR"] = impair
+    sh(["bash", f"{ROOT}/scripts/lab.sh", "up", bin_dir], env=env, stdin=subprocess.DEVNULL)
+    # iperf3 server and pgbench tables in the vpc.
+    subprocess.Popen(inn("vpc", ["iperf3", "-s", "-B", "10.10.0.2", "-D"]), stdout=subprocess.DEVNULL)
+    sh(inn("vpc", ["pgbench", "-i", "-q", "-h", "10.10.0.2", "-U", "postgres", "postgres"]))
+    time.sleep(0.5)
+
+
+def lab_down():
+    sh(["bash", f"{ROOT}/scripts/lab.sh", "down"], env={**os.environ, "LAB": LAB}, check=False)
+
+
+def pings(count, interval):
+    out = sh(inn("laptop", ["ping", "-c", str(count), "-i", str(interval), "-W", "5", "10.10.0.2"]), check=False)
+    times = sorted(float(t) for t in re.findall(r"time=([\d.]+) ms", out))
+    if not times:
+        return None
+    p = lambda q: times[min(len(times) - 1, int(q * len(times)))]
+    return p(0.5), p(0.99), count - len(times)
+
+
+def iperf(seconds, reverse):
+    args = ["iperf3", "-c", "10.10.0.2", "-t", str(seconds), "-J"] + (["-R"] if reverse else [])
+    for _ in range(3):  # the server takes one test at a time and may still be closing the last
+        out = sh(inn("laptop", args), check=False)
+        m = re.search(r'"sum_received":\s*{[^}]*"bits_per_second":\s*([\d.e+]+)', out)
+        if m:
+            return float(m.group(1)) / 1e6
+        time.sleep(2)
+    return None
+
+
+def rr_rate(seconds):
+    """Request/response rate over one TCP connection: pgbench select-only."""
+    out = sh(inn("laptop", ["pgbench", "-h", "10.10.0.2", "-U", "postgres", "-n", "-S", "-c", "1", "-T", str(seconds),
+                            "postgres"]), check=False)
+    m = re.search(r"tps = ([\d.]+)", out)
+    return float(m.group(1)) if m else None
+
+
+def measure(seconds):
+    idle = pings(40, 0.05)
+    bulk = subprocess.Popen(inn("laptop", ["iperf3", "-c", "10.10.0.2", "-R", "-t", str(seconds + 4)]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)
+    loaded = pings(max(20, seconds * 5), 0.2)
+    bulk.wait()
+    time.sleep(1)
+    down = iperf(seconds, True)
+    up = iperf(seconds, False)
+    rr = rr_rate(seconds)
+    return {"down": down, "up": up, "rr": rr, "idle": idle, "loaded": loaded}
+
+
+def start_tunnel(bin_dir):
+    env = {**os.environ, **lab_env()}
+    log = open(f"{DIR}/daemon.log", "w")
+    p = subprocess.Popen(inn("laptop", [f"{bin_dir}/ssm-proxy", "start", "--instance-id", "i-0123456789abcdef0",
+                                        "--cidr", "10.10.0.0/16", "--name", "bench"]),
+                         env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    line = p.stdout.readline()
+    if " up: " not in line:
+        raise RuntimeError("tunnel did not come up: " + open(f"{DIR}/daemon.log").read())
+    return p
+
+
+def stop_tunnel(p):
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=30)
+
+
+def route_direct(add):
+    op = "add" if add else "del"
+    sh(inn("laptop", ["ip", "route", op, "10.10.0.0/16", "via", "192.168.100.1"]))
+    sh(inn("wan", ["ip", "route", op, "10.10.0.0/16", "via", "192.168.102.2"]))
+    sh(inn("wan", ["ip", "route", op, "192.168.101.0/24", "via", "192.168.102.2"]))
+    sh(inn("aws", ["ip", "route", op, "10.10.0.0/16", "via", "192.168.101.2"]))
+    sh(inn("instance", ["ip", "route", op, "192.168.100.0/24", "via", "192.168.101.1"]))
+    sh(inn("vpc", ["ip", "route", op, "192.168.100.0/24", "via", "10.10.0.1"]))
+    sh(inn("vpc", ["ip", "route", op, "10.8.0.0/24", "via", "10.10.0.1"]))
+    for n in ("aws", "instance"):
+        sh(inn(n, ["sysctl", "-qw", f"net.ipv4.ip_forward={1 if add else 0}"]))
+
+
+def openvpn(add):
+    key = f"{DIR}/ovpn.key"
+    if add:
+        sh(["openvpn", "--genkey", "secret", key])
+        common = ["openvpn", "--dev", "ovpn0", "--dev-type", "tun", "--secret", key, "--cipher", "AES-256-CBC",
+                  "--auth", "SHA256", "--daemon", "--verb", "1"]
+        sh(inn("instance", common + ["--proto", "tcp-server", "--local", "192.168.101.2", "--ifconfig", "10.8.0.1",
+                                     "10.8.0.2", "--log", f"{DIR}/ovpn-server.log"]))
+        time.sleep(1)
+        sh(inn("laptop", common + ["--proto", "tcp-client", "--remote", "192.168.101.2", "--ifconfig", "10.8.0.2",
+                                   "10.8.0.1", "--route", "10.10.0.0", "255.255.0.0", "--log",
+                                   f"{DIR}/ovpn-client.log"]))
+        for _ in range(100):
+            if "10.10.0.0/16" in sh(inn("laptop", ["ip", "route"])) and \
+                    subprocess.run(inn("laptop", ["ping", "-c", "1", "-W", "1", "10.10.0.2"]),
+                                   capture_output=True).returncode == 0:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("openvpn did not come up: " + open(f"{DIR}/ovpn-client.log").read())
+    for n in ("laptop", "instance"):
+        sh(inn(n, ["pkill", "-f", "openvpn --dev ovpn0"]), check=False)
+    time.sleep(0.5)
+
+
+def fmt(v, spec="{:.1f}"):
+    return "-" if v is None else spec.format(v)
+
+
+def fmt_ping(p):
+    return "-" if p is None else f"{p[0]:.1f} / {p[1]:.1f}" + (f" ({p[2]} lost)" if p[2] else "")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target/release"))
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="clean link and fast profile only")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: needs root (network namespaces)")
+    subprocess.run(["bash", f"{ROOT}/scripts/ensure-deps.sh"], check=True)
+    missing = [pkg for tool, pkg in (("iperf3", "iperf3"), ("openvpn", "openvpn")) if not shutil.which(tool)]
+    if missing:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + missing, check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    bin_dir = os.path.abspath(a.bin)
+    for b in ("ssm-proxy", "ec2-agent", "ssm-emulator", "netem-lite"):
+        if not os.path.exists(os.path.join(bin_dir, b)):
+            sys.exit(f"bench: {b} is missing in {bin_dir}: cargo build --release --bins")
+    links = [("clean", "")] if a.quick else [("clean", ""), ("40 ms RTT", "20 0")]
+    rows = []
+    try:
+        for link, impair in links:
+            for what in (["direct", "openvpn-tcp", "tunnel fast"] + ([] if a.quick else ["tunnel stock"])):
+                profile = "stock" if what == "tunnel stock" else "fast"
+                print(f"bench: {what} on the {link} link...", file=sys.stderr)
+                lab_up(bin_dir, profile, impair)
+                try:
+                    if what == "direct":
+                        route_direct(True)
+                        r = measure(a.seconds)
+                    elif what == "openvpn-tcp":
+                        route_direct(True)
+                        sh(inn("laptop", ["ip", "route", "del", "10.10.0.0/16"]))
+                        openvpn(True)
+                        r = measure(a.seconds)
+                        openvpn(False)
+                    else:
+                        p = start_tunnel(bin_dir)
+                        r = measure(a.seconds)
+                        stop_tunnel(p)
+                    rows.append((link, what, r))
+                finally:
+                    lab_down()
+    finally:
+        lab_down()
+    print("| link | path | download Mbit/s | upload Mbit/s | TCP req/resp per s | ping idle p50 / p99 ms | ping under bulk p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for link, what, r in rows:
+        print(f"| {link} | {what} | {fmt(r['down'])} | {fmt(r['up'])} | {fmt(r['rr'], '{:.0f}')} | "
+              f"{fmt_ping(r['idle'])} | {fmt_ping(r['loaded'])} |")
+
+
+if __name__ == "__main__":
+    main()
