@@ -131,6 +131,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Forward(args) => rt.block_on(forward::run(args)),
         Command::Cleanup(args) => cleanup::run(args),
+        Command::Start(args) if args.detach() => start::detach(&args),
         Command::Start(args) => rt.block_on(start::run(args)),
         Command::Status(args) => rt.block_on(status(args)),
         Command::Stop(args) => rt.block_on(stop(args)),

@@ -64,6 +64,73 @@ pub struct StartArgs {
     /// Interface name (Linux only; macOS always picks utunN itself).
     #[arg(long)]
     interface: Option<String>,
+    /// Run in the background: return once the tunnel is up (logs go to
+    /// <run dir>/<name>.log).
+    #[arg(long)]
+    detach: bool,
+}
+
+const DETACHED_ENV: &str = "SSM_PROXY_DETACHED";
+
+impl StartArgs {
+    pub fn detach(&self) -> bool {
+        self.detach
+    }
+}
+
+/// `--detach`: run the same command again in a new session with its output going to
+/// a log file, wait for its ready line, print it, and return. The tunnel process
+/// outlives us.
+pub fn detach(args: &StartArgs) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("start creates a network device and routes: run it with sudo");
+    }
+    let dir = routing::default_run_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log_path = dir.join(format!("{}.log", args.name));
+    let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("cannot find our own executable")?;
+    let argv: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach").collect();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&argv)
+        .env(DETACHED_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log);
+    // SAFETY: setsid() only, between fork and exec: async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+    }
+    let mut child = cmd.spawn().context("cannot start the tunnel process")?;
+    let stdout = child.stdout.take().context("no pipe to the tunnel process")?;
+    for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        if line.contains(" up: ") {
+            println!("{line}");
+            println!("Running in the background (pid {}); logs in {}.", child.id(), log_path.display());
+            return Ok(());
+        }
+    }
+    let status = child.wait().context("waiting for the tunnel process")?;
+    let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let tail: Vec<&str> = log_text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+    bail!("the tunnel did not come up ({status}):\n{}", tail.join("\n"))
+}
+
+/// In the detached process, once the ready line is out: nobody reads our stdout any
+/// more, so point it at /dev/null rather than fail on a closed pipe.
+fn release_stdout() {
+    if std::env::var_os(DETACHED_ENV).is_none() {
+        return;
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto our own stdout descriptor.
+        unsafe { nix::libc::dup2(null.as_raw_fd(), 1) };
+    }
 }
 
 /// Resolve the endpoints the tunnel itself uses, so routes can never capture them:
@@ -327,6 +394,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         args.instance_id,
         args.name
     );
+    release_stdout();
 
     let shutdown = async move {
         tokio::select! {

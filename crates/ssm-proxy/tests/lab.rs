@@ -287,10 +287,30 @@ fn kill_9_then_cleanup_leaves_nothing() {
     }
     let lab = Lab::up(&prefix("k"), 1, &[]);
     let before = main_routes(&lab);
-    let mut daemon = lab.start(&[]);
+    // --detach returns once the tunnel is up; the tunnel runs on in its own session.
+    let up = ok(
+        lab.ssm_proxy(&[
+            "start",
+            "--detach",
+            "--instance-id",
+            "i-0123456789abcdef0",
+            "--name",
+            "lab",
+            "--cidr",
+            "10.10.0.0/16",
+        ]),
+        "start --detach",
+    );
+    assert!(up.contains("tunnel \"lab\" up") && up.contains("Running in the background"), "{up}");
     assert!(ok(lab.laptop_out("ip", &["route"]), "ip route").contains("10.10.0.0/16 dev tun"));
-    daemon.0.kill().expect("SIGKILL");
-    let _ = daemon.0.wait();
+    let js = ok(lab.ssm_proxy(&["status", "--json"]), "status");
+    let pid = serde_json::from_str::<serde_json::Value>(&js).expect("json")[0]["pid"].as_u64().expect("pid");
+    ok(Command::new("kill").args(["-9", &pid.to_string()]).output().expect("kill"), "kill -9");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "the tunnel process survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // The stale socket does not fool status.
     let st = lab.ssm_proxy(&["status"]);
     assert!(text(&st).contains("not answering"), "{}", text(&st));
@@ -300,7 +320,12 @@ fn kill_9_then_cleanup_leaves_nothing() {
     assert_eq!(after, before);
     let links = ok(Command::new("ip").args(["-n", &lab.ns("laptop"), "link"]).output().expect("ip"), "ip link");
     assert!(!links.contains("tun"), "{links}");
-    assert_eq!(std::fs::read_dir(lab.run_dir()).expect("run dir").count(), 0, "cleanup left files");
+    let left: Vec<String> = std::fs::read_dir(lab.run_dir())
+        .expect("run dir")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| !n.ends_with(".log"))
+        .collect();
+    assert!(left.is_empty(), "cleanup left files: {left:?}");
     // And a new tunnel with the same name starts cleanly afterwards.
     let mut again = lab.start(&[]);
     ok(lab.ssm_proxy(&["stop"]), "stop");
