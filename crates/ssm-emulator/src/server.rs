@@ -285,6 +285,19 @@ where
         // that nothing it sent in the meantime is lost.
         let mut failed = false;
         loop {
+            // Send what is due now before waiting: tokio rounds timers up to the next
+            // millisecond, which would add up to 1 ms to every undelayed frame.
+            while !failed {
+                let Some(item) = queue.pop_due(Instant::now()) else { break };
+                if item.close {
+                    let _ = tx.send(closing.take().unwrap_or(WsMessage::Close(None))).await;
+                    return;
+                }
+                if tx.send(WsMessage::Binary(item.frame.clone().into())).await.is_err() {
+                    queue.put_back(item);
+                    failed = true;
+                }
+            }
             let next = if failed { None } else { queue.next_due() };
             tokio::select! {
                 m = to_client_rx.recv() => match m {
@@ -299,19 +312,7 @@ where
                     }
                     None => break,
                 },
-                _ = sleep_until(next) => {
-                    while let Some(item) = queue.pop_due(Instant::now()) {
-                        if item.close {
-                            let _ = tx.send(closing.take().unwrap_or(WsMessage::Close(None))).await;
-                            return;
-                        }
-                        if tx.send(WsMessage::Binary(item.frame.clone().into())).await.is_err() {
-                            queue.put_back(item);
-                            failed = true;
-                            break;
-                        }
-                    }
-                }
+                _ = sleep_until(next) => {}
             }
         }
         if closing.is_some() && !failed {
@@ -346,6 +347,12 @@ where
         let mut queue = DelayQueue::default();
         let mut open = true;
         loop {
+            // Due frames go at once (see the writer above on timer rounding).
+            while let Some(item) = queue.pop_due(Instant::now()) {
+                if agent.send(AgentInput::Frame(item.frame)).await.is_err() {
+                    return;
+                }
+            }
             if !open && queue.next_due().is_none() {
                 return;
             }
@@ -354,11 +361,7 @@ where
                     Some((at, f)) => queue.push(at, f, false),
                     None => open = false,
                 },
-                _ = sleep_until(queue.next_due()) => {
-                    while let Some(item) = queue.pop_due(Instant::now()) {
-                        if agent.send(AgentInput::Frame(item.frame)).await.is_err() { return; }
-                    }
-                }
+                _ = sleep_until(queue.next_due()) => {}
             }
         }
     });
