@@ -96,13 +96,14 @@ up() {
   in_ns wan sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
   link aws "$LAB-a1" 192.168.101.1/24 instance "$LAB-i0" 192.168.101.2/24
   link instance "$LAB-i1" 10.10.0.1/24 vpc "$LAB-v0" 10.10.0.2/24
+  in_ns vpc ip addr add 10.10.0.3/24 dev "$LAB-v0"   # a second host, for a second tunnel
   # Unprivileged ping sockets for the agent's user, as on Amazon Linux.
   in_ns instance sysctl -qw net.ipv4.ping_group_range="0 2147483647"
 
   # vpc: an HTTP server with a test file, a DNS server, PostgreSQL.
   head -c $(( ${BLOB_MIB:-50} << 20 )) /dev/urandom > "$DIR/www/blob"
   sha256sum "$DIR/www/blob" | cut -d' ' -f1 > "$DIR/blob.sha256"
-  spawn vpc "$DIR/http.log" python3 -m http.server 8080 --bind 10.10.0.2 --directory "$DIR/www"
+  spawn vpc "$DIR/http.log" python3 -m http.server 8080 --bind 0.0.0.0 --directory "$DIR/www"
   in_ns vpc dnsmasq --no-resolv --no-hosts --bind-interfaces --listen-address=10.10.0.2 \
     --address=/db.corp.internal/10.10.0.2 --pid-file="$DIR/dnsmasq.pid" --log-facility="$DIR/dnsmasq.log" </dev/null >/dev/null 2>&1
   local pgbin; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)

@@ -89,11 +89,15 @@ impl Lab {
 
     /// Start the daemon; returns once it printed its ready line.
     fn start(&self, extra: &[&str]) -> netns::KillOnDrop {
+        self.start_named("lab", &["--cidr", "10.10.0.0/16"], extra)
+    }
+
+    fn start_named(&self, name: &str, cidrs: &[&str], extra: &[&str]) -> netns::KillOnDrop {
         let mut cmd = self.laptop(env!("CARGO_BIN_EXE_ssm-proxy"));
-        cmd.args(["start", "--instance-id", "i-0123456789abcdef0", "--name", "lab", "--cidr", "10.10.0.0/16"]);
-        cmd.args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(self.dir().join("daemon.log")).expect("daemon log")));
+        cmd.args(["start", "--instance-id", "i-0123456789abcdef0", "--name", name]).args(cidrs);
+        cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::from(
+            std::fs::File::create(self.dir().join(format!("daemon-{name}.log"))).expect("daemon log"),
+        ));
         let mut child = cmd.spawn().expect("spawn ssm-proxy start");
         let stdout = child.stdout.take().expect("stdout");
         let child = netns::KillOnDrop(child);
@@ -107,11 +111,11 @@ impl Lab {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(l) if l.contains("tunnel \"lab\" up") => return child,
+                Ok(l) if l.contains(&format!("tunnel \"{name}\" up")) => return child,
                 Ok(_) => {}
                 Err(_) => panic!(
                     "the daemon did not come up:\n{}",
-                    std::fs::read_to_string(self.dir().join("daemon.log")).unwrap_or_default()
+                    std::fs::read_to_string(self.dir().join(format!("daemon-{name}.log"))).unwrap_or_default()
                 ),
             }
         }
@@ -268,14 +272,14 @@ fn real_clients_reach_the_vpc_through_the_tunnel() {
     assert!(!refused.status.success() && text(&refused).contains("only root or the user"), "{}", text(&refused));
 
     ok(lab.ssm_proxy(&["stop", "--name", "lab"]), "stop");
-    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon.log"));
+    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon-lab.log"));
     let routes_after = main_routes(&lab);
     assert_eq!(routes_after, routes_before, "stop left routes behind");
     let links = ok(Command::new("ip").args(["-n", &lab.ns("laptop"), "link"]).output().expect("ip"), "ip link");
     assert!(!links.contains("tun"), "stop left the device: {links}");
     assert_eq!(std::fs::read_dir(lab.run_dir()).expect("run dir").count(), 0, "stop left files in the run dir");
     assert!(
-        lab.log("emulator.log").contains("TerminateSession") || lab.log("daemon.log").contains("ended"),
+        lab.log("emulator.log").contains("TerminateSession") || lab.log("daemon-lab.log").contains("ended"),
         "session not terminated"
     );
 }
@@ -364,4 +368,49 @@ fn curl_through_a_slow_lossy_link() {
     eprintln!("50 MiB over 40 ms RTT, 0.5% loss: {:.2} MB/s", speed.parse::<f64>().unwrap_or(0.0) / 1e6);
     ok(lab.ssm_proxy(&["stop"]), "stop");
     assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn two_tunnels_share_one_agent() {
+    if !require_root("two_tunnels_share_one_agent") {
+        return;
+    }
+    let lab = Lab::up(&prefix("m"), 5, &[]);
+    let mut a = lab.start_named("alpha", &["--cidr", "10.10.0.2/32"], &[]);
+    let mut b = lab.start_named("beta", &["--cidr", "10.10.0.3/32"], &[]);
+    // A third one over the same range is refused before it touches anything.
+    let clash =
+        lab.ssm_proxy(&["start", "--instance-id", "i-0123456789abcdef0", "--name", "gamma", "--cidr", "10.10.0.0/24"]);
+    assert!(!clash.status.success() && text(&clash).contains("conflict"), "{}", text(&clash));
+    // Both carry traffic at once, each through its own device and agent client.
+    let url = |host: &str| format!("http://{host}:8080/blob");
+    let mut fetches: Vec<std::process::Child> = ["10.10.0.2", "10.10.0.3"]
+        .iter()
+        .map(|h| {
+            lab.laptop("curl")
+                .args(["-sS", "-m", "60", "-o", "/dev/null", "-w", "%{size_download}", &url(h)])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("curl")
+        })
+        .collect();
+    for f in fetches.drain(..) {
+        let out = f.wait_with_output().expect("curl");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), (5u64 << 20).to_string());
+    }
+    let js = ok(lab.ssm_proxy(&["status", "--json"]), "status");
+    let v: serde_json::Value = serde_json::from_str(&js).expect("json");
+    let names: Vec<&str> = v.as_array().expect("array").iter().filter_map(|t| t["name"].as_str()).collect();
+    assert_eq!(names, vec!["alpha", "beta"]);
+    for t in v.as_array().expect("array") {
+        assert!(t["received"]["bytes"].as_u64().unwrap_or(0) >= 5 << 20, "{t}");
+    }
+    assert_ne!(v[0]["interface"], v[1]["interface"]);
+    assert!(lab.log("agent.log").matches("client connected").count() >= 2);
+    let which = lab.ssm_proxy(&["stop"]);
+    assert!(text(&which).contains("several tunnels run (alpha, beta)"), "{}", text(&which));
+    ok(lab.ssm_proxy(&["stop", "--name", "alpha"]), "stop alpha");
+    ok(lab.ssm_proxy(&["stop", "--name", "beta"]), "stop beta");
+    assert!(wait_exit(&mut a, Duration::from_secs(20)).success());
+    assert!(wait_exit(&mut b, Duration::from_secs(20)).success());
 }
