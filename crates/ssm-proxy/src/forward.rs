@@ -2,22 +2,17 @@
 //! documents and the session-manager-plugin do, natively.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use ssm_channel::aws::{AwsOptions, SsmApi};
-use ssm_channel::port::{self, BoxFuture, Conn, PortConfig};
+use ssm_channel::port::{Conn, PortConfig};
 use ssm_channel::transport::Trust;
 use ssm_channel::version::PortMode;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::ssm::{finish, parse_instance_id, shutdown_signal, SsmResume};
-
-/// How long the agent has to complete the handshake after we connect.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::ssm::{finish, open_port_session, parse_instance_id, shutdown_signal};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -61,70 +56,25 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("reading the bound address")?;
 
     let trust = Trust::from_env()?;
-    let tls = trust.rustls_config()?;
     let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
     let target = match &args.remote_host {
         Some(h) => format!("{h}:{} via {}", args.remote_port, args.instance_id),
         None => format!("{}:{}", args.instance_id, args.remote_port),
     };
     eprintln!("Starting session with {} in {}...", args.instance_id, api.region());
-    let client_id = uuid::Uuid::new_v4();
-    let started =
-        api.start_port_session(&args.instance_id, args.remote_port, args.remote_host.as_deref(), client_id).await?;
-    let session_id = started.session_id.clone();
-    info!(session = %session_id, "session started");
-
-    let resume = Arc::new(SsmResume {
-        api: api.clone(),
-        session_id: session_id.clone(),
-        stream_url: started.endpoint.stream_url.clone(),
-        client_id,
-    });
-    let (conn_tx, conn_rx) = mpsc::channel::<Conn>(64);
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let shutdown: BoxFuture<'static, ()> = Box::pin(async move {
-        tokio::select! {
-            _ = shutdown_signal() => {}
-            _ = stop_rx => {}
-        }
-    });
-    let mut session = tokio::spawn(port::run(
+    let mut session = open_port_session(
+        &api,
+        &args.instance_id,
+        args.remote_port,
+        args.remote_host.as_deref(),
+        &trust,
         PortConfig::default(),
-        started.endpoint,
-        Some(tls),
-        resume,
-        conn_rx,
-        ready_tx,
-        shutdown,
-    ));
-
-    let ready = tokio::select! {
-        r = tokio::time::timeout(READY_TIMEOUT, ready_rx) => r,
-        done = &mut session => {
-            let outcome = finish(&api, &session_id, done).await;
-            return outcome.and_then(|_| bail!("the session ended before it was ready"));
-        }
-    };
-    let ready = match ready {
-        Ok(Ok(r)) => r,
-        // The session task ended before the handshake: report its own error.
-        Ok(Err(_)) => {
-            let outcome = finish(&api, &session_id, session.await).await;
-            return outcome.and_then(|_| bail!("the session ended before it was ready"));
-        }
-        Err(_) => {
-            let _ = stop_tx.send(());
-            session.abort();
-            let _ = api.terminate_session(&session_id).await;
-            bail!(
-                "the instance agent did not complete the session handshake within {}s; \
-                 check that the SSM agent on {} is running and up to date",
-                READY_TIMEOUT.as_secs(),
-                args.instance_id
-            );
-        }
-    };
+        64,
+        Box::pin(shutdown_signal()),
+    )
+    .await?;
+    let session_id = session.session_id.clone();
+    let ready = &session.ready;
     if !ready.customer_message.is_empty() {
         eprintln!("{}", ready.customer_message);
     }
@@ -134,6 +84,7 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     };
     println!("Forwarding {bound} -> {target} (session {session_id}, {mode}). Press Ctrl-C to stop.");
 
+    let conn_tx = session.conns.clone();
     let accept = tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -150,8 +101,7 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
             }
         }
     });
-    let done = session.await;
+    let done = (&mut session.task).await;
     accept.abort();
-    drop(stop_tx);
     finish(&api, &session_id, done).await
 }

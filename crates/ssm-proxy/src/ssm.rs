@@ -1,11 +1,109 @@
-//! What `forward` and `start` share: instance ids, resuming, signals and the end of
-//! a session.
+//! What `forward` and `start` share: instance ids, opening a Port session,
+//! resuming, signals and the end of a session.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::bail;
 use ssm_channel::aws::{ApiError, SsmApi};
-use ssm_channel::port::{self, BoxFuture, Resume, SessionEnd};
-use ssm_channel::transport::Endpoint;
+use ssm_channel::port::{self, BoxFuture, Conn, PortConfig, PortError, Ready, Resume, SessionEnd, Summary};
+use ssm_channel::transport::{Endpoint, Trust};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
+
+/// How long the agent has to complete the handshake after we connect.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A Port session whose handshake with the instance agent completed.
+pub struct PortSession {
+    pub session_id: String,
+    /// Our client id for this session (also sent to the agent).
+    pub client_id: uuid::Uuid,
+    pub stream_url: String,
+    pub ready: Ready,
+    /// Local connections to carry through the session.
+    pub conns: mpsc::Sender<Conn>,
+    /// The driver task; its result goes to [`finish`].
+    pub task: JoinHandle<Result<Summary, PortError>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl PortSession {
+    /// Stop the session (TerminateSession flag), wait for the driver, call the
+    /// TerminateSession API and report how it ended.
+    pub async fn close(mut self, api: &SsmApi) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let done = (&mut self.task).await;
+        finish(api, &self.session_id, done).await
+    }
+}
+
+/// StartSession for `port` on `instance` (or `host` through it), then the driver
+/// with `config`, until the agent's handshake completes. The session also ends when
+/// `also_stop` completes. On failure everything started is torn down again.
+#[allow(clippy::too_many_arguments)]
+pub async fn open_port_session(
+    api: &SsmApi,
+    instance: &str,
+    port: u16,
+    host: Option<&str>,
+    trust: &Trust,
+    config: PortConfig,
+    max_pending_conns: usize,
+    also_stop: BoxFuture<'static, ()>,
+) -> anyhow::Result<PortSession> {
+    let tls = trust.rustls_config()?;
+    let client_id = uuid::Uuid::new_v4();
+    let started = api.start_port_session(instance, port, host, client_id).await?;
+    let session_id = started.session_id.clone();
+    let stream_url = started.endpoint.stream_url.clone();
+    info!(session = %session_id, "session started");
+    let resume = Arc::new(SsmResume {
+        api: api.clone(),
+        session_id: session_id.clone(),
+        stream_url: stream_url.clone(),
+        client_id,
+    });
+    let (conn_tx, conn_rx) = mpsc::channel::<Conn>(max_pending_conns);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let shutdown: BoxFuture<'static, ()> = Box::pin(async move {
+        tokio::select! {
+            _ = also_stop => {}
+            _ = stop_rx => {}
+        }
+    });
+    let mut task = tokio::spawn(port::run(config, started.endpoint, Some(tls), resume, conn_rx, ready_tx, shutdown));
+    let ready = tokio::select! {
+        r = tokio::time::timeout(READY_TIMEOUT, ready_rx) => r,
+        done = &mut task => {
+            let outcome = finish(api, &session_id, done).await;
+            return outcome.and_then(|_| bail!("the session ended before it was ready"));
+        }
+    };
+    let ready = match ready {
+        Ok(Ok(r)) => r,
+        // The session task ended before the handshake: report its own error.
+        Ok(Err(_)) => {
+            let outcome = finish(api, &session_id, task.await).await;
+            return outcome.and_then(|_| bail!("the session ended before it was ready"));
+        }
+        Err(_) => {
+            let _ = stop_tx.send(());
+            task.abort();
+            let _ = api.terminate_session(&session_id).await;
+            bail!(
+                "the instance agent did not complete the session handshake within {}s; \
+                 check that the SSM agent on {instance} is running and up to date",
+                READY_TIMEOUT.as_secs(),
+            );
+        }
+    };
+    Ok(PortSession { session_id, client_id, stream_url, ready, conns: conn_tx, task, stop: Some(stop_tx) })
+}
 
 pub fn parse_instance_id(s: &str) -> Result<String, String> {
     let hex = s.strip_prefix("i-").or_else(|| s.strip_prefix("mi-"));

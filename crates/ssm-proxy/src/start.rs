@@ -13,19 +13,18 @@ use forwarder::client::{self, ClientConfig, ClientHandle};
 use ipnet::IpNet;
 use routing::{Journal, Route, RouteGuard};
 use ssm_channel::aws::{AwsOptions, SsmApi};
-use ssm_channel::port::{self, BoxFuture, Conn, Live, PortConfig};
+use ssm_channel::port::{Conn, Live, PortConfig};
 use ssm_channel::session::SessionConfig;
 use ssm_channel::transport::Trust;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 use tunnel::{Device, TunConfig, TunDevice};
 
 use crate::control::{self, Counter, Status};
-use crate::ssm::{finish, parse_instance_id, shutdown_signal, SsmResume};
+use crate::ssm::{finish, open_port_session, parse_instance_id, shutdown_signal};
 
 /// The ec2-agent's default loopback port on the instance.
 pub const DEFAULT_AGENT_PORT: u16 = 7301;
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -234,19 +233,8 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
 
     // The SSM session to the ec2-agent.
     let trust = Trust::from_env()?;
-    let tls = trust.rustls_config()?;
     let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
     eprintln!("Starting a session with {} in {}...", args.instance_id, api.region());
-    let client_uuid = uuid::Uuid::new_v4();
-    let started = api.start_port_session(&args.instance_id, args.agent_port, None, client_uuid).await?;
-    let session_id = started.session_id.clone();
-    let stream_url = started.endpoint.stream_url.clone();
-    let resume = Arc::new(SsmResume {
-        api: api.clone(),
-        session_id: session_id.clone(),
-        stream_url: stream_url.clone(),
-        client_id: client_uuid,
-    });
     let live = Arc::new(Mutex::new(Live::default()));
     let config = PortConfig {
         // A short in-flight window keeps the queue where FQ-CoDel can manage it.
@@ -256,42 +244,35 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         live: Some(live.clone()),
         ..PortConfig::default()
     };
-    let (conn_tx, conn_rx) = mpsc::channel::<Conn>(4);
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let session_shutdown: BoxFuture<'static, ()> = Box::pin(async move {
-        let _ = stop_rx.await;
-    });
-    let mut session =
-        tokio::spawn(port::run(config, started.endpoint, Some(tls), resume, conn_rx, ready_tx, session_shutdown));
-    let ready = tokio::select! {
-        r = tokio::time::timeout(READY_TIMEOUT, ready_rx) => r,
-        done = &mut session => {
-            finish(&api, &session_id, done).await?;
-            bail!("the session ended before it was ready");
-        }
-    };
-    if !matches!(ready, Ok(Ok(_))) {
-        let _ = stop_tx.send(());
-        let done = session.await;
-        let _ = finish(&api, &session_id, done).await;
-        bail!("the SSM agent on {} did not complete the session handshake", args.instance_id);
-    }
+    // Signals are the forwarder's to handle: it tears down routes first.
+    let mut session = open_port_session(
+        &api,
+        &args.instance_id,
+        args.agent_port,
+        None,
+        &trust,
+        config,
+        4,
+        Box::pin(std::future::pending()),
+    )
+    .await?;
+    let session_id = session.session_id.clone();
+    let client_uuid = session.client_id;
 
     // One stream through the session to the ec2-agent.
     let (local, remote) = tokio::io::duplex(64 << 10);
     let (remote_r, remote_w) = tokio::io::split(remote);
-    let _ =
-        conn_tx.send(Conn { reader: Box::new(remote_r), writer: Box::new(remote_w), label: "ec2-agent".into() }).await;
+    let _ = session
+        .conns
+        .send(Conn { reader: Box::new(remote_r), writer: Box::new(remote_w), label: "ec2-agent".into() })
+        .await;
     let (mut reader, mut writer) = tokio::io::split(local);
     let client_config = ClientConfig { client_id: *client_uuid.as_bytes(), ..ClientConfig::default() };
     let hello = client::handshake(&mut reader, &mut writer, &client_config, args.mtu).await;
     let (agent_hello, deframer) = match hello {
         Ok(h) => h,
         Err(e) => {
-            let _ = stop_tx.send(());
-            let done = session.await;
-            let _ = finish(&api, &session_id, done).await;
+            let _ = session.close(&api).await;
             bail!("{e} (instance {}, port {})", args.instance_id, args.agent_port);
         }
     };
@@ -312,7 +293,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         ipv6: Some(tunnel::ula(id)),
         mtu: args.mtu,
     })?);
-    let endpoints = endpoint_addresses(api.region(), &stream_url).await;
+    let endpoints = endpoint_addresses(api.region(), &session.stream_url).await;
     let pins = routing::endpoint_pins(&endpoints, &cidrs, &tables_now, Some(device.index()))?;
     let mut journal = journal;
     journal.set_interface(device.name())?;
@@ -404,7 +385,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     };
     let link_end = tokio::select! {
         end = client::run(device.clone(), reader, writer, deframer, &client_config, handle.clone(), shutdown) => end,
-        done = &mut session => {
+        done = &mut session.task => {
             // The session ended on its own; tear down and report it.
             control_task.abort();
             let _ = std::fs::remove_file(&sock_path);
@@ -422,9 +403,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     let errors = guard.remove_all();
     drop(guard);
     drop(device);
-    let _ = stop_tx.send(());
-    let done = session.await;
-    let result = finish(&api, &session_id, done).await;
+    let result = session.close(&api).await;
     if !errors.is_empty() {
         bail!("{} route(s) could not be removed; run `sudo ssm-proxy cleanup`", errors.len());
     }
