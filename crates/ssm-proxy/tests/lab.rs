@@ -121,6 +121,29 @@ impl Lab {
         }
     }
 
+    /// Download the vpc's test file with curl through the tunnel, check it byte for
+    /// byte (sha256), and return curl's speed in bytes per second.
+    fn fetch_blob(&self, max_secs: u32) -> f64 {
+        let file = self.dir().join("download");
+        let out = self.laptop_out(
+            "curl",
+            &[
+                "-sS",
+                "-m",
+                &max_secs.to_string(),
+                "-o",
+                file.to_str().expect("path"),
+                "-w",
+                "%{speed_download}",
+                "http://10.10.0.2:8080/blob",
+            ],
+        );
+        let speed = ok(out, "curl");
+        let got = ok(Command::new("sha256sum").arg(&file).output().expect("sha256sum"), "sha256sum");
+        assert_eq!(got.split_whitespace().next(), Some(self.log("blob.sha256").trim()), "download corrupted");
+        speed.parse().unwrap_or(0.0)
+    }
+
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir().join(name)).unwrap_or_default()
     }
@@ -198,26 +221,8 @@ fn real_clients_reach_the_vpc_through_the_tunnel() {
     assert_eq!(answer, "42");
 
     // curl: 50 MiB, byte-exact.
-    let file = lab.dir().join("download");
-    let speed = ok(
-        lab.laptop_out(
-            "curl",
-            &[
-                "-sS",
-                "-m",
-                "120",
-                "-o",
-                file.to_str().expect("path"),
-                "-w",
-                "%{speed_download}",
-                "http://10.10.0.2:8080/blob",
-            ],
-        ),
-        "curl",
-    );
-    let got = ok(Command::new("sha256sum").arg(&file).output().expect("sha256sum"), "sha256sum");
-    assert_eq!(got.split_whitespace().next(), Some(lab.log("blob.sha256").trim()), "download corrupted");
-    eprintln!("50 MiB curl through the tunnel: {:.1} MB/s", speed.parse::<f64>().unwrap_or(0.0) / 1e6);
+    let speed = lab.fetch_blob(120);
+    eprintln!("50 MiB curl through the tunnel: {:.1} MB/s", speed / 1e6);
 
     // dig over UDP and over TCP.
     for transport in ["+notcp", "+tcp"] {
@@ -346,26 +351,8 @@ fn curl_through_a_slow_lossy_link() {
     let rtt = ok(lab.laptop_out("ping", &["-c", "3", "-i", "0.2", "192.168.102.2"]), "ping aws");
     assert!(rtt.contains("rtt min/avg/max"), "{rtt}");
     let mut daemon = lab.start(&[]);
-    let file = lab.dir().join("download");
-    let speed = ok(
-        lab.laptop_out(
-            "curl",
-            &[
-                "-sS",
-                "-m",
-                "200",
-                "-o",
-                file.to_str().expect("path"),
-                "-w",
-                "%{speed_download}",
-                "http://10.10.0.2:8080/blob",
-            ],
-        ),
-        "curl",
-    );
-    let got = ok(Command::new("sha256sum").arg(&file).output().expect("sha256sum"), "sha256sum");
-    assert_eq!(got.split_whitespace().next(), Some(lab.log("blob.sha256").trim()), "download corrupted");
-    eprintln!("50 MiB over 40 ms RTT, 0.5% loss: {:.2} MB/s", speed.parse::<f64>().unwrap_or(0.0) / 1e6);
+    let speed = lab.fetch_blob(200);
+    eprintln!("50 MiB over 40 ms RTT, 0.5% loss: {:.2} MB/s", speed / 1e6);
     ok(lab.ssm_proxy(&["stop"]), "stop");
     assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success());
 }
