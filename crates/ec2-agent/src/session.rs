@@ -152,8 +152,8 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
     info!(
         client = %peer,
         tcp_flows = s.stack.opened,
-        packets_in = stats.received.packets.load(Ordering::Relaxed),
-        packets_out = stats.sent.packets.load(Ordering::Relaxed),
+        packets_in = stats.received.read().0,
+        packets_out = stats.sent.read().0,
         denied = s.denied,
         dropped_in = dropped_in.load(Ordering::Relaxed),
         "client disconnected: {end}"

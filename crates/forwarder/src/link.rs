@@ -25,6 +25,11 @@ impl Direction {
         self.packets.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
+
+    /// Packets and bytes so far.
+    pub fn read(&self) -> (u64, u64) {
+        (self.packets.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+    }
 }
 
 /// Live counters of one link end, readable at any time (for `status`).

@@ -20,6 +20,13 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+impl From<&forwarder::link::Direction> for Counter {
+    fn from(d: &forwarder::link::Direction) -> Self {
+        let (packets, bytes) = d.read();
+        Counter { packets, bytes }
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub name: String,

@@ -332,7 +332,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             session_id: session_id.clone(),
             cidrs: cidrs.iter().map(ToString::to_string).collect(),
             interface: device.name().to_string(),
-            addresses: vec![ipv4.local.to_string(), tunnel::ula(id).addr().to_string()],
+            addresses: device.addresses().iter().map(|a| a.addr().to_string()).collect(),
             agent: agent_hello.software.clone(),
             ..Status::default()
         };
@@ -343,14 +343,8 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             Status {
                 state: if l.connected { "connected".into() } else { "reconnecting".into() },
                 uptime_secs: started_at.elapsed().as_secs(),
-                sent: Counter {
-                    packets: handle.stats.sent.packets.load(Ordering::Relaxed),
-                    bytes: handle.stats.sent.bytes.load(Ordering::Relaxed),
-                },
-                received: Counter {
-                    packets: handle.stats.received.packets.load(Ordering::Relaxed),
-                    bytes: handle.stats.received.bytes.load(Ordering::Relaxed),
-                },
+                sent: Counter::from(&handle.stats.sent),
+                received: Counter::from(&handle.stats.received),
                 rtt_ms: (rtt > 0).then(|| rtt as f64 / 1000.0),
                 channel_srtt_ms: l.stats.srtt.as_secs_f64() * 1000.0,
                 retransmissions: l.stats.retransmissions,
