@@ -3,10 +3,12 @@
 //! - [`wire`]: the framing both ends speak inside the Port session (HELLO, PACKET,
 //!   PING/PONG, GOODBYE) and an incremental deframer.
 //! - [`fq`]: FQ-CoDel, so interactive flows are not stuck behind bulk transfers.
+//! - [`window`]: the ack-clocked send window that keeps queues out of the SSM path.
 //! - [`link`]: queue-draining writer and frame reader shared by both ends.
 //! - [`client`]: the laptop end, between a [`tunnel::Device`] and the stream.
 
 pub mod client;
 pub mod fq;
 pub mod link;
+pub mod window;
 pub mod wire;

@@ -1,0 +1,221 @@
+//! The send window that keeps the queue in front of the stream, where FQ-CoDel
+//! manages it, instead of inside the SSM path (SPECIFICATION.md §6.4).
+//!
+//! The peer acknowledges the PACKET bytes it has read (cumulative ACK frames).
+//! From those acks the sender keeps two estimates, in the manner of BBR: the
+//! bottleneck rate (windowed maximum of per-ack delivery-rate samples) and the
+//! path's minimum RTT. It allows `rate * (2 * min_rtt + 2 ms)` bytes in flight plus
+//! a small allowance for ack batching, so about one extra RTT plus 2 ms of data
+//! waits in the socket buffers, the SSM agent and the service. (The 2 ms are for
+//! the processing time of a busy path, which grows with the load: without it the
+//! window, not the path, would set the rate of a fast tunnel.) Every 10 s without a new minimum
+//! the window drops to [`MIN_WINDOW`] for 200 ms so that a stale minimum (and the
+//! window built on it) cannot ratchet the standing queue upwards.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Smallest window: a few full-size packets, so interactive traffic never waits.
+pub const MIN_WINDOW: usize = 16 * 1024;
+/// Window before the first rate sample.
+pub const INITIAL_WINDOW: usize = 64 * 1024;
+/// Upper bound whatever the estimates say.
+pub const MAX_WINDOW: usize = 32 << 20;
+/// Bytes in flight per byte of estimated bandwidth-delay product.
+const GAIN: f64 = 2.0;
+/// Extra delay the window allows beyond `GAIN * min_rtt`.
+const ALLOWANCE: Duration = Duration::from_millis(2);
+/// How long a rate sample counts towards the maximum.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// How long a minimum RTT stands before it is re-measured.
+const RTT_WINDOW: Duration = Duration::from_secs(10);
+/// How long the window stays at [`MIN_WINDOW`] to re-measure the RTT.
+const PROBE_TIME: Duration = Duration::from_millis(200);
+/// Rate samples kept in the max filter (older ones go first when it is full).
+const RATE_SAMPLES: usize = 256;
+
+/// What was sent in one write: enough to turn its ack into an RTT and a rate sample.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    /// Cumulative bytes once this write was sent.
+    end: u64,
+    at: Instant,
+    /// When the newest write acknowledged by then had been sent.
+    first_at: Instant,
+    /// Acked bytes and the time of the ack when this write was sent.
+    delivered: u64,
+    delivered_at: Instant,
+}
+
+#[derive(Debug)]
+pub struct Window {
+    sent: u64,
+    acked: u64,
+    /// When `acked` last moved (or when sending resumed from idle).
+    delivered_at: Instant,
+    /// When the newest acknowledged write was sent.
+    acked_sent_at: Instant,
+    writes: VecDeque<Sent>,
+    /// Bytes per second, decreasing from front to back; each with its time.
+    rates: VecDeque<(Instant, f64)>,
+    min_rtt: Option<Duration>,
+    min_rtt_at: Instant,
+    probe_until: Option<Instant>,
+    /// Minimum RTT seen during the current probe.
+    probe_min: Option<Duration>,
+    /// Added to the computed window: acks arrive in batches of up to this much.
+    slack: usize,
+    cwnd: usize,
+}
+
+impl Window {
+    /// `slack`: the most bytes the sender writes at once (its batch size).
+    pub fn new(now: Instant, slack: usize) -> Self {
+        Window {
+            sent: 0,
+            acked: 0,
+            delivered_at: now,
+            acked_sent_at: now,
+            writes: VecDeque::new(),
+            rates: VecDeque::new(),
+            min_rtt: None,
+            min_rtt_at: now,
+            probe_until: None,
+            probe_min: None,
+            slack,
+            cwnd: INITIAL_WINDOW,
+        }
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.sent - self.acked
+    }
+
+    /// Bytes that may be sent now.
+    pub fn available(&self) -> usize {
+        (self.cwnd as u64).saturating_sub(self.in_flight()) as usize
+    }
+
+    pub fn cwnd(&self) -> usize {
+        self.cwnd
+    }
+
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.min_rtt
+    }
+
+    /// Estimated bottleneck rate in bytes per second (0 before the first sample).
+    pub fn rate(&self) -> f64 {
+        self.rates.front().map_or(0.0, |r| r.1)
+    }
+
+    pub fn probing(&self) -> bool {
+        self.probe_until.is_some()
+    }
+
+    /// Record a write of `bytes` (PACKET frames, headers included).
+    pub fn on_send(&mut self, bytes: usize, now: Instant) {
+        if bytes == 0 {
+            return;
+        }
+        if self.in_flight() == 0 {
+            // Restarting from idle: the time idle is not delivery time.
+            self.delivered_at = now;
+            self.acked_sent_at = now;
+        }
+        self.sent += bytes as u64;
+        self.writes.push_back(Sent {
+            end: self.sent,
+            at: now,
+            first_at: self.acked_sent_at,
+            delivered: self.acked,
+            delivered_at: self.delivered_at,
+        });
+    }
+
+    /// Take a cumulative ack. Returns false (and ignores it) if it acknowledges
+    /// more than was sent: the peer is broken.
+    pub fn on_ack(&mut self, acked: u64, now: Instant) -> bool {
+        if acked > self.sent {
+            return false;
+        }
+        if acked > self.acked {
+            self.acked = acked;
+            self.delivered_at = now;
+            let mut newest = None;
+            while self.writes.front().is_some_and(|w| w.end <= acked) {
+                newest = self.writes.pop_front();
+            }
+            if let Some(w) = newest {
+                self.acked_sent_at = w.at;
+                self.sample(w, now);
+            }
+        }
+        self.update(now);
+        true
+    }
+
+    fn sample(&mut self, w: Sent, now: Instant) {
+        let rtt = now.saturating_duration_since(w.at);
+        // As in BBR: the longer of the send and the ack intervals, so that acks
+        // arriving in a burst do not pass for a faster path.
+        let interval = now.saturating_duration_since(w.delivered_at).max(w.at.saturating_duration_since(w.first_at));
+        if !interval.is_zero() {
+            let rate = (self.acked - w.delivered) as f64 / interval.as_secs_f64();
+            while self.rates.back().is_some_and(|r| r.1 <= rate) {
+                self.rates.pop_back();
+            }
+            if self.rates.len() == RATE_SAMPLES {
+                self.rates.pop_front();
+            }
+            self.rates.push_back((now, rate));
+        }
+        while self.rates.len() > 1
+            && self.rates.front().is_some_and(|r| now.saturating_duration_since(r.0) > RATE_WINDOW)
+        {
+            self.rates.pop_front();
+        }
+        if rtt.is_zero() {
+            return;
+        }
+        if self.probe_until.is_some() {
+            self.probe_min = Some(self.probe_min.map_or(rtt, |m| m.min(rtt)));
+        }
+        if self.min_rtt.is_none_or(|m| rtt <= m) {
+            self.min_rtt = Some(rtt);
+            self.min_rtt_at = now;
+        }
+    }
+
+    fn update(&mut self, now: Instant) {
+        match self.probe_until {
+            Some(until) if now >= until => {
+                // The probe drained the path: its minimum is the path's minimum now.
+                if let Some(m) = self.probe_min.take() {
+                    self.min_rtt = Some(m);
+                }
+                self.min_rtt_at = now;
+                self.probe_until = None;
+            }
+            None if self.min_rtt.is_some() && now.saturating_duration_since(self.min_rtt_at) > RTT_WINDOW => {
+                self.probe_until = Some(now + PROBE_TIME.max(self.min_rtt.unwrap_or_default()));
+                self.probe_min = None;
+            }
+            _ => {}
+        }
+        self.cwnd = if self.probe_until.is_some() {
+            MIN_WINDOW
+        } else {
+            match (self.min_rtt, self.rates.front()) {
+                (Some(rtt), Some(&(_, rate))) => {
+                    let allowed = GAIN * rtt.as_secs_f64() + ALLOWANCE.as_secs_f64();
+                    ((rate * allowed) as usize + self.slack).clamp(MIN_WINDOW, MAX_WINDOW)
+                }
+                _ => self.cwnd,
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests;
