@@ -59,6 +59,9 @@ struct Session {
     denied: u64,
 }
 
+/// What this agent announces in its HELLO.
+const AGENT_CAPS: u32 = caps::PING | caps::IPV6 | caps::ACK;
+
 fn ms_since(epoch: Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
 }
@@ -82,7 +85,7 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
     let reply = Hello {
         version: wire::VERSION,
         role: Role::Agent,
-        caps: caps::PING | caps::IPV6,
+        caps: AGENT_CAPS,
         mtu: config.mtu,
         client_id: hello.client_id,
         software: format!("ec2-agent {}", env!("CARGO_PKG_VERSION")),
@@ -92,6 +95,7 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
     info!(client = %peer, software = %hello.software, mtu, "client connected");
 
     let queue = TxQueue::new(FqConfig::default());
+    queue.negotiate(AGENT_CAPS, hello.caps);
     let stats = Arc::new(LinkStats::default());
     let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(64);
     let writer_task = tokio::spawn(link::write_loop(queue.clone(), ctl_rx, writer, 4096, stats.clone()));
@@ -108,6 +112,7 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
             }
         },
         ctl_tx,
+        queue.clone(),
         stats.clone(),
         epoch,
     ));
@@ -141,6 +146,7 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
             },
             Some((key, result, syn)) = ev_rx.recv() => s.connected(key, result, syn),
             () = wake.notified() => {}
+            () = queue.room() => {}
             () = sleep => {}
             _ = sweep.tick() => s.expire_udp(),
         }
@@ -149,8 +155,11 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
     let end = reading.await.unwrap_or(LinkEnd::Eof);
     queue.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+    let q = queue.stats();
     info!(
         client = %peer,
+        dropped_codel = q.dropped_codel,
+        dropped_overflow = q.dropped_overflow,
         tcp_flows = s.stack.opened,
         packets_in = stats.received.read().0,
         packets_out = stats.sent.read().0,

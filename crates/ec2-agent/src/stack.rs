@@ -61,7 +61,9 @@ impl phy::Device for LinkDevice {
     }
 
     fn transmit(&mut self, _t: smoltcp::time::Instant) -> Option<TxTok<'_>> {
-        Some(TxTok(&self.tx))
+        // Back-pressure instead of CoDel drops: the data waits in the socket
+        // buffers and smoltcp sends when the link's queue has room again.
+        self.tx.has_room().then_some(TxTok(&self.tx))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

@@ -26,6 +26,8 @@ pub struct ClientConfig {
     pub hello_timeout: Duration,
     pub client_id: [u8; 16],
     pub software: String,
+    /// Capabilities announced in the HELLO ([`caps`]).
+    pub caps: u32,
 }
 
 impl Default for ClientConfig {
@@ -37,6 +39,7 @@ impl Default for ClientConfig {
             hello_timeout: Duration::from_secs(20),
             client_id: [0; 16],
             software: format!("ssm-proxy {}", env!("CARGO_PKG_VERSION")),
+            caps: caps::PING | caps::IPV6 | caps::ACK,
         }
     }
 }
@@ -84,7 +87,7 @@ where
     let hello = Hello {
         version: wire::VERSION,
         role: Role::Client,
-        caps: caps::PING | caps::IPV6,
+        caps: config.caps,
         mtu,
         client_id: config.client_id,
         software: config.software.clone(),
@@ -105,13 +108,14 @@ where
 }
 
 /// Carry packets between `device` and the stream until either ends or `shutdown`
-/// completes (then a GOODBYE is sent). Returns how the link ended (`None`: shutdown).
+/// completes (then a GOODBYE is sent). `agent` is the HELLO [`handshake`] returned.
+/// Returns how the link ended (`None`: shutdown).
 #[allow(clippy::too_many_arguments)]
 pub async fn run<D, R, W>(
     device: Arc<D>,
     reader: R,
     writer: W,
-    deframer: Deframer,
+    (agent, deframer): (Hello, Deframer),
     config: &ClientConfig,
     handle: Arc<ClientHandle>,
     shutdown: impl Future<Output = ()>,
@@ -122,6 +126,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let epoch = Instant::now();
+    handle.queue.negotiate(config.caps, agent.caps);
     let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(64);
     let writer_task =
         tokio::spawn(link::write_loop(handle.queue.clone(), ctl_rx, writer, config.batch, handle.stats.clone()));
@@ -160,7 +165,8 @@ where
             h.device_drops.fetch_add(1, Ordering::Relaxed);
         }
     };
-    let reading = link::read_loop(reader, deframer, on_packet, ctl_tx, handle.stats.clone(), epoch);
+    let reading =
+        link::read_loop(reader, deframer, on_packet, ctl_tx, handle.queue.clone(), handle.stats.clone(), epoch);
 
     let ended = tokio::select! {
         end = reading => Some(end),

@@ -1,8 +1,10 @@
 //! One end of the packet link, shared by the forwarder and the ec2-agent: a
 //! [`TxQueue`] (FQ-CoDel) drained by [`write_loop`] into the stream, and
 //! [`read_loop`] turning the stream back into packets. PING/PONG measure the RTT.
+//! When both ends announce [`caps::ACK`], each acknowledges the PACKET bytes it has
+//! read and each writer keeps its bytes in flight within a [`Window`].
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -11,7 +13,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 use crate::fq::{FqCodel, FqConfig, QueueStats};
-use crate::wire::{self, Deframer, Frame, Reason, WireError};
+use crate::window::Window;
+use crate::wire::{self, caps, Deframer, Frame, Reason, WireError};
 
 /// Counters of one direction.
 #[derive(Debug, Default)]
@@ -41,6 +44,10 @@ pub struct LinkStats {
     pub received: Direction,
     /// Latest round-trip time of a PING, in microseconds (0 = none yet).
     pub rtt_us: AtomicU64,
+    /// The send window in bytes (0 = the peer does not acknowledge).
+    pub window: AtomicU64,
+    /// Bytes sent and not yet acknowledged.
+    pub in_flight: AtomicU64,
 }
 
 /// Packets waiting to enter the stream.
@@ -49,11 +56,61 @@ pub struct TxQueue {
     fq: Mutex<FqCodel>,
     ready: Notify,
     closed: AtomicBool,
+    /// Both ends acknowledge (set after the HELLOs, before the loops start).
+    acks: AtomicBool,
+    /// PACKET bytes the peer has acknowledged (updated by the reader).
+    peer_acked: AtomicU64,
+    /// PACKET bytes read from the peer, to acknowledge (updated by the reader).
+    received: AtomicU64,
+    /// Queued bytes above which [`TxQueue::has_room`] says no (set by the writer
+    /// from the window's rate estimate).
+    limit: AtomicUsize,
+    /// A producer found no room and waits for [`TxQueue::room`].
+    blocked: AtomicBool,
+    space: Notify,
 }
 
 impl TxQueue {
     pub fn new(config: FqConfig) -> Arc<Self> {
-        Arc::new(TxQueue { fq: Mutex::new(FqCodel::new(config)), ready: Notify::new(), closed: AtomicBool::new(false) })
+        Arc::new(TxQueue {
+            fq: Mutex::new(FqCodel::new(config)),
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+            acks: AtomicBool::new(false),
+            peer_acked: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            limit: AtomicUsize::new(usize::MAX),
+            blocked: AtomicBool::new(false),
+            space: Notify::new(),
+        })
+    }
+
+    /// For producers that can hold their packets back (the agent's TCP stack):
+    /// whether the queue wants more now. Holding back instead of queueing keeps
+    /// CoDel from dropping what a local sender would only have to resend; such a
+    /// producer waits for [`TxQueue::room`] after a `false`.
+    pub fn has_room(&self) -> bool {
+        if self.lock().bytes() < self.limit.load(Ordering::Relaxed) {
+            return true;
+        }
+        self.blocked.store(true, Ordering::Release);
+        false
+    }
+
+    /// Completes once the writer has taken packets after [`TxQueue::has_room`]
+    /// said no.
+    pub async fn room(&self) {
+        self.space.notified().await;
+    }
+
+    /// Turn on acknowledgements and the send window if both HELLOs carry
+    /// [`caps::ACK`]. Call before starting the loops.
+    pub fn negotiate(&self, ours: u32, theirs: u32) {
+        self.acks.store(ours & theirs & caps::ACK != 0, Ordering::Release);
+    }
+
+    pub fn acks(&self) -> bool {
+        self.acks.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> MutexGuard<'_, FqCodel> {
@@ -81,7 +138,9 @@ impl TxQueue {
 }
 
 /// Write queued packets (coalesced, at most `batch` bytes per write) and control
-/// frames into `writer` until the queue is closed; then a GOODBYE.
+/// frames into `writer` until the queue is closed; then a GOODBYE. With acks on,
+/// an ACK goes out whenever more has been read, and packets only while the
+/// window has room.
 pub async fn write_loop<W: AsyncWrite + Unpin>(
     queue: Arc<TxQueue>,
     mut control: mpsc::Receiver<Frame>,
@@ -90,18 +149,68 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
     stats: Arc<LinkStats>,
 ) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(batch + wire::MAX_BODY);
+    let acks = queue.acks();
+    let mut window = Window::new(Instant::now(), batch);
+    let mut ack_sent = 0u64;
+    // A bare ACK waits up to ACK_DELAY for data to ride on (the request/response
+    // case), unless ACK_EVERY bytes are unacknowledged.
+    let mut ack_due: Option<Instant> = None;
+    let mut logged = Instant::now();
     loop {
         out.clear();
         while let Ok(f) = control.try_recv() {
             wire::encode(&f, &mut out);
         }
-        {
+        let now = Instant::now();
+        let room = if acks {
+            if !window.on_ack(queue.peer_acked.load(Ordering::Acquire), now) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the peer acknowledged more than was sent",
+                ));
+            }
+            window.available().min(batch)
+        } else {
+            batch
+        };
+        let mut packet_bytes = 0;
+        if room > 0 {
             let mut fq = queue.lock();
-            let now = Instant::now();
-            while out.len() < batch {
+            while packet_bytes < room {
                 let Some(p) = fq.dequeue(now) else { break };
                 stats.sent.add(p.len());
+                packet_bytes += wire::HEADER_LEN + p.len();
                 wire::encode_packet(&p, &mut out);
+            }
+        }
+        if packet_bytes > 0 && queue.blocked.swap(false, Ordering::AcqRel) {
+            queue.space.notify_one();
+        }
+        if acks {
+            window.on_send(packet_bytes, now);
+            // Let producers that can wait keep about HOLD of sending queued.
+            let hold = (window.rate() * HOLD.as_secs_f64()) as usize;
+            queue.limit.store(hold.clamp(MIN_HOLD, MAX_HOLD), Ordering::Relaxed);
+            stats.window.store(window.cwnd() as u64, Ordering::Relaxed);
+            stats.in_flight.store(window.in_flight(), Ordering::Relaxed);
+            if now.duration_since(logged) >= Duration::from_secs(1) && packet_bytes > 0 {
+                logged = now;
+                tracing::debug!(
+                    window = window.cwnd(),
+                    in_flight = window.in_flight(),
+                    rate = window.rate() as u64,
+                    min_rtt_us = window.min_rtt().map_or(0, |d| d.as_micros() as u64),
+                    probing = window.probing(),
+                    "send window"
+                );
+            }
+            let unacked = queue.received.load(Ordering::Acquire) - ack_sent;
+            if unacked > 0 && (!out.is_empty() || unacked >= ACK_EVERY || ack_due.is_some_and(|d| now >= d)) {
+                ack_sent += unacked;
+                wire::encode(&Frame::Ack(ack_sent), &mut out);
+                ack_due = None;
+            } else if unacked > 0 && ack_due.is_none() {
+                ack_due = Some(now + ACK_DELAY);
             }
         }
         if !out.is_empty() {
@@ -116,8 +225,15 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             let _ = writer.flush().await;
             return Ok(());
         }
+        let ack_timer = async {
+            match ack_due {
+                Some(due) => tokio::time::sleep_until(due.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = queue.ready.notified() => {}
+            () = ack_timer => {}
             f = control.recv() => match f {
                 Some(f) => {
                     out.clear();
@@ -133,6 +249,17 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
         }
     }
 }
+
+/// How much sending time a producer that can wait ([`TxQueue::has_room`]) keeps
+/// queued: less than CoDel's 5 ms target, so its packets are not dropped.
+const HOLD: Duration = Duration::from_millis(3);
+const MIN_HOLD: usize = 4096;
+const MAX_HOLD: usize = 1 << 20;
+
+/// Unacknowledged bytes that make an ACK go out at once.
+const ACK_EVERY: u64 = 4096;
+/// How long a bare ACK may wait for data to carry it.
+const ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// How a link ended.
 #[derive(Debug, thiserror::Error)]
@@ -150,23 +277,32 @@ pub enum LinkEnd {
 }
 
 /// Read frames until the stream ends: packets go to `on_packet`, PINGs are answered
-/// through `control`, PONGs update the RTT.
+/// through `control`, PONGs update the RTT, ACKs open `queue`'s window, and what
+/// was read is acknowledged through `queue`'s writer.
 pub async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: R,
     mut deframer: Deframer,
     mut on_packet: impl FnMut(Bytes),
     control: mpsc::Sender<Frame>,
+    queue: Arc<TxQueue>,
     stats: Arc<LinkStats>,
     epoch: Instant,
 ) -> LinkEnd {
     let mut buf = vec![0u8; 64 * 1024];
+    let acks = queue.acks();
     loop {
+        let mut read = 0u64;
         loop {
             match deframer.next_frame() {
                 Ok(None) => break,
                 Ok(Some(Frame::Packet(p))) => {
                     stats.received.add(p.len());
+                    read += (wire::HEADER_LEN + p.len()) as u64;
                     on_packet(p);
+                }
+                Ok(Some(Frame::Ack(n))) => {
+                    queue.peer_acked.fetch_max(n, Ordering::AcqRel);
+                    queue.ready.notify_one();
                 }
                 Ok(Some(Frame::Ping(t))) => {
                     let _ = control.try_send(Frame::Pong(t));
@@ -179,6 +315,10 @@ pub async fn read_loop<R: AsyncRead + Unpin>(
                 Ok(Some(Frame::Hello(_))) => return LinkEnd::UnexpectedHello,
                 Err(e) => return LinkEnd::Wire(e),
             }
+        }
+        if acks && read > 0 {
+            queue.received.fetch_add(read, Ordering::AcqRel);
+            queue.ready.notify_one();
         }
         match reader.read(&mut buf).await {
             Ok(0) => return LinkEnd::Eof,

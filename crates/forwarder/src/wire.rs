@@ -19,6 +19,7 @@ pub const T_PACKET: u8 = 0x02;
 pub const T_PING: u8 = 0x03;
 pub const T_PONG: u8 = 0x04;
 pub const T_GOODBYE: u8 = 0x05;
+pub const T_ACK: u8 = 0x06;
 
 /// Who sent a HELLO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +34,9 @@ pub mod caps {
     pub const PING: u32 = 1 << 0;
     /// IPv6 packets are forwarded.
     pub const IPV6: u32 = 1 << 1;
+    /// The sender acknowledges PACKET bytes with ACK frames and limits its own
+    /// bytes in flight by the peer's ACKs (used only when both sides set it).
+    pub const ACK: u32 = 1 << 2;
 }
 
 /// Optional HELLO fields, as `type: u8, length: u8, value`.
@@ -85,7 +89,12 @@ pub enum Frame {
     Packet(Bytes),
     Ping(u64),
     Pong(u64),
-    Goodbye { reason: Reason, message: String },
+    /// Cumulative bytes of PACKET frames (headers included) read so far.
+    Ack(u64),
+    Goodbye {
+        reason: Reason,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,6 +134,10 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
         Frame::Pong(t) => {
             put_header(out, T_PONG, 8);
             out.put_u64(*t);
+        }
+        Frame::Ack(n) => {
+            put_header(out, T_ACK, 8);
+            out.put_u64(*n);
         }
         Frame::Goodbye { reason, message } => {
             let msg = &message.as_bytes()[..message.len().min(MAX_BODY - 1)];
@@ -255,8 +268,8 @@ impl Deframer {
         // Check what can be checked before the body arrives.
         match kind {
             T_HELLO | T_PACKET | T_GOODBYE => {}
-            T_PING | T_PONG if len == 8 => {}
-            T_PING | T_PONG => return Err(WireError::BadLength { kind, len, expected: "8" }),
+            T_PING | T_PONG | T_ACK if len == 8 => {}
+            T_PING | T_PONG | T_ACK => return Err(WireError::BadLength { kind, len, expected: "8" }),
             other => return Err(WireError::UnknownType(other)),
         }
         if self.buf.len() < HEADER_LEN + len {
@@ -269,6 +282,7 @@ impl Deframer {
             T_PACKET => Frame::Packet(body),
             T_PING => Frame::Ping(u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8]))),
             T_PONG => Frame::Pong(u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8]))),
+            T_ACK => Frame::Ack(u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8]))),
             T_HELLO => Frame::Hello(decode_hello(&body)?),
             _ => {
                 let Some((&r, msg)) = body.split_first() else {

@@ -57,6 +57,9 @@ pub struct Status {
     pub dropped_device: u64,
     pub queue_delay_ms: f64,
     pub queue_delay_max_ms: f64,
+    /// Send window towards the agent and bytes in it now (0: the agent does not acknowledge).
+    pub window_bytes: u64,
+    pub in_flight_bytes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -201,7 +204,8 @@ pub fn render(s: &Status) -> String {
          sent       {sp} packets, {sb}\n  \
          received   {rp} packets, {rb}\n  \
          rtt        {rtt} (channel srtt {srtt:.1} ms), {retx} retransmissions, {rec} reconnects\n  \
-         queue      delay {qd:.1} ms (max {qm:.1} ms), dropped {dc} (CoDel) + {dov} (overflow) + {dd} (device)",
+         queue      delay {qd:.1} ms (max {qm:.1} ms), dropped {dc} (CoDel) + {dov} (overflow) + {dd} (device)\n  \
+         window     {win}, {infl} in flight",
         name = s.name,
         pid = s.pid,
         state = s.state,
@@ -227,6 +231,8 @@ pub fn render(s: &Status) -> String {
         dc = s.dropped_codel,
         dov = s.dropped_overflow,
         dd = s.dropped_device,
+        win = if s.window_bytes == 0 { "off (agent without acks)".to_string() } else { human_bytes(s.window_bytes) },
+        infl = human_bytes(s.in_flight_bytes),
     )
 }
 

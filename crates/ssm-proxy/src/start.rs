@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use forwarder::client::{self, ClientConfig, ClientHandle};
+use forwarder::wire;
 use ipnet::IpNet;
 use routing::{Journal, Route, RouteGuard};
 use ssm_channel::aws::{AwsOptions, SsmApi};
@@ -237,8 +238,9 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     eprintln!("Starting a session with {} in {}...", args.instance_id, api.region());
     let live = Arc::new(Mutex::new(Live::default()));
     let config = PortConfig {
-        // A short in-flight window keeps the queue where FQ-CoDel can manage it.
-        session: SessionConfig { max_in_flight: 128, ..SessionConfig::default() },
+        // The forwarder's own send window keeps queues short (SPECIFICATION §6.4),
+        // so the channel's in-flight limit only has to cover long, fast paths.
+        session: SessionConfig::default(),
         max_backlog: 16 << 10,
         read_chunk: 16 << 10,
         live: Some(live.clone()),
@@ -269,14 +271,14 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     let (mut reader, mut writer) = tokio::io::split(local);
     let client_config = ClientConfig { client_id: *client_uuid.as_bytes(), ..ClientConfig::default() };
     let hello = client::handshake(&mut reader, &mut writer, &client_config, args.mtu).await;
-    let (agent_hello, deframer) = match hello {
+    let agent = match hello {
         Ok(h) => h,
         Err(e) => {
             let _ = session.close(&api).await;
             bail!("{e} (instance {}, port {})", args.instance_id, args.agent_port);
         }
     };
-    info!(agent = %agent_hello.software, "ec2-agent answered");
+    info!(agent = %agent.0.software, acks = agent.0.caps & wire::caps::ACK != 0, "ec2-agent answered");
 
     // Device and routes.
     let tables_now = table.list()?;
@@ -333,7 +335,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             cidrs: cidrs.iter().map(ToString::to_string).collect(),
             interface: device.name().to_string(),
             addresses: device.addresses().iter().map(|a| a.addr().to_string()).collect(),
-            agent: agent_hello.software.clone(),
+            agent: agent.0.software.clone(),
             ..Status::default()
         };
         move || {
@@ -354,6 +356,8 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
                 dropped_device: handle.device_drops.load(Ordering::Relaxed),
                 queue_delay_ms: q.last_delay.as_secs_f64() * 1000.0,
                 queue_delay_max_ms: q.max_delay.as_secs_f64() * 1000.0,
+                window_bytes: handle.stats.window.load(Ordering::Relaxed),
+                in_flight_bytes: handle.stats.in_flight.load(Ordering::Relaxed),
                 ..base.clone()
             }
         }
@@ -378,7 +382,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         }
     };
     let link_end = tokio::select! {
-        end = client::run(device.clone(), reader, writer, deframer, &client_config, handle.clone(), shutdown) => end,
+        end = client::run(device.clone(), reader, writer, agent, &client_config, handle.clone(), shutdown) => end,
         done = &mut session.task => {
             // The session ended on its own; tear down and report it.
             control_task.abort();

@@ -19,6 +19,7 @@ fn all_frames() -> Vec<Frame> {
         Frame::Packet(Bytes::from_static(&[0x45, 0, 0, 20, 1, 2, 3])),
         Frame::Ping(0x0102_0304_0506_0708),
         Frame::Pong(u64::MAX),
+        Frame::Ack(1 << 40),
         Frame::Goodbye { reason: Reason::Shutdown, message: "agent stopping".into() },
         Frame::Packet(Bytes::from(vec![0x60; 1400])),
     ]
@@ -68,6 +69,13 @@ fn packet_frame_is_three_bytes_of_overhead() {
 }
 
 #[test]
+fn ack_frame_bytes_are_as_specified() {
+    let mut out = BytesMut::new();
+    encode(&Frame::Ack(0x0102_0304_0506_0708), &mut out);
+    assert_eq!(&out[..], &[T_ACK, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+}
+
+#[test]
 fn unknown_hello_options_are_skipped() {
     let mut out = BytesMut::new();
     encode(&Frame::Hello(Hello { software: String::new(), resolvers: vec![], ..hello() }), &mut out);
@@ -84,6 +92,7 @@ fn bad_streams_are_named_errors() {
     let cases: Vec<(Vec<u8>, WireError)> = vec![
         (vec![0x09, 0, 0], WireError::UnknownType(9)),
         (vec![T_PING, 0, 4, 1, 2, 3, 4], WireError::BadLength { kind: T_PING, len: 4, expected: "8" }),
+        (vec![T_ACK, 0, 2, 1, 2], WireError::BadLength { kind: T_ACK, len: 2, expected: "8" }),
         (vec![T_PACKET, 0, 0], WireError::EmptyPacket),
         (vec![T_GOODBYE, 0, 1, 77], WireError::BadReason(77)),
         (
