@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::SplitStream;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -317,41 +317,24 @@ pub async fn run(
 
         tokio::select! {
             msg = next_ws(&mut ws_rx) => {
-                let now = Instant::now();
-                match msg {
-                    Some(Ok(WsMessage::Binary(b))) => {
-                        received_any = true;
-                        if tracing::enabled!(tracing::Level::TRACE) {
-                            trace_frame("in", &b);
+                // Take whatever else has already arrived before writing, so the
+                // acks for a burst of messages leave in one write.
+                let mut msg = msg;
+                for taken in 1.. {
+                    match on_ws_message(&mut core, msg, first_connection, &mut received_any) {
+                        WsOutcome::Handled => {}
+                        WsOutcome::Lost => {
+                            ws_rx = None;
+                            break;
                         }
-                        if let Err(e) = core.session.handle_frame(now.into_std(), &b) {
-                            debug!("dropped frame: {e}");
-                        }
+                        WsOutcome::Rejected(e) => return Err(e),
                     }
-                    Some(Ok(WsMessage::Text(t))) => {
-                        received_any = true;
-                        if let Err(e) = core.session.handle_frame(now.into_std(), t.as_bytes()) {
-                            debug!("dropped text frame: {e}");
-                        }
+                    if taken == WS_BURST {
+                        break;
                     }
-                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
-                    Some(Ok(WsMessage::Close(frame))) => {
-                        let (code, reason) = frame
-                            .map(|f| (u16::from(f.code), f.reason.to_string()))
-                            .unwrap_or((1005, String::new()));
-                        if first_connection && !received_any && code == u16::from(CloseCode::Unsupported) {
-                            return Err(PortError::TokenRejected { code, reason });
-                        }
-                        info!(code, %reason, "service closed the websocket; reconnecting");
-                        ws_rx = None;
-                    }
-                    Some(Err(e)) => {
-                        info!("websocket error: {e}; reconnecting");
-                        ws_rx = None;
-                    }
-                    None => {
-                        info!("websocket ended; reconnecting");
-                        ws_rx = None;
+                    match ws_rx.as_mut().and_then(|r| r.next().now_or_never()) {
+                        Some(next) => msg = next,
+                        None => break,
                     }
                 }
             }
@@ -402,6 +385,61 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Most websocket messages handled in one turn of the driver loop.
+const WS_BURST: usize = 64;
+
+enum WsOutcome {
+    Handled,
+    /// The websocket is gone: reconnect.
+    Lost,
+    Rejected(PortError),
+}
+
+fn on_ws_message(
+    core: &mut Core,
+    msg: Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
+    first_connection: bool,
+    received_any: &mut bool,
+) -> WsOutcome {
+    let now = Instant::now();
+    match msg {
+        Some(Ok(WsMessage::Binary(b))) => {
+            *received_any = true;
+            if tracing::enabled!(tracing::Level::TRACE) {
+                trace_frame("in", &b);
+            }
+            if let Err(e) = core.session.handle_frame(now.into_std(), &b) {
+                debug!("dropped frame: {e}");
+            }
+        }
+        Some(Ok(WsMessage::Text(t))) => {
+            *received_any = true;
+            if let Err(e) = core.session.handle_frame(now.into_std(), t.as_bytes()) {
+                debug!("dropped text frame: {e}");
+            }
+        }
+        Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
+        Some(Ok(WsMessage::Close(frame))) => {
+            let (code, reason) =
+                frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+            if first_connection && !*received_any && code == u16::from(CloseCode::Unsupported) {
+                return WsOutcome::Rejected(PortError::TokenRejected { code, reason });
+            }
+            info!(code, %reason, "service closed the websocket; reconnecting");
+            return WsOutcome::Lost;
+        }
+        Some(Err(e)) => {
+            info!("websocket error: {e}; reconnecting");
+            return WsOutcome::Lost;
+        }
+        None => {
+            info!("websocket ended; reconnecting");
+            return WsOutcome::Lost;
+        }
+    }
+    WsOutcome::Handled
 }
 
 fn trace_frame(dir: &str, frame: &[u8]) {

@@ -170,6 +170,8 @@ pub async fn finish(
         sent = summary.stats.bytes_sent,
         received = summary.stats.bytes_received,
         retransmissions = summary.stats.retransmissions,
+        out_of_order = summary.stats.out_of_order_received,
+        duplicates = summary.stats.duplicates_received,
         reconnects = summary.reconnects,
         "session summary"
     );

@@ -176,6 +176,25 @@ async fn sixty_four_mib_echo(profile: Profile, faults: Faults) {
     assert!(err.contains("ended"), "no clean end message:\n{err}");
 }
 
+/// On a clean link nothing may go missing between the websocket and the session:
+/// a message lost on our side shows up as later ones arriving out of order (and
+/// as the agent's resends, which cost 100 ms each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_link_delivers_every_message_in_order_the_first_time() {
+    let echo = echo_server().await;
+    let config = Config { profile: Profile::Fast, ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
+    let emulator = emulator(config).await;
+    let (guard, addr, stderr) = spawn_forward(&emulator, echo.port());
+    let tasks: Vec<_> = (0..4u64).map(|i| tokio::spawn(echo_round_trip(addr, i, 4 << 20))).collect();
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t).await.expect("echo within 2 minutes").expect("echo task");
+    }
+    let err = stop(guard, stderr);
+    let summary = err.lines().find(|l| l.contains("session summary")).unwrap_or_else(|| panic!("no summary:\n{err}"));
+    assert!(summary.contains("out_of_order=0"), "{summary}");
+    assert!(summary.contains("duplicates=0"), "{summary}");
+}
+
 /// Full speed (no pacing): a drop is repaired by the agent's head-only resend
 /// at 10 messages per second, so the drop rate is one the upstream design can
 /// sustain at this speed; duplicates and reordering cost nothing to repair.
