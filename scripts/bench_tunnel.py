@@ -10,6 +10,7 @@ on the clean link and on a 40 ms RTT link (netem-lite, 20 ms each way). Prints a
 Markdown table. Numbers, not asserts.
 
   sudo scripts/bench_tunnel.py [--seconds 10] [--bin target/release] [--quick]
+                               [--paths "tunnel fast,tunnel stock"] [--links clean]
 """
 import argparse
 import os
@@ -170,6 +171,8 @@ def main():
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release"))
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="clean link and fast profile only")
+    ap.add_argument("--paths", help="comma-separated subset of: direct, openvpn-tcp, tunnel fast, tunnel stock")
+    ap.add_argument("--links", help="comma-separated subset of: clean, 40ms")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (network namespaces)")
@@ -183,10 +186,17 @@ def main():
         if not os.path.exists(os.path.join(bin_dir, b)):
             sys.exit(f"bench: {b} is missing in {bin_dir}: cargo build --release --bins")
     links = [("clean", "")] if a.quick else [("clean", ""), ("40 ms RTT", "20 0")]
+    if a.links:
+        want = a.links.replace(" ", "").split(",")
+        links = [l for l in [("clean", ""), ("40 ms RTT", "20 0")] if l[0].split(" ")[0] + ("ms" if l[1] else "") in want
+                 or l[0] in want]
+    paths = ["direct", "openvpn-tcp", "tunnel fast"] + ([] if a.quick else ["tunnel stock"])
+    if a.paths:
+        paths = [p.strip() for p in a.paths.split(",")]
     rows = []
     try:
         for link, impair in links:
-            for what in (["direct", "openvpn-tcp", "tunnel fast"] + ([] if a.quick else ["tunnel stock"])):
+            for what in paths:
                 profile = "stock" if what == "tunnel stock" else "fast"
                 print(f"bench: {what} on the {link} link...", file=sys.stderr)
                 lab_up(bin_dir, profile, impair)
