@@ -57,6 +57,9 @@ struct Session {
     events: mpsc::Sender<(FlowKey, std::io::Result<TcpStream>, Bytes)>,
     epoch: Instant,
     denied: u64,
+    /// The client's tunnel resolver addresses (from its HELLO).
+    dns: Vec<IpAddr>,
+    dns_queries: u64,
 }
 
 /// What this agent announces in its HELLO.
@@ -90,6 +93,7 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
         client_id: hello.client_id,
         software: format!("ec2-agent {}", env!("CARGO_PKG_VERSION")),
         resolvers: config.resolvers.clone(),
+        dns: Vec::new(),
     };
     link::write_frame(&mut writer, &Frame::Hello(reply)).await?;
     info!(client = %peer, software = %hello.software, mtu, "client connected");
@@ -128,6 +132,8 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
         events: ev_tx,
         epoch,
         denied: 0,
+        dns: hello.dns.clone(),
+        dns_queries: 0,
     };
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
     let mut delay = None;
@@ -164,6 +170,7 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
         packets_in = stats.received.read().0,
         packets_out = stats.sent.read().0,
         denied = s.denied,
+        dns_flows = s.dns_queries,
         dropped_in = dropped_in.load(Ordering::Relaxed),
         "client disconnected: {end}"
     );
@@ -198,6 +205,24 @@ impl Session {
         false
     }
 
+    /// Where a new flow to `dst` really goes. DNS sent to the client's tunnel
+    /// resolver address goes to the instance's own resolver, whatever the policy
+    /// says about that address (it is often link-local, 169.254.169.253); anything
+    /// else goes where it is addressed if the policy allows. `None`: refused and
+    /// answered.
+    fn target(&mut self, raw: &[u8], p: &packet::Parsed<'_>, dst: SocketAddr, what: &str) -> Option<SocketAddr> {
+        if dst.port() == 53 && self.dns.contains(&dst.ip()) {
+            if let Some(&resolver) = self.config.resolvers.first() {
+                self.dns_queries += 1;
+                return Some(SocketAddr::new(resolver, 53));
+            }
+            warn!(src = %p.src, "DNS through the tunnel asked for, but this instance has no resolver in /etc/resolv.conf");
+            self.reply(packet::unreachable(raw, p, Unreachable::Host));
+            return None;
+        }
+        self.permitted(raw, p, what).then_some(dst)
+    }
+
     fn handle_packet(&mut self, raw: Bytes) {
         let Some(p) = packet::parse(&raw) else {
             debug!(len = raw.len(), "not an IP packet; dropped");
@@ -211,9 +236,7 @@ impl Session {
                 } else if self.connecting.contains_key(&key) {
                     // A retransmitted SYN while we dial: the first one is kept.
                 } else if syn && !ack {
-                    if !self.permitted(&raw, &p, "TCP connection") {
-                        return;
-                    }
+                    let Some(target) = self.target(&raw, &p, key.1, "TCP connection") else { return };
                     if self.stack.flow_count() + self.connecting.len() >= self.config.max_tcp_flows {
                         warn!(dst = %key.1, "too many TCP connections for this client; refused");
                         self.reply(packet::tcp_reset(&p));
@@ -223,7 +246,7 @@ impl Session {
                     let events = self.events.clone();
                     let timeout = self.config.connect_timeout;
                     tokio::spawn(async move {
-                        let r = match tokio::time::timeout(timeout, TcpStream::connect(key.1)).await {
+                        let r = match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
                             Ok(r) => r,
                             Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
                         };
@@ -237,10 +260,8 @@ impl Session {
             L4::Udp { sport, dport, payload } => {
                 let key = flow_key(p.src, sport, p.dst, dport);
                 if !self.udp.contains_key(&key) {
-                    if !self.permitted(&raw, &p, "UDP flow") {
-                        return;
-                    }
-                    match self.open_udp(key) {
+                    let Some(target) = self.target(&raw, &p, key.1, "UDP flow") else { return };
+                    match self.open_udp(key, target) {
                         Ok(flow) => {
                             self.udp.insert(key, flow);
                         }
@@ -292,11 +313,12 @@ impl Session {
         }
     }
 
-    fn open_udp(&self, key: FlowKey) -> std::io::Result<UdpFlow> {
-        let bind: SocketAddr = if key.1.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }
+    /// A UDP flow for `key`, whose datagrams go to `target` (normally `key.1`).
+    fn open_udp(&self, key: FlowKey, target: SocketAddr) -> std::io::Result<UdpFlow> {
+        let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }
             .map_err(|_| std::io::Error::other("bind address"))?;
         let std_sock = std::net::UdpSocket::bind(bind)?;
-        std_sock.connect(key.1)?;
+        std_sock.connect(target)?;
         std_sock.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(std_sock)?;
         let last = Arc::new(AtomicU64::new(ms_since(self.epoch)));

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tunnel::Device;
 
+use crate::dns::{SplitDns, Verdict};
 use crate::fq::FqConfig;
 use crate::link::{self, LinkEnd, LinkStats, TxQueue};
 use crate::wire::{self, caps, Deframer, Frame, Hello, Reason, Role};
@@ -28,6 +29,9 @@ pub struct ClientConfig {
     pub software: String,
     /// Capabilities announced in the HELLO ([`caps`]).
     pub caps: u32,
+    /// Split DNS: the tunnel resolver's addresses (announced in the HELLO) and the
+    /// domains allowed through it.
+    pub dns: Option<Arc<SplitDns>>,
 }
 
 impl Default for ClientConfig {
@@ -40,6 +44,7 @@ impl Default for ClientConfig {
             client_id: [0; 16],
             software: format!("ssm-proxy {}", env!("CARGO_PKG_VERSION")),
             caps: caps::PING | caps::IPV6 | caps::ACK,
+            dns: None,
         }
     }
 }
@@ -92,6 +97,7 @@ where
         client_id: config.client_id,
         software: config.software.clone(),
         resolvers: Vec::new(),
+        dns: config.dns.as_ref().map(|d| d.addresses().to_vec()).unwrap_or_default(),
     };
     let exchange = async {
         link::write_frame(writer, &Frame::Hello(hello)).await.map_err(|e| HandshakeError::Protocol(e.to_string()))?;
@@ -132,15 +138,25 @@ where
         tokio::spawn(link::write_loop(handle.queue.clone(), ctl_rx, writer, config.batch, handle.stats.clone()));
     let pinger = tokio::spawn(link::ping_loop(ctl_tx.clone(), config.ping_every, epoch));
 
-    // Device -> queue.
+    // Device -> queue (DNS for other domains is answered right here).
     let dev = device.clone();
     let queue = handle.queue.clone();
+    let dns = config.dns.clone();
     let tun_reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         loop {
             match dev.recv(&mut buf).await {
                 Ok(0) => continue,
-                Ok(n) => queue.push(Bytes::copy_from_slice(&buf[..n])),
+                Ok(n) => match dns.as_ref().map(|d| d.inspect(&buf[..n])) {
+                    Some(Verdict::Answer(reply)) => {
+                        if !reply.is_empty() {
+                            if let Err(e) = dev.send(&reply).await {
+                                tracing::debug!("the device refused a DNS answer: {e}");
+                            }
+                        }
+                    }
+                    _ => queue.push(Bytes::copy_from_slice(&buf[..n])),
+                },
                 Err(e) => {
                     tracing::error!("reading the tunnel device failed: {e}");
                     return;

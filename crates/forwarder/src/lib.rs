@@ -5,9 +5,11 @@
 //! - [`fq`]: FQ-CoDel, so interactive flows are not stuck behind bulk transfers.
 //! - [`window`]: the ack-clocked send window that keeps queues out of the SSM path.
 //! - [`link`]: queue-draining writer and frame reader shared by both ends.
+//! - [`dns`]: split DNS on the laptop end (only configured domains go through).
 //! - [`client`]: the laptop end, between a [`tunnel::Device`] and the stream.
 
 pub mod client;
+pub mod dns;
 pub mod fq;
 pub mod link;
 pub mod window;

@@ -45,6 +45,9 @@ pub mod tlv {
     pub const SOFTWARE: u8 = 1;
     /// A DNS resolver the agent forwards to (4 or 16 address bytes); repeatable.
     pub const RESOLVER: u8 = 2;
+    /// An address inside the tunnel where the client sends DNS queries that the
+    /// agent should pass to its resolver (4 or 16 bytes); repeatable, client only.
+    pub const DNS_ADDRESS: u8 = 3;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +61,8 @@ pub struct Hello {
     pub client_id: [u8; 16],
     pub software: String,
     pub resolvers: Vec<std::net::IpAddr>,
+    /// Where the client sends tunnel DNS queries ([`tlv::DNS_ADDRESS`]).
+    pub dns: Vec<std::net::IpAddr>,
 }
 
 /// Why a side says GOODBYE.
@@ -160,8 +165,10 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
                 body.put_u8(s.len() as u8);
                 body.put_slice(s);
             }
-            for r in &h.resolvers {
-                body.put_u8(tlv::RESOLVER);
+            let addrs =
+                h.resolvers.iter().map(|a| (tlv::RESOLVER, a)).chain(h.dns.iter().map(|a| (tlv::DNS_ADDRESS, a)));
+            for (t, r) in addrs {
+                body.put_u8(t);
                 match r {
                     std::net::IpAddr::V4(a) => {
                         body.put_u8(4);
@@ -207,7 +214,8 @@ fn decode_hello(mut b: &[u8]) -> Result<Hello, WireError> {
     let mtu = b.get_u16();
     let mut client_id = [0u8; 16];
     b.copy_to_slice(&mut client_id);
-    let mut hello = Hello { version, role, caps, mtu, client_id, software: String::new(), resolvers: Vec::new() };
+    let mut hello =
+        Hello { version, role, caps, mtu, client_id, software: String::new(), resolvers: Vec::new(), dns: Vec::new() };
     while !b.is_empty() {
         if b.len() < 2 {
             return Err(WireError::BadHello("truncated option"));
@@ -220,15 +228,22 @@ fn decode_hello(mut b: &[u8]) -> Result<Hello, WireError> {
         let v = &b[..l];
         match t {
             tlv::SOFTWARE => hello.software = String::from_utf8_lossy(v).into_owned(),
-            tlv::RESOLVER => match l {
-                4 => hello.resolvers.push(std::net::Ipv4Addr::new(v[0], v[1], v[2], v[3]).into()),
-                16 => {
-                    let mut o = [0u8; 16];
-                    o.copy_from_slice(v);
-                    hello.resolvers.push(std::net::Ipv6Addr::from(o).into());
+            tlv::RESOLVER | tlv::DNS_ADDRESS => {
+                let addr: std::net::IpAddr = match l {
+                    4 => std::net::Ipv4Addr::new(v[0], v[1], v[2], v[3]).into(),
+                    16 => {
+                        let mut o = [0u8; 16];
+                        o.copy_from_slice(v);
+                        std::net::Ipv6Addr::from(o).into()
+                    }
+                    _ => return Err(WireError::BadHello("address option of odd length")),
+                };
+                if t == tlv::RESOLVER {
+                    hello.resolvers.push(addr);
+                } else {
+                    hello.dns.push(addr);
                 }
-                _ => return Err(WireError::BadHello("resolver address of odd length")),
-            },
+            }
             // Unknown options are skipped: later versions may add some.
             _ => {}
         }

@@ -10,6 +10,7 @@ fn hello() -> Hello {
         client_id: [7; 16],
         software: "ssm-proxy 0.1.0".into(),
         resolvers: vec!["10.0.0.2".parse().expect("addr"), "fd00:ec2::253".parse().expect("addr")],
+        dns: vec!["100.127.0.2".parse().expect("addr")],
     }
 }
 
@@ -48,9 +49,14 @@ fn every_frame_round_trips() {
 #[test]
 fn hello_bytes_are_as_specified() {
     let mut out = BytesMut::new();
-    let h = Hello { software: "x".into(), resolvers: vec!["10.0.0.2".parse().expect("addr")], ..hello() };
+    let h = Hello {
+        software: "x".into(),
+        resolvers: vec!["10.0.0.2".parse().expect("addr")],
+        dns: vec!["100.127.0.2".parse().expect("addr")],
+        ..hello()
+    };
     encode(&Frame::Hello(h), &mut out);
-    let mut want = vec![T_HELLO, 0, 30 + 3 + 6];
+    let mut want = vec![T_HELLO, 0, 30 + 3 + 6 + 6];
     want.extend_from_slice(b"SSMP");
     want.extend_from_slice(&[1, 1, 0, 0]); // version, role client, reserved
     want.extend_from_slice(&[0, 0, 0, 3]); // caps PING | IPV6
@@ -58,6 +64,7 @@ fn hello_bytes_are_as_specified() {
     want.extend_from_slice(&[7; 16]);
     want.extend_from_slice(&[tlv::SOFTWARE, 1, b'x']);
     want.extend_from_slice(&[tlv::RESOLVER, 4, 10, 0, 0, 2]);
+    want.extend_from_slice(&[tlv::DNS_ADDRESS, 4, 100, 127, 0, 2]);
     assert_eq!(&out[..], &want[..]);
 }
 
@@ -78,7 +85,7 @@ fn ack_frame_bytes_are_as_specified() {
 #[test]
 fn unknown_hello_options_are_skipped() {
     let mut out = BytesMut::new();
-    encode(&Frame::Hello(Hello { software: String::new(), resolvers: vec![], ..hello() }), &mut out);
+    encode(&Frame::Hello(Hello { software: String::new(), resolvers: vec![], dns: vec![], ..hello() }), &mut out);
     // Append an unknown option (type 99) and fix the length.
     out.extend_from_slice(&[99, 2, 0xaa, 0xbb]);
     let len = (out.len() - HEADER_LEN) as u16;
@@ -107,7 +114,10 @@ fn bad_streams_are_named_errors() {
         (
             {
                 let mut out = BytesMut::new();
-                encode(&Frame::Hello(Hello { software: String::new(), resolvers: vec![], ..hello() }), &mut out);
+                encode(
+                    &Frame::Hello(Hello { software: String::new(), resolvers: vec![], dns: vec![], ..hello() }),
+                    &mut out,
+                );
                 out.extend_from_slice(&[tlv::SOFTWARE, 5, b'a']);
                 let len = (out.len() - HEADER_LEN) as u16;
                 out[1..3].copy_from_slice(&len.to_be_bytes());
