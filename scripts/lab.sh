@@ -46,6 +46,7 @@ down() {
       for pid in $(ip netns pids "$name" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
       ip netns del "$name" 2>/dev/null || true
     fi
+    rm -rf "/etc/netns/$name"
   done
   rm -rf "$DIR"
 }
@@ -105,7 +106,7 @@ up() {
   sha256sum "$DIR/www/blob" | cut -d' ' -f1 > "$DIR/blob.sha256"
   spawn vpc "$DIR/http.log" python3 -m http.server 8080 --bind 0.0.0.0 --directory "$DIR/www"
   in_ns vpc dnsmasq --no-resolv --no-hosts --bind-interfaces --listen-address=10.10.0.2 \
-    --address=/db.corp.internal/10.10.0.2 --pid-file="$DIR/dnsmasq.pid" --log-facility="$DIR/dnsmasq.log" </dev/null >/dev/null 2>&1
+    --address=/db.corp.internal/10.10.0.2 --log-queries --pid-file="$DIR/dnsmasq.pid" --log-facility="$DIR/dnsmasq.log" </dev/null >/dev/null 2>&1
   local pgbin; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
   mkdir -p "$DIR/pg" && chown postgres "$DIR/pg"
   runuser -u postgres -- "$pgbin/initdb" -A trust -U postgres -D "$DIR/pg/data" >"$DIR/initdb.log" 2>&1
@@ -114,6 +115,11 @@ up() {
     -o "-c listen_addresses=10.10.0.2 -c unix_socket_directories=$DIR/pg" start </dev/null >/dev/null 2>&1
 
   if [ -n "${IMPAIR:-}" ]; then impair "$bin" $IMPAIR; fi
+
+  # The instance resolves through the vpc's DNS server (the agent reads its
+  # resolv.conf; ip netns exec mounts this one over /etc/resolv.conf).
+  mkdir -p "/etc/netns/$(ns instance)"
+  echo "nameserver 10.10.0.2" > "/etc/netns/$(ns instance)/resolv.conf"
 
   # aws: the emulator. instance: the ec2-agent as nobody.
   # shellcheck disable=SC2086

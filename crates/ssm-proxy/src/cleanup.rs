@@ -34,6 +34,10 @@ pub fn run(args: CleanupArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(crate::control::socket_path(&dir, name));
         println!("cleaned up after tunnel {name:?}");
     }
+    let dns_cleaned = crate::dns::cleanup_stale(&dir, &report.running, args.name.as_deref());
+    for name in &dns_cleaned {
+        println!("removed the DNS settings of tunnel {name:?}");
+    }
     // Control sockets whose tunnel left no journal (it had nothing to undo) are stale
     // once nobody holds the tunnel's lock.
     for name in crate::control::tunnel_names(&dir) {
@@ -41,7 +45,7 @@ pub fn run(args: CleanupArgs) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(crate::control::socket_path(&dir, &name));
         }
     }
-    if report.journals.is_empty() && report.running.is_empty() && report.failed.is_empty() {
+    if report.journals.is_empty() && dns_cleaned.is_empty() && report.running.is_empty() && report.failed.is_empty() {
         println!("nothing to clean up in {}", dir.display());
     }
     for (r, e) in &report.failed {

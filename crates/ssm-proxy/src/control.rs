@@ -57,6 +57,16 @@ pub struct Status {
     pub dropped_device: u64,
     pub queue_delay_ms: f64,
     pub queue_delay_max_ms: f64,
+    /// Split DNS: the domains resolved through the tunnel, its resolver address,
+    /// queries sent through and queries for other names refused on this machine.
+    #[serde(default)]
+    pub dns_domains: Vec<String>,
+    #[serde(default)]
+    pub dns_server: Option<String>,
+    #[serde(default)]
+    pub dns_forwarded: u64,
+    #[serde(default)]
+    pub dns_refused: u64,
     /// Send window towards the agent and bytes in it now (0: the agent does not acknowledge).
     pub window_bytes: u64,
     pub in_flight_bytes: u64,
@@ -205,7 +215,7 @@ pub fn render(s: &Status) -> String {
          received   {rp} packets, {rb}\n  \
          rtt        {rtt} (channel srtt {srtt:.1} ms), {retx} retransmissions, {rec} reconnects\n  \
          queue      delay {qd:.1} ms (max {qm:.1} ms), dropped {dc} (CoDel) + {dov} (overflow) + {dd} (device)\n  \
-         window     {win}, {infl} in flight",
+         window     {win}, {infl} in flight{dns}",
         name = s.name,
         pid = s.pid,
         state = s.state,
@@ -233,6 +243,15 @@ pub fn render(s: &Status) -> String {
         dd = s.dropped_device,
         win = if s.window_bytes == 0 { "off (agent without acks)".to_string() } else { human_bytes(s.window_bytes) },
         infl = human_bytes(s.in_flight_bytes),
+        dns = match &s.dns_server {
+            Some(server) => format!(
+                "\n  dns        {} via {server}: {} queries through the tunnel, {} other names refused",
+                s.dns_domains.join(", "),
+                s.dns_forwarded,
+                s.dns_refused
+            ),
+            None => String::new(),
+        },
     )
 }
 

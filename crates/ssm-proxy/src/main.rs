@@ -3,6 +3,7 @@
 
 mod cleanup;
 mod control;
+mod dns;
 mod forward;
 mod ssm;
 mod start;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use forwarder::client::{self, ClientConfig, ClientHandle};
+use forwarder::dns::{Domain, SplitDns};
 use forwarder::wire;
 use ipnet::IpNet;
 use routing::{Journal, Route, RouteGuard};
@@ -22,6 +23,7 @@ use tracing::{info, warn};
 use tunnel::{Device, TunConfig, TunDevice};
 
 use crate::control::{self, Counter, Status};
+use crate::dns;
 use crate::ssm::{finish, open_port_session, parse_instance_id, shutdown_signal};
 
 /// The ec2-agent's default loopback port on the instance.
@@ -33,7 +35,12 @@ pub const DEFAULT_AGENT_PORT: u16 = 7301;
   sudo ssm-proxy start --instance-id i-0abc123def4567890 --cidr 10.1.0.0/16 --cidr 10.2.0.0/16 \\
        --name staging --profile staging --region eu-west-1
 
+  sudo ssm-proxy start --instance-id i-0abc123def4567890 --cidr 10.0.0.0/16 \\
+       --dns-domain corp.internal --dns-auto
+
 Then reach private addresses directly: psql -h 10.0.1.5, curl http://10.0.2.100:8080, ssh ...
+With --dns-domain/--dns-auto, names in those domains resolve through the instance's resolver:
+psql -h db.corp.internal, ssh ip-10-0-1-5.eu-west-1.compute.internal.
 `ssm-proxy status` shows the tunnel, `sudo ssm-proxy stop` (or Ctrl-C) ends it. The instance
 needs the ec2-agent listening on --agent-port (see README: Installing the ec2-agent).")]
 pub struct StartArgs {
@@ -68,6 +75,18 @@ pub struct StartArgs {
     /// <run dir>/<name>.log).
     #[arg(long)]
     detach: bool,
+    /// Resolve names in this domain (and below) through the instance's resolver
+    /// (repeatable). Other names never go through the tunnel.
+    #[arg(long = "dns-domain", value_name = "DOMAIN", value_parser = parse_domain)]
+    dns_domains: Vec<Domain>,
+    /// Also resolve the region's EC2 internal names (<region>.compute.internal, or
+    /// ec2.internal in us-east-1) and eks.amazonaws.com through the tunnel.
+    #[arg(long)]
+    dns_auto: bool,
+}
+
+fn parse_domain(s: &str) -> Result<Domain, String> {
+    Domain::parse(s).map_err(|e| e.to_string())
 }
 
 const DETACHED_ENV: &str = "SSM_PROXY_DETACHED";
@@ -219,6 +238,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         }
         return Box::pin(run(args)).await;
     }
+    // We hold the name's lock: DNS settings journaled under it are a dead run's.
+    for name in dns::cleanup_stale(&run_dir, &[], Some(&args.name)) {
+        warn!("removed the DNS settings left by a previous run of {name:?}");
+    }
 
     // Conflicts first: nothing has been touched yet.
     let entries = table.list()?;
@@ -232,9 +255,23 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         bail!("the routes would conflict with this machine's network:\n{}\nChoose other --cidr ranges, or pass --force to add them anyway", blocking.join("\n"));
     }
 
+    // The tunnel's addresses (the peer address is also its DNS resolver).
+    let tables_now = entries;
+    let mut in_use: Vec<IpNet> = ifaces.iter().flat_map(|i| i.networks.iter().copied()).collect();
+    in_use.extend(cidrs.iter().copied());
+    in_use.extend(tables_now.iter().map(|e| e.route.dest).filter(|d| d.prefix_len() >= 16));
+    let ipv4 =
+        tunnel::allocate_v4(tunnel::DEFAULT_V4_RANGE, &in_use).context("no free tunnel address in 100.127.0.0/16")?;
+
     // The SSM session to the ec2-agent.
     let trust = Trust::from_env()?;
     let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
+    let own_hosts: Vec<String> = ["AWS_ENDPOINT_URL_SSM", "AWS_ENDPOINT_URL"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .filter_map(|u| host_of(&u))
+        .collect();
+    let domains = dns::plan(&args.dns_domains, args.dns_auto, api.region(), &own_hosts)?;
     eprintln!("Starting a session with {} in {}...", args.instance_id, api.region());
     let live = Arc::new(Mutex::new(Live::default()));
     let config = PortConfig {
@@ -269,7 +306,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         .send(Conn { reader: Box::new(remote_r), writer: Box::new(remote_w), label: "ec2-agent".into() })
         .await;
     let (mut reader, mut writer) = tokio::io::split(local);
-    let client_config = ClientConfig { client_id: *client_uuid.as_bytes(), ..ClientConfig::default() };
+    let split_dns =
+        (!domains.is_empty()).then(|| Arc::new(SplitDns::new(vec![IpAddr::V4(ipv4.peer)], domains.clone())));
+    let mut client_config =
+        ClientConfig { client_id: *client_uuid.as_bytes(), dns: split_dns.clone(), ..ClientConfig::default() };
     let hello = client::handshake(&mut reader, &mut writer, &client_config, args.mtu).await;
     let agent = match hello {
         Ok(h) => h,
@@ -279,14 +319,16 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         }
     };
     info!(agent = %agent.0.software, acks = agent.0.caps & wire::caps::ACK != 0, "ec2-agent answered");
+    let split_dns = match split_dns {
+        Some(_) if agent.0.resolvers.is_empty() => {
+            warn!("the ec2-agent found no resolver in the instance's /etc/resolv.conf; DNS is not set up");
+            client_config.dns = None;
+            None
+        }
+        other => other,
+    };
 
     // Device and routes.
-    let tables_now = table.list()?;
-    let mut in_use: Vec<IpNet> = ifaces.iter().flat_map(|i| i.networks.iter().copied()).collect();
-    in_use.extend(cidrs.iter().copied());
-    in_use.extend(tables_now.iter().map(|e| e.route.dest).filter(|d| d.prefix_len() >= 16));
-    let ipv4 =
-        tunnel::allocate_v4(tunnel::DEFAULT_V4_RANGE, &in_use).context("no free tunnel address in 100.127.0.0/16")?;
     let mut id = [0u8; 5];
     id.copy_from_slice(&client_uuid.as_bytes()[..5]);
     let device = Arc::new(TunDevice::create(&TunConfig {
@@ -311,6 +353,17 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             .add(Route::via_interface(*cidr, device.index()), device.name())
             .with_context(|| format!("adding the route for {cidr}"))?;
     }
+    let dns_setup = match &split_dns {
+        Some(d) => Some(dns::configure(
+            dns::detect(std::path::Path::new("/")),
+            &run_dir,
+            &args.name,
+            device.name(),
+            IpAddr::V4(ipv4.peer),
+            d.domains(),
+        )?),
+        None => None,
+    };
 
     // Control socket.
     let sock_path = control::socket_path(&run_dir, &args.name);
@@ -356,6 +409,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
                 dropped_device: handle.device_drops.load(Ordering::Relaxed),
                 queue_delay_ms: q.last_delay.as_secs_f64() * 1000.0,
                 queue_delay_max_ms: q.max_delay.as_secs_f64() * 1000.0,
+                dns_domains: split_dns.iter().flat_map(|d| d.domains().iter().map(ToString::to_string)).collect(),
+                dns_server: split_dns.as_ref().map(|_| ipv4.peer.to_string()),
+                dns_forwarded: split_dns.as_ref().map_or(0, |d| d.forwarded.load(Ordering::Relaxed)),
+                dns_refused: split_dns.as_ref().map_or(0, |d| d.refused.load(Ordering::Relaxed)),
                 window_bytes: handle.stats.window.load(Ordering::Relaxed),
                 in_flight_bytes: handle.stats.in_flight.load(Ordering::Relaxed),
                 ..base.clone()
@@ -387,6 +444,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             // The session ended on its own; tear down and report it.
             control_task.abort();
             let _ = std::fs::remove_file(&sock_path);
+            drop(dns_setup);
             drop(guard);
             drop(device);
             return finish(&api, &session_id, done).await.and_then(|()| bail!("the SSM session ended"));
@@ -395,9 +453,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     if let Some(end) = link_end {
         warn!("the link to the ec2-agent ended: {end}");
     }
-    // Teardown, in order: routes, device, control socket, session.
+    // Teardown, in order: control socket, DNS, routes, device, session.
     control_task.abort();
     let _ = std::fs::remove_file(&sock_path);
+    drop(dns_setup);
     let errors = guard.remove_all();
     drop(guard);
     drop(device);

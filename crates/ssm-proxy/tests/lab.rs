@@ -401,3 +401,62 @@ fn two_tunnels_share_one_agent() {
     assert!(wait_exit(&mut a, Duration::from_secs(20)).success());
     assert!(wait_exit(&mut b, Duration::from_secs(20)).success());
 }
+
+#[test]
+fn split_dns_resolves_private_names_through_the_tunnel_and_nothing_else() {
+    if !require_root("split_dns_resolves_private_names_through_the_tunnel_and_nothing_else") {
+        return;
+    }
+    let lab = Lab::up(&prefix("s"), 1, &[]);
+    let mut daemon = lab.start(&["--dns-domain", "corp.internal"]);
+    let status = |lab: &Lab| -> serde_json::Value {
+        let js = ok(lab.ssm_proxy(&["status", "--json"]), "status");
+        serde_json::from_str::<serde_json::Value>(&js).expect("status JSON")[0].clone()
+    };
+    let s = status(&lab);
+    let server = s["dns_server"].as_str().expect("a DNS server in status").to_string();
+    assert_eq!(s["dns_domains"], serde_json::json!(["corp.internal"]));
+
+    // The laptop resolves through the tunnel resolver, as a resolv.conf line would
+    // make it (this lab has no systemd-resolved to route by domain).
+    let etc = PathBuf::from(format!("/etc/netns/{}", lab.ns("laptop")));
+    std::fs::create_dir_all(&etc).expect("/etc/netns dir");
+    std::fs::write(etc.join("resolv.conf"), format!("nameserver {server}\noptions timeout:2 attempts:1\n"))
+        .expect("resolv.conf");
+
+    let hosts = ok(lab.laptop_out("getent", &["hosts", "db.corp.internal"]), "getent");
+    assert!(hosts.starts_with("10.10.0.2"), "{hosts}");
+    let answer =
+        ok(lab.laptop_out("psql", &["-h", "db.corp.internal", "-U", "postgres", "-tAc", "select 'by name'"]), "psql");
+    assert_eq!(answer, "by name");
+    // DNS over TCP reaches the instance's resolver too.
+    let tcp = ok(
+        lab.laptop_out("dig", &["+tcp", "+short", "+time=3", "+tries=1", &format!("@{server}"), "db.corp.internal"]),
+        "dig",
+    );
+    assert_eq!(tcp, "10.10.0.2");
+
+    // A name outside the domain is refused on the laptop and never reaches the
+    // VPC's resolver.
+    let outside = lab.laptop_out("getent", &["hosts", "www.outside.example"]);
+    assert!(!outside.status.success(), "{}", text(&outside));
+    let dig = text(&lab.laptop_out("dig", &["+time=3", "+tries=1", &format!("@{server}"), "mail.outside.example"]));
+    assert!(dig.contains("status: REFUSED"), "{dig}");
+    let queries = lab.log("dnsmasq.log");
+    assert!(queries.contains("db.corp.internal"), "the vpc resolver saw no query at all:\n{queries}");
+    assert!(!queries.contains("outside.example"), "a name outside the domain went through the tunnel:\n{queries}");
+
+    let s = status(&lab);
+    assert!(s["dns_forwarded"].as_u64().unwrap_or(0) >= 2, "{s}");
+    assert!(s["dns_refused"].as_u64().unwrap_or(0) >= 2, "{s}");
+
+    ok(lab.ssm_proxy(&["stop", "--name", "lab"]), "stop");
+    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon-lab.log"));
+    if !std::path::Path::new("/run/systemd/resolve").exists() {
+        let log = lab.log("daemon-lab.log");
+        assert!(
+            log.contains("systemd-resolved is not running") && log.contains(&format!("nameserver {server}")),
+            "{log}"
+        );
+    }
+}
