@@ -296,6 +296,12 @@ impl Session {
         Stats { srtt: Duration::from_secs_f64(self.rtt.srtt), rto: self.rtt.rto, ..self.stats.clone() }
     }
 
+    /// How long messages have been outstanding without any ack (`None`: nothing
+    /// outstanding). A link that went quiet shows here long before a timeout.
+    pub fn stalled_for(&self, now: Instant) -> Option<Duration> {
+        (!self.in_flight.is_empty()).then_some(self.last_progress).flatten().map(|t| now.saturating_duration_since(t))
+    }
+
     /// Unacknowledged stream messages.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
@@ -406,6 +412,12 @@ impl Session {
         }
         while let Some(seq) = self.send_queue.pop_front() {
             let Some(idx) = self.find_in_flight(seq) else { continue };
+            // The first transmission of the oldest outstanding message: nothing was
+            // waiting for an ack before it, so the no-progress clock starts now
+            // (not at the last ack, which may be an idle hour ago).
+            if idx == 0 && self.in_flight[idx].transmissions == 0 {
+                self.last_progress = Some(now);
+            }
             let m = &mut self.in_flight[idx];
             m.queued = false;
             if m.transmissions > 0 {

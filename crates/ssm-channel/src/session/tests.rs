@@ -304,6 +304,22 @@ fn ack_timeout_closes_when_nothing_is_acked() {
 }
 
 #[test]
+fn a_send_after_a_long_idle_spell_is_not_an_ack_timeout() {
+    let (mut s, now) = established(SessionConfig { ack_timeout: Duration::from_secs(5), ..Default::default() });
+    s.send(b"a").expect("room");
+    let out = drain(&mut s, now);
+    s.handle_frame(now, &ack_frame(out[0].sequence_number.0)).expect("ok");
+    // Ten minutes of silence with nothing outstanding, then more data.
+    let later = now + Duration::from_secs(600);
+    assert_eq!(s.stalled_for(later), None);
+    s.send(b"b").expect("room");
+    drain(&mut s, later);
+    s.handle_timeout(later + Duration::from_millis(1));
+    assert_eq!(s.state(), &State::Established);
+    assert_eq!(s.stalled_for(later + Duration::from_secs(2)), Some(Duration::from_secs(2)));
+}
+
+#[test]
 fn flag_from_agent_becomes_event() {
     let (mut s, now) = established(SessionConfig::default());
     s.handle_frame(now, &agent_frame(2, PayloadType::FLAG, &Flag::ConnectToPortError.to_bytes())).expect("ok");
