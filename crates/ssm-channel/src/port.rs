@@ -72,6 +72,9 @@ pub struct PortConfig {
     pub read_chunk: usize,
     /// How long to keep trying to reconnect before giving up.
     pub reconnect_for: Duration,
+    /// Sent data unanswered this long means the websocket is dead (a new network,
+    /// a laptop that slept): drop it and resume the session on a new one.
+    pub stall_reconnect: Duration,
     /// How long to wait for the TerminateSession flag's ack.
     pub terminate_wait: Duration,
     /// Where to publish the session's counters while it runs (for `status`).
@@ -84,6 +87,8 @@ pub struct Live {
     pub stats: Stats,
     pub reconnects: u64,
     pub connected: bool,
+    /// How long sent data has waited for any ack (see [`Session::stalled_for`]).
+    pub stalled_for: Option<Duration>,
 }
 
 impl Default for PortConfig {
@@ -94,6 +99,7 @@ impl Default for PortConfig {
             max_backlog: 64 << 10,
             read_chunk: 16 << 10,
             reconnect_for: Duration::from_secs(600),
+            stall_reconnect: Duration::from_secs(15),
             terminate_wait: Duration::from_secs(2),
             live: None,
         }
@@ -253,6 +259,7 @@ pub async fn run(
             l.stats = core.session.stats();
             l.reconnects = reconnects;
             l.connected = ws_rx.is_some() && reconnect.is_none();
+            l.stalled_for = core.session.stalled_for(now.into_std());
             next_publish = now + Duration::from_millis(500);
         }
         if ws_rx.is_some() && drain_until.is_none() {
@@ -279,6 +286,11 @@ pub async fn run(
                 drain_until = Some(now + DRAIN_LIMIT);
                 warn!("websocket write failed; reading what is left, then reconnecting");
             }
+        }
+        let stalled = core.session.stalled_for(now.into_std());
+        if ws_rx.is_some() && drain_until.is_none() && stalled.is_some_and(|d| d >= config.stall_reconnect) {
+            warn!("no answer for {:?}; reconnecting the websocket", config.stall_reconnect);
+            ws_rx = None;
         }
         if drain_until.is_some_and(|t| now >= t) {
             drain_until = None;
@@ -308,6 +320,7 @@ pub async fn run(
             terminate_deadline,
             ws_rx.is_some().then_some(next_ping),
             drain_until,
+            stalled.filter(|_| ws_rx.is_some()).map(|d| now + config.stall_reconnect.saturating_sub(d)),
         ]
         .into_iter()
         .flatten()

@@ -91,6 +91,9 @@ fn parse_domain(s: &str) -> Result<Domain, String> {
 
 const DETACHED_ENV: &str = "SSM_PROXY_DETACHED";
 
+/// Unanswered data for this long makes `status` say the link is stalled.
+const STALL: Duration = Duration::from_secs(3);
+
 impl StartArgs {
     pub fn detach(&self) -> bool {
         self.detach
@@ -281,6 +284,9 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         max_backlog: 16 << 10,
         read_chunk: 16 << 10,
         live: Some(live.clone()),
+        // The tunnel stays up (routes and all) for as long as the user wants it:
+        // keep trying to resume through any outage, a day at most.
+        reconnect_for: Duration::from_secs(86_400),
         ..PortConfig::default()
     };
     // Signals are the forwarder's to handle: it tears down routes first.
@@ -396,7 +402,11 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             let q = handle.queue.stats();
             let rtt = handle.stats.rtt_us.load(Ordering::Relaxed);
             Status {
-                state: if l.connected { "connected".into() } else { "reconnecting".into() },
+                state: match l.stalled_for {
+                    _ if !l.connected => "reconnecting".into(),
+                    Some(d) if d >= STALL => format!("stalled (no answer for {} s)", d.as_secs()),
+                    _ => "connected".into(),
+                },
                 uptime_secs: started_at.elapsed().as_secs(),
                 sent: Counter::from(&handle.stats.sent),
                 received: Counter::from(&handle.stats.received),

@@ -124,11 +124,18 @@ impl Lab {
     /// Download the vpc's test file with curl through the tunnel, check it byte for
     /// byte (sha256), and return curl's speed in bytes per second.
     fn fetch_blob(&self, max_secs: u32) -> f64 {
+        self.fetch_blob_limited(max_secs, "0")
+    }
+
+    /// The same at most `rate` bytes per second (curl's --limit-rate; "0": no limit).
+    fn fetch_blob_limited(&self, max_secs: u32, rate: &str) -> f64 {
         let file = self.dir().join("download");
         let out = self.laptop_out(
             "curl",
             &[
                 "-sS",
+                "--limit-rate",
+                rate,
                 "-m",
                 &max_secs.to_string(),
                 "-o",
@@ -459,4 +466,92 @@ fn split_dns_resolves_private_names_through_the_tunnel_and_nothing_else() {
             "{log}"
         );
     }
+}
+
+fn tunnel_status(lab: &Lab) -> serde_json::Value {
+    let js = ok(lab.ssm_proxy(&["status", "--json"]), "status");
+    serde_json::from_str::<serde_json::Value>(&js).expect("status JSON")[0].clone()
+}
+
+#[test]
+fn a_download_survives_the_websocket_being_recycled_every_ten_seconds() {
+    if !require_root("a_download_survives_the_websocket_being_recycled_every_ten_seconds") {
+        return;
+    }
+    // The service ends every websocket with 1000 "Bye" after 10 s, as the real one
+    // does after its own limits; the client resumes the session each time.
+    let lab = Lab::up(&prefix("w"), 50, &[("EMULATOR_ARGS", "--close-every 10")]);
+    let mut daemon = lab.start(&[]);
+    // 2 MB/s: the 50 MiB take about 26 s, across two or three recycles.
+    let speed = lab.fetch_blob_limited(120, "2M");
+    let s = tunnel_status(&lab);
+    eprintln!("50 MiB while the websocket is recycled every 10 s: {:.2} MB/s, status {s}", speed / 1e6);
+    assert!(s["reconnects"].as_u64().unwrap_or(0) >= 2, "{s}");
+    assert_eq!(s["state"], "connected", "{s}");
+    ok(lab.ssm_proxy(&["stop"]), "stop");
+    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon-lab.log"));
+}
+
+#[test]
+fn a_psql_connection_survives_a_thirty_second_outage() {
+    if !require_root("a_psql_connection_survives_a_thirty_second_outage") {
+        return;
+    }
+    let lab = Lab::up(&prefix("o"), 1, &[]);
+    let mut daemon = lab.start(&[]);
+    let mut psql = lab.laptop("psql");
+    psql.args(["-h", "10.10.0.2", "-U", "postgres", "-tA", "-v", "ON_ERROR_STOP=1"]);
+    psql.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut psql = netns::KillOnDrop(psql.spawn().expect("psql"));
+    let mut input = psql.0.stdin.take().expect("stdin");
+    let output = psql.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut ask = |within: Duration| -> String {
+        use std::io::Write;
+        input.write_all(b"select pg_backend_pid();\n").expect("psql stdin");
+        input.flush().expect("flush");
+        rx.recv_timeout(within).expect("psql answered")
+    };
+    let before = ask(Duration::from_secs(10));
+
+    // The laptop loses its network for 30 s: the far end of its link goes down.
+    let link = |state: &str| {
+        ok(
+            Command::new("ip")
+                .args(["-n", &lab.ns("wan"), "link", "set", &format!("{}-w0", lab.prefix), state])
+                .output()
+                .expect("ip"),
+            "ip link",
+        )
+    };
+    link("down");
+    std::thread::sleep(Duration::from_secs(10));
+    let during = tunnel_status(&lab);
+    std::thread::sleep(Duration::from_secs(15));
+    let later = tunnel_status(&lab);
+    std::thread::sleep(Duration::from_secs(5));
+    link("up");
+    let t = Instant::now();
+    let after = ask(Duration::from_secs(120));
+    assert!(during["state"].as_str().unwrap_or("").starts_with("stalled"), "status 10 s into the outage: {during}");
+    // After 15 s without an answer the daemon gives up on that websocket.
+    assert_eq!(later["state"], "reconnecting", "status 25 s into the outage: {later}");
+    eprintln!("psql answered {:?} after the link came back; status during the outage: {during}", t.elapsed());
+    assert_eq!(after, before, "the same backend, so the same connection");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = tunnel_status(&lab);
+    while s["state"] != "connected" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        s = tunnel_status(&lab);
+    }
+    assert_eq!(s["state"], "connected", "{s}");
+    assert!(s["reconnects"].as_u64().unwrap_or(0) >= 1, "{s}");
+    drop(input);
+    ok(lab.ssm_proxy(&["stop"]), "stop");
+    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon-lab.log"));
 }
