@@ -10,7 +10,7 @@ mod start;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "ssm-proxy", version, about, long_about = None)]
@@ -36,6 +36,24 @@ enum Command {
     Cleanup(cleanup::CleanupArgs),
     /// Print the version.
     Version,
+    /// Print shell completions to standard output.
+    #[command(after_help = "Examples:
+  ssm-proxy completions bash | sudo tee /etc/bash_completion.d/ssm-proxy
+  ssm-proxy completions zsh > \"${fpath[1]}/_ssm-proxy\"
+  ssm-proxy completions fish > ~/.config/fish/completions/ssm-proxy.fish")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per command into a directory.
+    #[command(after_help = "Examples:
+  ssm-proxy man | man -l -
+  sudo ssm-proxy man --dir /usr/local/share/man/man1")]
+    Man {
+        /// Write ssm-proxy.1 and ssm-proxy-<command>.1 into this directory.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -102,6 +120,26 @@ async fn stop(args: StopArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `man`: the top-level page on standard output, or every page (ssm-proxy.1,
+/// ssm-proxy-start.1, ...) written into `dir`.
+fn man(dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    match dir {
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
+            println!("man pages written to {}", dir.display());
+        }
+    }
+    Ok(())
+}
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
         // The SDK warns about every provider it tries (IMDS...); our errors say what matters.
@@ -140,6 +178,11 @@ fn main() -> ExitCode {
             println!("ssm-proxy {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ssm-proxy", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => man(dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
