@@ -2,6 +2,7 @@
 //! Session Manager, with no AWS CLI and no session-manager-plugin.
 
 mod cleanup;
+mod config;
 mod control;
 mod dns;
 mod forward;
@@ -30,6 +31,18 @@ enum Command {
     Start(start::StartArgs),
     /// Show the running tunnels (any user).
     Status(StatusArgs),
+    /// List the tunnels defined in the config files, and which of them run.
+    #[command(after_help = "Files: /etc/ssm-proxy/config.toml, then ~/.config/ssm-proxy/config.toml
+(the invoking user's under sudo); $SSM_PROXY_CONFIG replaces both. Example:
+
+  [tunnel.prod]
+  instance_id = \"i-0abc123def4567890\"
+  region = \"eu-west-1\"              # optional, like profile
+  cidrs = [\"10.0.0.0/16\"]
+  dns_domains = [\"corp.internal\"]   # optional; also dns_auto = true, agent_port = 7301
+
+Then: sudo ssm-proxy start prod")]
+    List,
     /// Stop a running tunnel (root, or the user who started it).
     Stop(StopArgs),
     /// Remove routes left behind by a tunnel that was killed or crashed.
@@ -102,6 +115,37 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn list() -> anyhow::Result<()> {
+    let paths = config::default_paths();
+    let tunnels = config::load(&paths)?;
+    if tunnels.is_empty() {
+        let files = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        println!("no tunnels defined (looked in {files}; `ssm-proxy list --help` shows the format)");
+        return Ok(());
+    }
+    let running = control::tunnel_names(&routing::default_run_dir());
+    let rows: Vec<[String; 5]> = tunnels
+        .iter()
+        .map(|t| {
+            [
+                t.name.clone(),
+                if running.contains(&t.name) { "running".into() } else { "stopped".into() },
+                t.instance_id.clone(),
+                t.cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                t.source.clone(),
+            ]
+        })
+        .collect();
+    let head = ["NAME", "STATE", "INSTANCE", "CIDRS", "DEFINED AT"].map(String::from);
+    let widths: Vec<usize> =
+        (0..5).map(|i| rows.iter().chain(std::iter::once(&head)).map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for r in std::iter::once(&head).chain(rows.iter()) {
+        let line: Vec<String> = (0..5).map(|i| format!("{:<w$}", r[i], w = widths[i])).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(())
+}
+
 async fn stop(args: StopArgs) -> anyhow::Result<()> {
     let dir = routing::default_run_dir();
     let name = match args.name {
@@ -170,8 +214,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Forward(args) => rt.block_on(forward::run(args)),
         Command::Cleanup(args) => cleanup::run(args),
-        Command::Start(args) if args.detach() => start::detach(&args),
-        Command::Start(args) => rt.block_on(start::run(args)),
+        Command::Start(args) => match start::resolve(args) {
+            Ok(args) if args.detach() => start::detach(&args),
+            Ok(args) => rt.block_on(start::run(args)),
+            Err(e) => Err(e),
+        },
+        Command::List => list(),
         Command::Status(args) => rt.block_on(status(args)),
         Command::Stop(args) => rt.block_on(stop(args)),
         Command::Version => {

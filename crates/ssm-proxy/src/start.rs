@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 use tunnel::{Device, TunConfig, TunDevice};
 
+use crate::config;
 use crate::control::{self, Counter, Status};
 use crate::dns;
 use crate::ssm::{finish, open_port_session, parse_instance_id, shutdown_signal};
@@ -37,6 +38,8 @@ pub const DEFAULT_AGENT_PORT: u16 = 7301;
 
   sudo ssm-proxy start --instance-id i-0abc123def4567890 --cidr 10.0.0.0/16 \\
        --dns-domain corp.internal --dns-auto
+  sudo ssm-proxy start prod          # [tunnel.prod] from /etc/ssm-proxy/config.toml or
+                                     # ~/.config/ssm-proxy/config.toml (see `ssm-proxy list`)
 
 Then reach private addresses directly: psql -h 10.0.1.5, curl http://10.0.2.100:8080, ssh ...
 With --dns-domain/--dns-auto, names in those domains resolve through the instance's resolver:
@@ -44,11 +47,15 @@ psql -h db.corp.internal, ssh ip-10-0-1-5.eu-west-1.compute.internal.
 `ssm-proxy status` shows the tunnel, `sudo ssm-proxy stop` (or Ctrl-C) ends it. The instance
 needs the ec2-agent listening on --agent-port (see README: Installing the ec2-agent).")]
 pub struct StartArgs {
+    /// A tunnel defined in the config file (see `ssm-proxy list`); options given
+    /// here override its settings.
+    #[arg(value_name = "NAME")]
+    tunnel: Option<String>,
     /// The managed instance running the ec2-agent (i-... or mi-...).
     #[arg(long, value_parser = parse_instance_id)]
-    instance_id: String,
+    instance_id: Option<String>,
     /// A destination range to route through the tunnel (repeatable).
-    #[arg(long = "cidr", value_name = "CIDR", required = true)]
+    #[arg(long = "cidr", value_name = "CIDR")]
     cidrs: Vec<IpNet>,
     /// AWS region (default: from the environment or profile).
     #[arg(long)]
@@ -56,12 +63,13 @@ pub struct StartArgs {
     /// AWS profile to use.
     #[arg(long)]
     profile: Option<String>,
-    /// The ec2-agent's port on the instance's loopback.
-    #[arg(long, default_value_t = DEFAULT_AGENT_PORT)]
-    agent_port: u16,
-    /// Name of this tunnel; several tunnels with different names and CIDRs can run at once.
-    #[arg(long, default_value = "default")]
-    name: String,
+    /// The ec2-agent's port on the instance's loopback [default: 7301].
+    #[arg(long)]
+    agent_port: Option<u16>,
+    /// Name of this tunnel; several tunnels with different names and CIDRs can run
+    /// at once [default: NAME, else "default"].
+    #[arg(long)]
+    name: Option<String>,
     /// Add the routes even when they conflict with existing routes or networks.
     #[arg(long)]
     force: bool,
@@ -98,6 +106,45 @@ impl StartArgs {
     pub fn detach(&self) -> bool {
         self.detach
     }
+
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("default")
+    }
+
+    fn instance_id(&self) -> &str {
+        self.instance_id.as_deref().unwrap_or_default()
+    }
+
+    fn agent_port(&self) -> u16 {
+        self.agent_port.unwrap_or(DEFAULT_AGENT_PORT)
+    }
+}
+
+/// Fill in the named tunnel from the config files (flags given win) and check
+/// that an instance and at least one CIDR are known.
+pub fn resolve(mut args: StartArgs) -> anyhow::Result<StartArgs> {
+    if let Some(name) = args.tunnel.clone() {
+        let t = config::find(&config::default_paths(), &name)?;
+        args.instance_id = args.instance_id.or(Some(t.instance_id));
+        if args.cidrs.is_empty() {
+            args.cidrs = t.cidrs;
+        }
+        args.region = args.region.or(t.region);
+        args.profile = args.profile.or(t.profile);
+        args.agent_port = args.agent_port.or(t.agent_port);
+        if args.dns_domains.is_empty() {
+            args.dns_domains = t.dns_domains;
+        }
+        args.dns_auto |= t.dns_auto;
+        args.name = args.name.or(Some(name));
+    }
+    if args.instance_id.is_none() {
+        bail!("say which instance: --instance-id i-..., or the NAME of a tunnel in the config file (`ssm-proxy list`)");
+    }
+    if args.cidrs.is_empty() {
+        bail!("say what to route: at least one --cidr (or cidrs = [...] in the config file)");
+    }
+    Ok(args)
 }
 
 /// `--detach`: run the same command again in a new session with its output going to
@@ -111,7 +158,7 @@ pub fn detach(args: &StartArgs) -> anyhow::Result<()> {
     }
     let dir = routing::default_run_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let log_path = dir.join(format!("{}.log", args.name));
+    let log_path = dir.join(format!("{}.log", args.name()));
     let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
     let exe = std::env::current_exe().context("cannot find our own executable")?;
     let argv: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach").collect();
@@ -225,24 +272,24 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         }
     }
     let run_dir: PathBuf = routing::default_run_dir();
-    let (journal, leftover) = Journal::open(&run_dir, &args.name).map_err(|e| match e {
+    let (journal, leftover) = Journal::open(&run_dir, args.name()).map_err(|e| match e {
         routing::JournalError::InUse { .. } => anyhow::anyhow!(
             "a tunnel named {:?} is already running (see `ssm-proxy status`); stop it or pick another --name",
-            args.name
+            args.name()
         ),
         other => anyhow::anyhow!(other),
     })?;
     let mut table = routing::system_table().context("cannot open the routing table")?;
     if leftover.is_some() {
         drop(journal);
-        let report = routing::cleanup_stale(&run_dir, table.as_mut(), Some(&args.name))?;
+        let report = routing::cleanup_stale(&run_dir, table.as_mut(), Some(args.name()))?;
         for r in &report.removed {
             warn!("removed route {} left by a previous run that did not exit cleanly", r.route);
         }
         return Box::pin(run(args)).await;
     }
     // We hold the name's lock: DNS settings journaled under it are a dead run's.
-    for name in dns::cleanup_stale(&run_dir, &[], Some(&args.name)) {
+    for name in dns::cleanup_stale(&run_dir, &[], Some(args.name())) {
         warn!("removed the DNS settings left by a previous run of {name:?}");
     }
 
@@ -275,7 +322,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         .filter_map(|u| host_of(&u))
         .collect();
     let domains = dns::plan(&args.dns_domains, args.dns_auto, api.region(), &own_hosts)?;
-    eprintln!("Starting a session with {} in {}...", args.instance_id, api.region());
+    eprintln!("Starting a session with {} in {}...", args.instance_id(), api.region());
     let live = Arc::new(Mutex::new(Live::default()));
     let config = PortConfig {
         // The forwarder's own send window keeps queues short (SPECIFICATION §6.4),
@@ -292,8 +339,8 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     // Signals are the forwarder's to handle: it tears down routes first.
     let mut session = open_port_session(
         &api,
-        &args.instance_id,
-        args.agent_port,
+        args.instance_id(),
+        args.agent_port(),
         None,
         &trust,
         config,
@@ -321,7 +368,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         Ok(h) => h,
         Err(e) => {
             let _ = session.close(&api).await;
-            bail!("{e} (instance {}, port {})", args.instance_id, args.agent_port);
+            bail!("{e} (instance {}, port {})", args.instance_id(), args.agent_port());
         }
     };
     info!(agent = %agent.0.software, acks = agent.0.caps & wire::caps::ACK != 0, "ec2-agent answered");
@@ -363,7 +410,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         Some(d) => Some(dns::configure(
             dns::detect(std::path::Path::new("/")),
             &run_dir,
-            &args.name,
+            args.name(),
             device.name(),
             IpAddr::V4(ipv4.peer),
             d.domains(),
@@ -372,7 +419,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     };
 
     // Control socket.
-    let sock_path = control::socket_path(&run_dir, &args.name);
+    let sock_path = control::socket_path(&run_dir, args.name());
     let _ = std::fs::remove_file(&sock_path);
     let listener =
         tokio::net::UnixListener::bind(&sock_path).with_context(|| format!("cannot create {}", sock_path.display()))?;
@@ -386,9 +433,9 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     let status = {
         let (handle, live) = (handle.clone(), live.clone());
         let base = Status {
-            name: args.name.clone(),
+            name: args.name().to_string(),
             pid: std::process::id(),
-            instance_id: args.instance_id.clone(),
+            instance_id: args.instance_id().to_string(),
             region: api.region().to_string(),
             session_id: session_id.clone(),
             cidrs: cidrs.iter().map(ToString::to_string).collect(),
@@ -434,11 +481,11 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
 
     println!(
         "ssm-proxy: tunnel {:?} up: {} via {} -> {} (session {session_id}). Ctrl-C or `sudo ssm-proxy stop --name {}` ends it.",
-        args.name,
+        args.name(),
         cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
         device.name(),
-        args.instance_id,
-        args.name
+        args.instance_id(),
+        args.name()
     );
     release_stdout();
 
@@ -474,6 +521,6 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     if !errors.is_empty() {
         bail!("{} route(s) could not be removed; run `sudo ssm-proxy cleanup`", errors.len());
     }
-    eprintln!("Tunnel {:?} stopped.", args.name);
+    eprintln!("Tunnel {:?} stopped.", args.name());
     result
 }

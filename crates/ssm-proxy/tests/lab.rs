@@ -93,9 +93,17 @@ impl Lab {
     }
 
     fn start_named(&self, name: &str, cidrs: &[&str], extra: &[&str]) -> netns::KillOnDrop {
+        let mut args = vec!["start", "--instance-id", "i-0123456789abcdef0", "--name", name];
+        args.extend_from_slice(cidrs);
+        args.extend_from_slice(extra);
+        self.start_with(name, &args, &[])
+    }
+
+    /// `ssm-proxy <args>` (a start), waiting for tunnel `name`'s ready line.
+    fn start_with(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> netns::KillOnDrop {
         let mut cmd = self.laptop(env!("CARGO_BIN_EXE_ssm-proxy"));
-        cmd.args(["start", "--instance-id", "i-0123456789abcdef0", "--name", name]).args(cidrs);
-        cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::from(
+        cmd.args(args).envs(env.iter().copied());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::from(
             std::fs::File::create(self.dir().join(format!("daemon-{name}.log"))).expect("daemon log"),
         ));
         let mut child = cmd.spawn().expect("spawn ssm-proxy start");
@@ -554,4 +562,40 @@ fn a_psql_connection_survives_a_thirty_second_outage() {
     drop(input);
     ok(lab.ssm_proxy(&["stop"]), "stop");
     assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon-lab.log"));
+}
+
+#[test]
+fn a_tunnel_named_in_the_config_file_starts_by_name() {
+    if !require_root("a_tunnel_named_in_the_config_file_starts_by_name") {
+        return;
+    }
+    let lab = Lab::up(&prefix("c"), 1, &[]);
+    let config = lab.dir().join("config.toml");
+    std::fs::write(
+        &config,
+        "[tunnel.vpc]\ninstance_id = \"i-0123456789abcdef0\"\ncidrs = [\"10.10.0.0/16\"]\ndns_domains = [\"corp.internal\"]\n",
+    )
+    .expect("config");
+    let env = [("SSM_PROXY_CONFIG", config.to_str().expect("path"))];
+    let mut daemon = lab.start_with("vpc", &["start", "vpc"], &env);
+    let listed = ok(
+        lab.laptop("env")
+            .args(["SSM_PROXY_CONFIG=".to_string() + config.to_str().expect("path")])
+            .args([env!("CARGO_BIN_EXE_ssm-proxy"), "list"])
+            .output()
+            .expect("list"),
+        "list",
+    );
+    assert!(
+        listed.lines().any(|l| l.starts_with("vpc") && l.contains("running") && l.contains("10.10.0.0/16")),
+        "{listed}"
+    );
+    let answer =
+        ok(lab.laptop_out("psql", &["-h", "10.10.0.2", "-U", "postgres", "-tAc", "select 'from the config'"]), "psql");
+    assert_eq!(answer, "from the config");
+    let s = tunnel_status(&lab);
+    assert_eq!(s["name"], "vpc");
+    assert_eq!(s["dns_domains"], serde_json::json!(["corp.internal"]));
+    ok(lab.ssm_proxy(&["stop", "--name", "vpc"]), "stop");
+    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon-vpc.log"));
 }

@@ -1,0 +1,167 @@
+//! Named tunnels in TOML files: `/etc/ssm-proxy/config.toml`, then the user's
+//! `~/.config/ssm-proxy/config.toml` (the invoking user's, under sudo), or only
+//! `$SSM_PROXY_CONFIG` when set.
+//!
+//! ```toml
+//! [tunnel.prod]
+//! instance_id = "i-0abc123def4567890"
+//! region = "eu-west-1"            # optional
+//! profile = "prod"                # optional
+//! cidrs = ["10.0.0.0/16"]
+//! dns_domains = ["corp.internal"] # optional
+//! dns_auto = true                 # optional
+//! agent_port = 7301               # optional
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use forwarder::dns::Domain;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::ssm::parse_instance_id;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    tunnel: BTreeMap<String, Raw>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    instance_id: String,
+    region: Option<String>,
+    profile: Option<String>,
+    cidrs: Vec<IpNet>,
+    #[serde(default)]
+    dns_domains: Vec<String>,
+    #[serde(default)]
+    dns_auto: bool,
+    agent_port: Option<u16>,
+}
+
+/// One validated `[tunnel.NAME]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunnel {
+    pub name: String,
+    pub instance_id: String,
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub cidrs: Vec<IpNet>,
+    pub dns_domains: Vec<Domain>,
+    pub dns_auto: bool,
+    pub agent_port: Option<u16>,
+    /// The file and line it was defined at, for messages.
+    pub source: String,
+}
+
+/// The files read, in order.
+pub fn default_paths() -> Vec<PathBuf> {
+    if let Some(p) = std::env::var_os("SSM_PROXY_CONFIG") {
+        return vec![PathBuf::from(p)];
+    }
+    let mut paths = vec![PathBuf::from("/etc/ssm-proxy/config.toml")];
+    let home = std::env::var("SUDO_USER")
+        .ok()
+        .and_then(|u| nix::unistd::User::from_name(&u).ok().flatten())
+        .map(|u| u.dir)
+        .or_else(|| std::env::var_os("HOME").map(PathBuf::from));
+    if let Some(h) = home {
+        paths.push(h.join(".config/ssm-proxy/config.toml"));
+    }
+    paths
+}
+
+/// Read and validate every file of `paths` that exists. Errors name the file and
+/// the line; a tunnel name defined twice (in two files) is an error.
+pub fn load(paths: &[PathBuf]) -> anyhow::Result<Vec<Tunnel>> {
+    let mut all: Vec<Tunnel> = Vec::new();
+    for path in paths {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => bail!("cannot read {}: {e}", path.display()),
+        };
+        for t in parse(path, &text)? {
+            if let Some(first) = all.iter().find(|a| a.name == t.name) {
+                bail!("tunnel {:?} is defined twice: at {} and at {}", t.name, first.source, t.source);
+            }
+            all.push(t);
+        }
+    }
+    Ok(all)
+}
+
+/// The tunnel called `name`, or an error listing the ones there are.
+pub fn find(paths: &[PathBuf], name: &str) -> anyhow::Result<Tunnel> {
+    let all = load(paths)?;
+    if let Some(t) = all.iter().find(|t| t.name == name) {
+        return Ok(t.clone());
+    }
+    let files = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    if all.is_empty() {
+        bail!("no tunnel named {name:?}: no tunnels are defined in {files}");
+    }
+    let names = all.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ");
+    bail!("no tunnel named {name:?} in {files} (defined: {names})")
+}
+
+fn parse(path: &Path, text: &str) -> anyhow::Result<Vec<Tunnel>> {
+    let file: File = toml::from_str(text).map_err(|e| {
+        let at = e.span().map(|s| format!(" line {}", line_of(text, s.start))).unwrap_or_default();
+        anyhow::anyhow!("{}{at}: {}", path.display(), e.message())
+    })?;
+    let mut out = Vec::new();
+    for (name, raw) in file.tunnel {
+        let line = text
+            .lines()
+            .position(|l| {
+                let l = l.trim();
+                l == format!("[tunnel.{name}]") || l == format!("[tunnel.\"{name}\"]")
+            })
+            .map_or(1, |i| i + 1);
+        let source = format!("{} line {line}", path.display());
+        let fail = |what: String| anyhow::anyhow!("{source} ([tunnel.{name}]): {what}");
+        if name.is_empty()
+            || name.len() > 64
+            || name.starts_with('.')
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(fail("the name must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'".into()));
+        }
+        let instance_id = parse_instance_id(&raw.instance_id).map_err(|e| fail(format!("instance_id: {e}")))?;
+        if raw.cidrs.is_empty() {
+            return Err(fail("cidrs: at least one range is needed".into()));
+        }
+        let mut dns_domains = Vec::new();
+        for d in &raw.dns_domains {
+            dns_domains.push(Domain::parse(d).map_err(|e| fail(format!("dns_domains: {e}")))?);
+        }
+        if raw.agent_port == Some(0) {
+            return Err(fail("agent_port: 0 is not a port".into()));
+        }
+        out.push(Tunnel {
+            name,
+            instance_id,
+            region: raw.region,
+            profile: raw.profile,
+            cidrs: raw.cidrs,
+            dns_domains,
+            dns_auto: raw.dns_auto,
+            agent_port: raw.agent_port,
+            source,
+        });
+    }
+    Ok(out)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests;
