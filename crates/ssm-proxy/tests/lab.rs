@@ -159,6 +159,13 @@ impl Lab {
         speed.parse().unwrap_or(0.0)
     }
 
+    /// `ssm-proxy stop --name NAME`; the daemon must exit cleanly within 20 s.
+    fn stop(&self, daemon: &mut netns::KillOnDrop, name: &str) {
+        ok(self.ssm_proxy(&["stop", "--name", name]), "stop");
+        let log = format!("daemon-{name}.log");
+        assert!(wait_exit(daemon, Duration::from_secs(20)).success(), "{}", self.log(&log));
+    }
+
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir().join(name)).unwrap_or_default()
     }
@@ -291,8 +298,7 @@ fn real_clients_reach_the_vpc_through_the_tunnel() {
     let refused = lab.laptop_out("runuser", &["-u", "nobody", "--", env!("CARGO_BIN_EXE_ssm-proxy"), "stop"]);
     assert!(!refused.status.success() && text(&refused).contains("only root or the user"), "{}", text(&refused));
 
-    ok(lab.ssm_proxy(&["stop", "--name", "lab"]), "stop");
-    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon-lab.log"));
+    lab.stop(&mut daemon, "lab");
     let routes_after = main_routes(&lab);
     assert_eq!(routes_after, routes_before, "stop left routes behind");
     let links = ok(Command::new("ip").args(["-n", &lab.ns("laptop"), "link"]).output().expect("ip"), "ip link");
@@ -465,8 +471,7 @@ fn split_dns_resolves_private_names_through_the_tunnel_and_nothing_else() {
     assert!(s["dns_forwarded"].as_u64().unwrap_or(0) >= 2, "{s}");
     assert!(s["dns_refused"].as_u64().unwrap_or(0) >= 2, "{s}");
 
-    ok(lab.ssm_proxy(&["stop", "--name", "lab"]), "stop");
-    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon-lab.log"));
+    lab.stop(&mut daemon, "lab");
     if !std::path::Path::new("/run/systemd/resolve").exists() {
         let log = lab.log("daemon-lab.log");
         assert!(
@@ -496,8 +501,7 @@ fn a_download_survives_the_websocket_being_recycled_every_ten_seconds() {
     eprintln!("50 MiB while the websocket is recycled every 10 s: {:.2} MB/s, status {s}", speed / 1e6);
     assert!(s["reconnects"].as_u64().unwrap_or(0) >= 2, "{s}");
     assert_eq!(s["state"], "connected", "{s}");
-    ok(lab.ssm_proxy(&["stop"]), "stop");
-    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon-lab.log"));
+    lab.stop(&mut daemon, "lab");
 }
 
 #[test]
@@ -560,8 +564,7 @@ fn a_psql_connection_survives_a_thirty_second_outage() {
     assert_eq!(s["state"], "connected", "{s}");
     assert!(s["reconnects"].as_u64().unwrap_or(0) >= 1, "{s}");
     drop(input);
-    ok(lab.ssm_proxy(&["stop"]), "stop");
-    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon-lab.log"));
+    lab.stop(&mut daemon, "lab");
 }
 
 #[test]
@@ -596,6 +599,5 @@ fn a_tunnel_named_in_the_config_file_starts_by_name() {
     let s = tunnel_status(&lab);
     assert_eq!(s["name"], "vpc");
     assert_eq!(s["dns_domains"], serde_json::json!(["corp.internal"]));
-    ok(lab.ssm_proxy(&["stop", "--name", "vpc"]), "stop");
-    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success(), "{}", lab.log("daemon-vpc.log"));
+    lab.stop(&mut daemon, "vpc");
 }
