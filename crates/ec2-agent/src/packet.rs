@@ -1,11 +1,11 @@
 //! Reading the client's IP packets and writing the ones the agent answers with
 //! itself (UDP replies, ICMP echo replies and errors, TCP resets), through etherparse.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
-use etherparse::{
-    icmpv4, icmpv6, Icmpv4Type, Icmpv6Type, IpNumber, NetSlice, PacketBuilder, SlicedPacket, TransportSlice,
-};
+use forwarder::ip::builder;
+
+use etherparse::{icmpv4, icmpv6, Icmpv4Type, Icmpv6Type, IpNumber, NetSlice, SlicedPacket, TransportSlice};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum L4<'a> {
@@ -77,21 +77,7 @@ pub fn parse(packet: &[u8]) -> Option<Parsed<'_>> {
     Some(Parsed { src, dst, l4 })
 }
 
-fn builder(src: IpAddr, dst: IpAddr) -> Option<etherparse::PacketBuilderStep<etherparse::IpHeaders>> {
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => Some(PacketBuilder::ipv4(s.octets(), d.octets(), 64)),
-        (IpAddr::V6(s), IpAddr::V6(d)) => Some(PacketBuilder::ipv6(s.octets(), d.octets(), 64)),
-        _ => None,
-    }
-}
-
-/// A UDP datagram from `from` to `to`.
-pub fn udp(from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
-    let b = builder(from.ip(), to.ip())?.udp(from.port(), to.port());
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, payload).ok()?;
-    Some(out)
-}
+pub use forwarder::ip::udp;
 
 /// The echo reply `from` sends back to `to`.
 pub fn echo_reply(from: IpAddr, to: IpAddr, id: u16, seq: u16, payload: &[u8]) -> Option<Vec<u8>> {
@@ -154,6 +140,8 @@ pub fn unreachable(original: &[u8], p: &Parsed<'_>, why: Unreachable) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use etherparse::PacketBuilder;
+    use std::net::SocketAddr;
 
     fn syn() -> Vec<u8> {
         let mut out = Vec::new();

@@ -10,8 +10,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use simple_dns::{Packet, PacketFlag, RCODE};
+
+use crate::ip;
 
 /// A domain name as the user gave it, validated and normalised (lowercase, no
 /// trailing dot).
@@ -125,7 +127,7 @@ impl SplitDns {
         }
         self.refused.fetch_add(1, Ordering::Relaxed);
         match refusal(query)
-            .and_then(|reply| udp_packet(SocketAddr::new(dst, 53), SocketAddr::new(src, u.source_port()), &reply))
+            .and_then(|reply| ip::udp(SocketAddr::new(dst, 53), SocketAddr::new(src, u.source_port()), &reply))
         {
             Some(p) => Verdict::Answer(p),
             // Not even a DNS header: nothing to answer, and nothing to forward.
@@ -154,18 +156,6 @@ fn refusal(query: &[u8]) -> Option<Vec<u8>> {
     reply.name_servers.clear();
     reply.additional_records.clear();
     reply.build_bytes_vec().ok()
-}
-
-fn udp_packet(from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
-    let b = match (from.ip(), to.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
-        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
-        _ => return None,
-    }
-    .udp(from.port(), to.port());
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, payload).ok()?;
-    Some(out)
 }
 
 #[cfg(test)]

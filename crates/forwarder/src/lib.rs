@@ -2,6 +2,7 @@
 //!
 //! - [`wire`]: the framing both ends speak inside the Port session (HELLO, PACKET,
 //!   PING/PONG, GOODBYE) and an incremental deframer.
+//! - [`ip`]: building the IP packets an end answers with itself.
 //! - [`fq`]: FQ-CoDel, so interactive flows are not stuck behind bulk transfers.
 //! - [`window`]: the ack-clocked send window that keeps queues out of the SSM path.
 //! - [`link`]: queue-draining writer and frame reader shared by both ends.
@@ -11,6 +12,7 @@
 pub mod client;
 pub mod dns;
 pub mod fq;
+pub mod ip;
 pub mod link;
 pub mod window;
 pub mod wire;

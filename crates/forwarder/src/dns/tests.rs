@@ -13,7 +13,7 @@ fn query(names: &[&str]) -> Vec<u8> {
 }
 
 fn to_resolver(payload: &[u8], port: u16) -> Vec<u8> {
-    udp_packet(SocketAddr::new(LAPTOP.into(), 40000), SocketAddr::new(RESOLVER.into(), port), payload).expect("packet")
+    ip::udp(SocketAddr::new(LAPTOP.into(), 40000), SocketAddr::new(RESOLVER.into(), port), payload).expect("packet")
 }
 
 fn split() -> SplitDns {
@@ -94,7 +94,7 @@ fn other_traffic_passes_untouched() {
     let s = split();
     // Another port on the resolver address, DNS to another server, TCP, junk.
     assert_eq!(s.inspect(&to_resolver(&query(&["www.example.com"]), 5353)), Verdict::Forward);
-    let elsewhere = udp_packet(
+    let elsewhere = ip::udp(
         SocketAddr::new(LAPTOP.into(), 40000),
         SocketAddr::new([10, 0, 0, 2].into(), 53),
         &query(&["www.example.com"]),
