@@ -67,7 +67,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
     move |source| JournalError::Io { path: path.to_path_buf(), source }
 }
 
-pub(crate) fn valid_name(name: &str) -> bool {
+/// Whether `name` may name a tunnel (and so its files): 1-64 letters, digits,
+/// '.', '_' or '-', not starting with '.'.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
@@ -137,14 +139,24 @@ fn read_state(path: &Path) -> Result<Option<JournalState>, JournalError> {
 }
 
 fn write_state(path: &Path, state: &JournalState) -> Result<(), JournalError> {
-    let tmp = path.with_extension("journal.tmp");
+    write_json_atomic(path, state).map_err(|(p, source)| JournalError::Io { path: p, source })
+}
+
+/// Replace `path` with `value` as JSON (mode 0644), atomically: written to
+/// `<path>.tmp`, synced, renamed over. On failure, the file that failed.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), (PathBuf, std::io::Error)> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    fn fail(p: &Path) -> impl FnOnce(std::io::Error) -> (PathBuf, std::io::Error) + '_ {
+        move |e| (p.to_path_buf(), e)
+    }
     let mut f =
-        OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&tmp).map_err(io_err(&tmp))?;
-    let bytes =
-        serde_json::to_vec_pretty(state).map_err(|e| JournalError::Io { path: tmp.clone(), source: e.into() })?;
-    f.write_all(&bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+        OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&tmp).map_err(fail(&tmp))?;
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| (tmp.clone(), e.into()))?;
+    f.write_all(&bytes).map_err(fail(&tmp))?;
+    f.sync_all().map_err(fail(&tmp))?;
+    fs::rename(&tmp, path).map_err(fail(path))
 }
 
 /// The live journal of one running daemon.

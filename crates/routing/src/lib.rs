@@ -28,7 +28,10 @@ use serde::{Deserialize, Serialize};
 pub use conflict::{endpoint_pins, find_conflicts, lookup, Conflict, PinError};
 pub use guard::{GuardError, RouteGuard};
 pub use interfaces::{interfaces, Interface};
-pub use journal::{cleanup_stale, default_run_dir, CleanupReport, Journal, JournalError, JournalState, JournaledRoute};
+pub use journal::{
+    cleanup_stale, default_run_dir, valid_name, write_json_atomic, CleanupReport, Journal, JournalError, JournalState,
+    JournaledRoute,
+};
 pub use memory::{MemoryTable, Op};
 pub use sys::system_table;
 

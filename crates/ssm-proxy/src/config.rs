@@ -126,11 +126,7 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Vec<Tunnel>> {
             .map_or(1, |i| i + 1);
         let source = format!("{} line {line}", path.display());
         let fail = |what: String| anyhow::anyhow!("{source} ([tunnel.{name}]): {what}");
-        if name.is_empty()
-            || name.len() > 64
-            || name.starts_with('.')
-            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        {
+        if !routing::valid_name(&name) {
             return Err(fail("the name must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'".into()));
         }
         let instance_id = parse_instance_id(&raw.instance_id).map_err(|e| fail(format!("instance_id: {e}")))?;

@@ -10,7 +10,6 @@
 //!   crash leaves nothing behind.
 //! - Anything else: the exact line the user can add, and why.
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -102,12 +101,7 @@ fn journal_path(run_dir: &Path, name: &str) -> PathBuf {
 }
 
 fn write_journal(path: &Path, j: &Journal) -> anyhow::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(&serde_json::to_vec_pretty(j)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    routing::write_json_atomic(path, j).map_err(|(p, e)| anyhow::anyhow!("cannot write {}: {e}", p.display()))
 }
 
 fn ours(path: &Path, name: &str) -> bool {
