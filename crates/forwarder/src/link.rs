@@ -90,7 +90,7 @@ impl TxQueue {
     /// CoDel from dropping what a local sender would only have to resend; such a
     /// producer waits for [`TxQueue::room`] after a `false`.
     pub fn has_room(&self) -> bool {
-        if self.lock().bytes() < self.limit.load(Ordering::Relaxed) {
+        if self.queued_bytes() < self.limit.load(Ordering::Relaxed) {
             return true;
         }
         self.blocked.store(true, Ordering::Release);

@@ -206,11 +206,7 @@ fn release_stdout() {
 /// the SSM API (or its override), STS for credentials, and the session's stream host.
 /// All lookups run at once, within 3 seconds.
 async fn endpoint_addresses(region: &str, stream_url: &str) -> Vec<IpAddr> {
-    let overrides: Vec<String> = ["AWS_ENDPOINT_URL_SSM", "AWS_ENDPOINT_URL"]
-        .iter()
-        .filter_map(|v| std::env::var(v).ok())
-        .filter_map(|u| host_of(&u))
-        .collect();
+    let overrides = endpoint_overrides();
     let mut hosts = if std::env::var_os("AWS_ENDPOINT_URL").is_some() {
         overrides
     } else {
@@ -240,6 +236,15 @@ async fn endpoint_addresses(region: &str, stream_url: &str) -> Vec<IpAddr> {
     out.sort();
     out.dedup();
     out
+}
+
+/// The hosts of `AWS_ENDPOINT_URL_SSM` and `AWS_ENDPOINT_URL`, where set.
+fn endpoint_overrides() -> Vec<String> {
+    ["AWS_ENDPOINT_URL_SSM", "AWS_ENDPOINT_URL"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .filter_map(|u| host_of(&u))
+        .collect()
 }
 
 fn host_of(url: &str) -> Option<String> {
@@ -316,12 +321,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     // The SSM session to the ec2-agent.
     let trust = Trust::from_env()?;
     let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
-    let own_hosts: Vec<String> = ["AWS_ENDPOINT_URL_SSM", "AWS_ENDPOINT_URL"]
-        .iter()
-        .filter_map(|v| std::env::var(v).ok())
-        .filter_map(|u| host_of(&u))
-        .collect();
-    let domains = dns::plan(&args.dns_domains, args.dns_auto, api.region(), &own_hosts)?;
+    let domains = dns::plan(&args.dns_domains, args.dns_auto, api.region(), &endpoint_overrides())?;
     eprintln!("Starting a session with {} in {}...", args.instance_id(), api.region());
     let live = Arc::new(Mutex::new(Live::default()));
     let config = PortConfig {

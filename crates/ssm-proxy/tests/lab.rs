@@ -374,8 +374,7 @@ fn curl_through_a_slow_lossy_link() {
     let mut daemon = lab.start(&[]);
     let speed = lab.fetch_blob(200);
     eprintln!("50 MiB over 40 ms RTT, 0.5% loss: {:.2} MB/s", speed / 1e6);
-    ok(lab.ssm_proxy(&["stop"]), "stop");
-    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success());
+    lab.stop(&mut daemon, "lab");
 }
 
 #[test]
@@ -430,11 +429,7 @@ fn split_dns_resolves_private_names_through_the_tunnel_and_nothing_else() {
     }
     let lab = Lab::up(&prefix("s"), 1, &[]);
     let mut daemon = lab.start(&["--dns-domain", "corp.internal"]);
-    let status = |lab: &Lab| -> serde_json::Value {
-        let js = ok(lab.ssm_proxy(&["status", "--json"]), "status");
-        serde_json::from_str::<serde_json::Value>(&js).expect("status JSON")[0].clone()
-    };
-    let s = status(&lab);
+    let s = tunnel_status(&lab);
     let server = s["dns_server"].as_str().expect("a DNS server in status").to_string();
     assert_eq!(s["dns_domains"], serde_json::json!(["corp.internal"]));
 
@@ -467,7 +462,7 @@ fn split_dns_resolves_private_names_through_the_tunnel_and_nothing_else() {
     assert!(queries.contains("db.corp.internal"), "the vpc resolver saw no query at all:\n{queries}");
     assert!(!queries.contains("outside.example"), "a name outside the domain went through the tunnel:\n{queries}");
 
-    let s = status(&lab);
+    let s = tunnel_status(&lab);
     assert!(s["dns_forwarded"].as_u64().unwrap_or(0) >= 2, "{s}");
     assert!(s["dns_refused"].as_u64().unwrap_or(0) >= 2, "{s}");
 
@@ -581,14 +576,7 @@ fn a_tunnel_named_in_the_config_file_starts_by_name() {
     .expect("config");
     let env = [("SSM_PROXY_CONFIG", config.to_str().expect("path"))];
     let mut daemon = lab.start_with("vpc", &["start", "vpc"], &env);
-    let listed = ok(
-        lab.laptop("env")
-            .args(["SSM_PROXY_CONFIG=".to_string() + config.to_str().expect("path")])
-            .args([env!("CARGO_BIN_EXE_ssm-proxy"), "list"])
-            .output()
-            .expect("list"),
-        "list",
-    );
+    let listed = ok(lab.laptop(env!("CARGO_BIN_EXE_ssm-proxy")).arg("list").envs(env).output().expect("list"), "list");
     assert!(
         listed.lines().any(|l| l.starts_with("vpc") && l.contains("running") && l.contains("10.10.0.0/16")),
         "{listed}"
