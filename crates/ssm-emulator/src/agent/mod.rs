@@ -146,13 +146,12 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
             // to the next millisecond.
             let now = Instant::now();
             while !rt.out.is_empty() {
-                let n = rt.out.len().min(PAYLOAD_SIZE);
-                let chunk: Vec<u8> = rt.out.drain(..n).collect();
-                rt.chan.send_output(now.into_std(), &chunk);
+                rt.send_chunk(now);
             }
             next_send = now;
             continue;
         }
+        // From here on `out` holds data only with the stock profile.
         let timer = rt.chan.poll_timeout().map(Instant::from_std);
         let pace = (!rt.out.is_empty()).then_some(next_send);
         let read_targets = rt.out.len() < MAX_OUT;
@@ -198,30 +197,16 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
                 rt.chan.handle_timeout(Instant::now().into_std());
                 rt.handle_events().await;
             }
+            // The agent's read loop: one read of at most 1024 bytes, send, sleep 1 ms.
+            // Paced on a schedule, not by sleeping 1 ms after each send: tokio's
+            // timer rounds a 1 ms sleep up to about 2 ms, which would halve the
+            // rate the real agent achieves.
             _ = sleep_until(pace) => {
                 let now = Instant::now();
-                match rt.spec.profile {
-                    // The agent's read loop: one read of at most 1024 bytes, send, sleep 1 ms.
-                    // Paced on a schedule, not by sleeping 1 ms after each send:
-                    // tokio's timer rounds a 1 ms sleep up to about 2 ms, which
-                    // would halve the rate the real agent achieves.
-                    Profile::Stock => {
-                        let n = rt.out.len().min(PAYLOAD_SIZE);
-                        let chunk: Vec<u8> = rt.out.drain(..n).collect();
-                        rt.chan.send_output(now.into_std(), &chunk);
-                        next_send += Duration::from_millis(1);
-                        if next_send + Duration::from_millis(2) < now {
-                            next_send = now; // idle before: no burst
-                        }
-                    }
-                    Profile::Fast => {
-                        while !rt.out.is_empty() {
-                            let n = rt.out.len().min(PAYLOAD_SIZE);
-                            let chunk: Vec<u8> = rt.out.drain(..n).collect();
-                            rt.chan.send_output(now.into_std(), &chunk);
-                        }
-                        next_send = now;
-                    }
+                rt.send_chunk(now);
+                next_send += Duration::from_millis(1);
+                if next_send + Duration::from_millis(2) < now {
+                    next_send = now; // idle before: no burst
                 }
             }
         }
@@ -236,6 +221,13 @@ async fn sleep_until(t: Option<Instant>) {
 }
 
 impl Runtime {
+    /// Send the next message: at most PAYLOAD_SIZE bytes of `out`.
+    fn send_chunk(&mut self, now: Instant) {
+        let n = self.out.len().min(PAYLOAD_SIZE);
+        let chunk: Vec<u8> = self.out.drain(..n).collect();
+        self.chan.send_output(now.into_std(), &chunk);
+    }
+
     /// Sends what the channel has for the client. With no client attached the
     /// frames wait in a bounded buffer (or are lost, with `buffer_detached` off).
     fn flush(&mut self) {
