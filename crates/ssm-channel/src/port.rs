@@ -87,8 +87,8 @@ pub struct Live {
     pub stats: Stats,
     pub reconnects: u64,
     pub connected: bool,
-    /// How long sent data has waited for any ack (see [`Session::stalled_for`]).
-    pub stalled_for: Option<Duration>,
+    /// Since when sent data has waited for any ack (see [`Session::stalled_since`]).
+    pub stalled_since: Option<std::time::Instant>,
 }
 
 impl Default for PortConfig {
@@ -250,17 +250,24 @@ pub async fn run(
     let mut conns_open = true;
     let mut drain_until: Option<Instant> = None;
     let mut next_publish = Instant::now();
+    let mut unpublished;
 
     loop {
         let now = Instant::now();
         core.pump();
+        // Publish at most twice a second, and once more after the last change
+        // (`unpublished` keeps a timer until then), so an idle tunnel's status
+        // does not keep the state of its last busy moment.
         if let Some(live) = config.live.as_ref().filter(|_| now >= next_publish) {
             let mut l = live.lock().unwrap_or_else(|p| p.into_inner());
             l.stats = core.session.stats();
             l.reconnects = reconnects;
             l.connected = ws_rx.is_some() && reconnect.is_none();
-            l.stalled_for = core.session.stalled_for(now.into_std());
+            l.stalled_since = core.session.stalled_since();
             next_publish = now + Duration::from_millis(500);
+            unpublished = false;
+        } else {
+            unpublished = config.live.is_some();
         }
         if ws_rx.is_some() && drain_until.is_none() {
             let mut ok = true;
@@ -321,6 +328,7 @@ pub async fn run(
             ws_rx.is_some().then_some(next_ping),
             drain_until,
             stalled.filter(|_| ws_rx.is_some()).map(|d| now + config.stall_reconnect.saturating_sub(d)),
+            unpublished.then_some(next_publish),
         ]
         .into_iter()
         .flatten()

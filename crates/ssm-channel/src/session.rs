@@ -299,7 +299,14 @@ impl Session {
     /// How long messages have been outstanding without any ack (`None`: nothing
     /// outstanding). A link that went quiet shows here long before a timeout.
     pub fn stalled_for(&self, now: Instant) -> Option<Duration> {
-        (!self.in_flight.is_empty()).then_some(self.last_progress).flatten().map(|t| now.saturating_duration_since(t))
+        self.stalled_since().map(|t| now.saturating_duration_since(t))
+    }
+
+    /// Since when sent messages have waited without any ack (`None`: nothing
+    /// sent is outstanding). A message handed over but not yet transmitted does
+    /// not count: its clock starts at its first transmission.
+    pub fn stalled_since(&self) -> Option<Instant> {
+        self.in_flight.front().filter(|m| m.transmissions > 0).and(self.last_progress)
     }
 
     /// Unacknowledged stream messages.
@@ -447,8 +454,7 @@ impl Session {
         }
         let retransmit =
             self.in_flight.iter().filter(|m| !m.queued).filter_map(|m| m.last_sent).min().map(|t| t + self.rtt.rto);
-        let give_up =
-            (!self.in_flight.is_empty()).then_some(self.last_progress).flatten().map(|t| t + self.config.ack_timeout);
+        let give_up = self.stalled_since().map(|t| t + self.config.ack_timeout);
         match (retransmit, give_up) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -459,8 +465,8 @@ impl Session {
         if !self.connected || self.paused || self.is_closed() {
             return;
         }
-        if let Some(t) = self.last_progress {
-            if !self.in_flight.is_empty() && now.duration_since(t) >= self.config.ack_timeout {
+        if let Some(t) = self.stalled_since() {
+            if now.duration_since(t) >= self.config.ack_timeout {
                 self.close(CloseReason::AckTimeout);
                 return;
             }

@@ -449,7 +449,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             let q = handle.queue.stats();
             let rtt = handle.stats.rtt_us.load(Ordering::Relaxed);
             Status {
-                state: match l.stalled_for {
+                state: match l.stalled_since.map(|t| t.elapsed()) {
                     _ if !l.connected => "reconnecting".into(),
                     Some(d) if d >= STALL => format!("stalled (no answer for {} s)", d.as_secs()),
                     _ => "connected".into(),

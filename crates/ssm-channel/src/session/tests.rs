@@ -313,6 +313,10 @@ fn a_send_after_a_long_idle_spell_is_not_an_ack_timeout() {
     let later = now + Duration::from_secs(600);
     assert_eq!(s.stalled_for(later), None);
     s.send(b"b").expect("room");
+    // Handed over, not yet transmitted: nothing waits for an answer yet.
+    assert_eq!(s.stalled_for(later), None);
+    s.handle_timeout(later);
+    assert_eq!(s.state(), &State::Established);
     drain(&mut s, later);
     s.handle_timeout(later + Duration::from_millis(1));
     assert_eq!(s.state(), &State::Established);
