@@ -173,6 +173,22 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // A failed test shows the logs of what it ran before they go with the lab.
+        if std::thread::panicking() {
+            let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir())
+                .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                .unwrap_or_default();
+            logs.retain(|p| p.extension().is_some_and(|e| e == "log"));
+            logs.sort();
+            for log in logs {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("----- {} (last {} lines) -----", log.display(), lines.len().min(40));
+                for line in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("{line}");
+                }
+            }
+        }
         let _ =
             Command::new("bash").arg(repo_root().join("scripts/lab.sh")).arg("down").env("LAB", &self.prefix).output();
     }
@@ -490,8 +506,9 @@ fn a_download_survives_the_websocket_being_recycled_every_ten_seconds() {
     // does after its own limits; the client resumes the session each time.
     let lab = Lab::up(&prefix("w"), 50, &[("EMULATOR_ARGS", "--close-every 10")]);
     let mut daemon = lab.start(&[]);
-    // 2 MB/s: the 50 MiB take about 26 s, across two or three recycles.
-    let speed = lab.fetch_blob_limited(120, "2M");
+    // 1.5 MiB/s: the 50 MiB take about 33 s, across three recycles (curl's
+    // limit is an average; it bursts at the start).
+    let speed = lab.fetch_blob_limited(120, "1536K");
     let s = tunnel_status(&lab);
     eprintln!("50 MiB while the websocket is recycled every 10 s: {:.2} MB/s, status {s}", speed / 1e6);
     assert!(s["reconnects"].as_u64().unwrap_or(0) >= 2, "{s}");
