@@ -113,9 +113,20 @@ where
         .map_err(|_| HandshakeError::Timeout(config.hello_timeout))?
 }
 
+/// Why [`run`] is asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The tunnel ends: the agent is told (GOODBYE) and drops our flows.
+    Goodbye,
+    /// The link is being replaced: no GOODBYE, so the agent keeps our flows for
+    /// the next link (its grace period).
+    Abandon,
+}
+
 /// Carry packets between `device` and the stream until either ends or `shutdown`
-/// completes (then a GOODBYE is sent). `agent` is the HELLO [`handshake`] returned.
-/// Returns how the link ended (`None`: shutdown).
+/// completes (with a GOODBYE or not, as it says). `agent` is the HELLO
+/// [`handshake`] returned. The handle's queue outlives the call: run it again on
+/// a new link to carry on. Returns how the link ended (`None`: shutdown).
 #[allow(clippy::too_many_arguments)]
 pub async fn run<D, R, W>(
     device: Arc<D>,
@@ -124,7 +135,7 @@ pub async fn run<D, R, W>(
     (agent, deframer): (Hello, Deframer),
     config: &ClientConfig,
     handle: Arc<ClientHandle>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = Stop>,
 ) -> Option<LinkEnd>
 where
     D: Device,
@@ -132,7 +143,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let epoch = Instant::now();
-    handle.queue.negotiate(config.caps, agent.caps);
+    // The queue outlives links: a new link after a reconnect starts afresh.
+    handle.queue.reopen(config.caps, agent.caps);
     let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(64);
     let writer_task =
         tokio::spawn(link::write_loop(handle.queue.clone(), ctl_rx, writer, config.batch, handle.stats.clone()));
@@ -175,6 +187,13 @@ where
             }
         }
     });
+    // Dropped before its end (its caller gave up on the link), run leaves no task behind.
+    let _tasks = AbortOnDrop(vec![
+        writer_task.abort_handle(),
+        pinger.abort_handle(),
+        tun_reader.abort_handle(),
+        tun_writer.abort_handle(),
+    ]);
     let h = handle.clone();
     let on_packet = move |p: Bytes| {
         if dev_tx.try_send(p).is_err() {
@@ -184,14 +203,27 @@ where
     let reading =
         link::read_loop(reader, deframer, on_packet, ctl_tx, handle.queue.clone(), handle.stats.clone(), epoch);
 
-    let ended = tokio::select! {
-        end = reading => Some(end),
-        () = shutdown => None,
+    let (ended, stop) = tokio::select! {
+        end = reading => (Some(end), Stop::Goodbye),
+        stop = shutdown => (None, stop),
     };
     pinger.abort();
     tun_reader.abort();
-    handle.queue.close();
+    match stop {
+        Stop::Goodbye => handle.queue.close(),
+        Stop::Abandon => handle.queue.abandon(),
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
     tun_writer.abort();
     ended
+}
+
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }

@@ -48,6 +48,9 @@ pub struct LinkStats {
     pub window: AtomicU64,
     /// Bytes sent and not yet acknowledged.
     pub in_flight: AtomicU64,
+    /// Reads that returned data: unchanging while PINGs go out means the peer
+    /// stopped answering.
+    pub reads: AtomicU64,
 }
 
 /// Packets waiting to enter the stream.
@@ -56,6 +59,8 @@ pub struct TxQueue {
     fq: Mutex<FqCodel>,
     ready: Notify,
     closed: AtomicBool,
+    /// Closed without GOODBYE (the link is being replaced, not ended).
+    quiet: AtomicBool,
     /// Both ends acknowledge (set after the HELLOs, before the loops start).
     acks: AtomicBool,
     /// PACKET bytes the peer has acknowledged (updated by the reader).
@@ -76,6 +81,7 @@ impl TxQueue {
             fq: Mutex::new(FqCodel::new(config)),
             ready: Notify::new(),
             closed: AtomicBool::new(false),
+            quiet: AtomicBool::new(false),
             acks: AtomicBool::new(false),
             peer_acked: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -109,6 +115,17 @@ impl TxQueue {
         self.acks.store(ours & theirs & caps::ACK != 0, Ordering::Release);
     }
 
+    /// Make the queue ready for a new link (after [`TxQueue::close`] and the old
+    /// loops' end): open again, ack counters back to zero, capabilities
+    /// negotiated afresh. Queued packets stay and go out on the new link.
+    pub fn reopen(&self, ours: u32, theirs: u32) {
+        self.peer_acked.store(0, Ordering::Release);
+        self.received.store(0, Ordering::Release);
+        self.negotiate(ours, theirs);
+        self.quiet.store(false, Ordering::Release);
+        self.closed.store(false, Ordering::Release);
+    }
+
     pub fn acks(&self) -> bool {
         self.acks.load(Ordering::Acquire)
     }
@@ -134,6 +151,13 @@ impl TxQueue {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.ready.notify_one();
+    }
+
+    /// Stop the writer without GOODBYE: the peer is to treat the link as lost
+    /// (and keep its flows for us), not as ended.
+    pub fn abandon(&self) {
+        self.quiet.store(true, Ordering::Release);
+        self.close();
     }
 }
 
@@ -219,6 +243,9 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             continue;
         }
         if queue.closed.load(Ordering::Acquire) {
+            if queue.quiet.load(Ordering::Acquire) {
+                return Ok(());
+            }
             out.clear();
             wire::encode(&Frame::Goodbye { reason: Reason::Normal, message: "closing".into() }, &mut out);
             let _ = writer.write_all(&out).await;
@@ -322,7 +349,10 @@ pub async fn read_loop<R: AsyncRead + Unpin>(
         }
         match reader.read(&mut buf).await {
             Ok(0) => return LinkEnd::Eof,
-            Ok(n) => deframer.push(&buf[..n]),
+            Ok(n) => {
+                stats.reads.fetch_add(1, Ordering::Relaxed);
+                deframer.push(&buf[..n]);
+            }
             Err(e) => return LinkEnd::Io(e),
         }
     }
