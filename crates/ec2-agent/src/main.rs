@@ -66,6 +66,10 @@ struct Args {
     /// TCP connections per client.
     #[arg(long, default_value_t = 4096)]
     max_tcp_flows: usize,
+    /// Keep a client's connections this many seconds after its session is lost,
+    /// for the same client to pick up through a new session (0: do not).
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    grace: u64,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -107,7 +111,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
         max_tcp_flows: args.max_tcp_flows.max(1),
         resolvers: resolvers(),
+        grace: Duration::from_secs(args.grace),
     });
+    let registry = session::Registry::default();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is another ec2-agent running?)", args.listen))?;
@@ -145,10 +151,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             });
             continue;
         }
-        let (config, active) = (config.clone(), active.clone());
+        let (config, active, registry) = (config.clone(), active.clone(), registry.clone());
         active.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            match session::serve(stream, config, peer.to_string()).await {
+            match session::serve(stream, config, peer.to_string(), registry).await {
                 Ok(()) => {}
                 // Connected and left without a word: a port probe, not a client.
                 Err(forwarder::link::LinkEnd::Eof) => tracing::debug!(%peer, "connection closed before HELLO"),

@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use forwarder::fq::FqConfig;
 use forwarder::link::{self, LinkEnd, LinkStats, TxQueue};
-use forwarder::wire::{self, caps, Frame, Hello, Reason, Role};
+use forwarder::wire::{self, caps, Deframer, Frame, Hello, Reason, Role};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
@@ -28,6 +29,8 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     pub max_tcp_flows: usize,
     pub resolvers: Vec<IpAddr>,
+    /// How long a client's flows outlive its lost connection (zero: not at all).
+    pub grace: Duration,
 }
 
 /// Set once: the first refused ping socket is explained in the log, later ones not.
@@ -69,8 +72,30 @@ fn ms_since(epoch: Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
 }
 
-/// Serve one client connection until it ends.
-pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) -> Result<(), LinkEnd> {
+/// A client's running session, found by the client id from its HELLO: a client
+/// that comes back within the grace period (a new SSM session after the old one
+/// died) gets its flows back.
+pub type Registry = Arc<Mutex<HashMap<[u8; 16], (u64, mpsc::Sender<Attach>)>>>;
+
+/// A client connection whose HELLO was answered, ready to carry a session.
+pub struct Attach {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    deframer: Deframer,
+    hello: Hello,
+    peer: String,
+}
+
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// Serve one client connection: answer its HELLO, then run its session, or hand
+/// the connection to the session it left behind.
+pub async fn serve(
+    stream: TcpStream,
+    config: Arc<AgentConfig>,
+    peer: String,
+    registry: Registry,
+) -> Result<(), LinkEnd> {
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.into_split();
     let (hello, deframer) = tokio::time::timeout(Duration::from_secs(30), link::read_hello(&mut reader))
@@ -84,7 +109,6 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
         let _ = link::write_frame(&mut writer, &bye).await;
         return Err(LinkEnd::Wire(wire::WireError::BadHello("unsupported version or role")));
     }
-    let mtu = config.mtu.min(hello.mtu).max(1280);
     let reply = Hello {
         version: wire::VERSION,
         role: Role::Agent,
@@ -96,20 +120,70 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
         dns: Vec::new(),
     };
     link::write_frame(&mut writer, &Frame::Hello(reply)).await?;
-    info!(client = %peer, software = %hello.software, mtu, "client connected");
+    let id = hello.client_id;
+    let mut attach = Attach { reader, writer, deframer, hello, peer };
 
-    let queue = TxQueue::new(FqConfig::default());
-    queue.negotiate(AGENT_CAPS, hello.caps);
-    let stats = Arc::new(LinkStats::default());
+    // An all-zero id names no one in particular: such clients never share state.
+    let resumable = id != [0; 16] && !config.grace.is_zero();
+    if resumable {
+        let parked = lock(&registry).get(&id).map(|(_, tx)| tx.clone());
+        if let Some(tx) = parked {
+            match tx.send(attach).await {
+                Ok(()) => return Ok(()),
+                // That session ended just now: start a new one.
+                Err(mpsc::error::SendError(back)) => attach = back,
+            }
+        }
+    }
+    let (tx, rx) = mpsc::channel(2);
+    let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+    if resumable {
+        lock(&registry).insert(id, (generation, tx));
+    }
+    run_session(attach, rx, config).await;
+    if resumable {
+        let mut r = lock(&registry);
+        if r.get(&id).is_some_and(|(g, _)| *g == generation) {
+            r.remove(&id);
+        }
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The tasks carrying one connection of a session.
+struct LinkTasks {
+    peer: String,
+    reading: tokio::task::JoinHandle<LinkEnd>,
+    writing: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl LinkTasks {
+    fn abort(&self) {
+        self.reading.abort();
+        self.writing.abort();
+    }
+}
+
+/// Start carrying `a` for the session whose packets go to `pkt_tx`.
+fn start_link(
+    a: Attach,
+    queue: &Arc<TxQueue>,
+    stats: &Arc<LinkStats>,
+    pkt_tx: &mpsc::Sender<Bytes>,
+    dropped_in: &Arc<AtomicU64>,
+    epoch: Instant,
+) -> LinkTasks {
+    queue.reopen(AGENT_CAPS, a.hello.caps);
     let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(64);
-    let writer_task = tokio::spawn(link::write_loop(queue.clone(), ctl_rx, writer, 4096, stats.clone()));
-    let (pkt_tx, mut pkt_rx) = mpsc::channel::<Bytes>(4096);
-    let dropped_in = Arc::new(AtomicU64::new(0));
-    let d = dropped_in.clone();
-    let epoch = Instant::now();
+    let writing = tokio::spawn(link::write_loop(queue.clone(), ctl_rx, a.writer, 4096, stats.clone()));
+    let (pkt_tx, d) = (pkt_tx.clone(), dropped_in.clone());
     let reading = tokio::spawn(link::read_loop(
-        reader,
-        deframer,
+        a.reader,
+        a.deframer,
         move |p| {
             if pkt_tx.try_send(p).is_err() {
                 d.fetch_add(1, Ordering::Relaxed);
@@ -120,9 +194,37 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
         stats.clone(),
         epoch,
     ));
+    LinkTasks { peer: a.peer, reading, writing }
+}
 
+async fn link_end(link: &mut Option<LinkTasks>) -> LinkEnd {
+    match link.as_mut() {
+        Some(l) => (&mut l.reading).await.unwrap_or(LinkEnd::Eof),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One client's flows, across the connections that carry them: when a
+/// connection is lost (not ended with GOODBYE), the flows wait `config.grace`
+/// for the same client to come back through [`serve`].
+async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: Arc<AgentConfig>) {
+    let mtu = config.mtu.min(first.hello.mtu).max(1280);
+    info!(client = %first.peer, software = %first.hello.software, mtu, "client connected");
+    let queue = TxQueue::new(FqConfig::default());
+    let stats = Arc::new(LinkStats::default());
+    let (pkt_tx, mut pkt_rx) = mpsc::channel::<Bytes>(4096);
+    let dropped_in = Arc::new(AtomicU64::new(0));
+    let epoch = Instant::now();
     let wake = Arc::new(Notify::new());
     let (ev_tx, mut ev_rx) = mpsc::channel(256);
+    let grace = config.grace;
     let mut s = Session {
         stack: Stack::new(queue.clone(), mtu as usize, wake.clone()),
         config,
@@ -132,24 +234,55 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
         events: ev_tx,
         epoch,
         denied: 0,
-        dns: hello.dns.clone(),
+        dns: first.hello.dns.clone(),
         dns_queries: 0,
     };
+    let first_peer = first.peer.clone();
+    let mut link = Some(start_link(first, &queue, &stats, &pkt_tx, &dropped_in, epoch));
+    let mut parked_until: Option<Instant> = None;
+    let mut resumes = 0u64;
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
     let mut delay = None;
-    loop {
+    let end = loop {
         let sleep = tokio::time::sleep(delay.unwrap_or(Duration::from_secs(1)));
         tokio::select! {
-            p = pkt_rx.recv() => match p {
-                Some(p) => {
+            p = pkt_rx.recv() => {
+                if let Some(p) = p {
                     s.handle_packet(p);
                     // Take whatever else is already there before polling the stack.
                     while let Ok(p) = pkt_rx.try_recv() {
                         s.handle_packet(p);
                     }
                 }
-                None => break,
-            },
+            }
+            Some(a) = attach.recv() => {
+                // The client is back (or replaced a connection we still thought alive).
+                if let Some(old) = link.take() {
+                    old.abort();
+                }
+                resumes += 1;
+                parked_until = None;
+                info!(client = %a.peer, resumes, tcp_flows = s.stack.flow_count(), udp_flows = s.udp.len(), "client resumed its session");
+                s.dns = a.hello.dns.clone();
+                link = Some(start_link(a, &queue, &stats, &pkt_tx, &dropped_in, epoch));
+            }
+            end = link_end(&mut link) => {
+                let old = link.take();
+                queue.close();
+                let mut peer = String::new();
+                if let Some(old) = old {
+                    peer = old.peer;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), old.writing).await;
+                }
+                if matches!(end, LinkEnd::Goodbye { .. }) || grace.is_zero() {
+                    break end;
+                }
+                info!(client = %peer, grace = ?grace, "connection lost ({end}); keeping the flows for the client to come back");
+                parked_until = Some(Instant::now() + grace);
+            }
+            () = sleep_until(parked_until) => {
+                break LinkEnd::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the client did not come back within {grace:?}")));
+            }
             Some((key, result, syn)) = ev_rx.recv() => s.connected(key, result, syn),
             () = wake.notified() => {}
             () = queue.room() => {}
@@ -157,13 +290,13 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
             _ = sweep.tick() => s.expire_udp(),
         }
         delay = s.stack.poll();
+    };
+    if let Some(l) = link.take() {
+        l.abort();
     }
-    let end = reading.await.unwrap_or(LinkEnd::Eof);
-    queue.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
     let q = queue.stats();
     info!(
-        client = %peer,
+        client = %first_peer,
         dropped_codel = q.dropped_codel,
         dropped_overflow = q.dropped_overflow,
         tcp_flows = s.stack.opened,
@@ -171,10 +304,10 @@ pub async fn serve(stream: TcpStream, config: Arc<AgentConfig>, peer: String) ->
         packets_out = stats.sent.read().0,
         denied = s.denied,
         dns_flows = s.dns_queries,
+        resumes,
         dropped_in = dropped_in.load(Ordering::Relaxed),
         "client disconnected: {end}"
     );
-    Ok(())
 }
 
 impl Session {
