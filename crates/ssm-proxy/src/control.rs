@@ -31,11 +31,23 @@ impl From<&forwarder::link::Direction> for Counter {
 pub struct Status {
     pub name: String,
     pub pid: u32,
+    /// The instance carrying the tunnel now, and all the candidates.
     pub instance_id: String,
+    #[serde(default)]
+    pub instances: Vec<String>,
     pub region: String,
     pub session_id: String,
-    /// `connected` or `reconnecting`.
+    /// `connected`, `stalled (...)`, `reconnecting` (resuming the session) or
+    /// `reconnecting (new session, attempt N)`.
     pub state: String,
+    /// While reconnecting with new sessions: what went wrong last.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Sessions opened after the first, and how many moved to another instance.
+    #[serde(default)]
+    pub new_sessions: u64,
+    #[serde(default)]
+    pub failovers: u64,
     pub uptime_secs: u64,
     pub cidrs: Vec<String>,
     pub interface: String,

@@ -8,6 +8,7 @@ mod dns;
 mod forward;
 mod ssm;
 mod start;
+mod uplink;
 
 use std::process::ExitCode;
 

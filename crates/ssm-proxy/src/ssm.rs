@@ -18,8 +18,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// A Port session whose handshake with the instance agent completed.
 pub struct PortSession {
     pub session_id: String,
-    /// Our client id for this session (also sent to the agent).
-    pub client_id: uuid::Uuid,
     pub stream_url: String,
     pub ready: Ready,
     /// Local connections to carry through the session.
@@ -102,7 +100,7 @@ pub async fn open_port_session(
             );
         }
     };
-    Ok(PortSession { session_id, client_id, stream_url, ready, conns: conn_tx, task, stop: Some(stop_tx) })
+    Ok(PortSession { session_id, stream_url, ready, conns: conn_tx, task, stop: Some(stop_tx) })
 }
 
 pub fn parse_instance_id(s: &str) -> Result<String, String> {

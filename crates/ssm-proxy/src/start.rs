@@ -9,14 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use forwarder::client::{self, ClientConfig, ClientHandle};
+use forwarder::client::{ClientConfig, ClientHandle};
 use forwarder::dns::{Domain, SplitDns};
 use forwarder::wire;
 use ipnet::IpNet;
 use routing::{Journal, Route, RouteGuard};
 use ssm_channel::aws::{AwsOptions, SsmApi};
-use ssm_channel::port::{Conn, Live, PortConfig};
-use ssm_channel::session::SessionConfig;
+use ssm_channel::port::Live;
 use ssm_channel::transport::Trust;
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -25,7 +24,8 @@ use tunnel::{Device, TunConfig, TunDevice};
 use crate::config;
 use crate::control::{self, Counter, Status};
 use crate::dns;
-use crate::ssm::{finish, open_port_session, parse_instance_id, shutdown_signal};
+use crate::ssm::{parse_instance_id, shutdown_signal};
+use crate::uplink::{connect_first, supervise, LinkState, Target};
 
 /// The ec2-agent's default loopback port on the instance.
 pub const DEFAULT_AGENT_PORT: u16 = 7301;
@@ -51,9 +51,11 @@ pub struct StartArgs {
     /// here override its settings.
     #[arg(value_name = "NAME")]
     tunnel: Option<String>,
-    /// The managed instance running the ec2-agent (i-... or mi-...).
-    #[arg(long, value_parser = parse_instance_id)]
-    instance_id: Option<String>,
+    /// The managed instance running the ec2-agent (i-... or mi-...). Repeat it
+    /// to name fallbacks: the first that answers carries the tunnel, and when it
+    /// stops answering the tunnel moves to the next.
+    #[arg(long = "instance-id", value_name = "ID", value_parser = parse_instance_id)]
+    instance_ids: Vec<String>,
     /// A destination range to route through the tunnel (repeatable).
     #[arg(long = "cidr", value_name = "CIDR")]
     cidrs: Vec<IpNet>,
@@ -111,10 +113,6 @@ impl StartArgs {
         self.name.as_deref().unwrap_or("default")
     }
 
-    fn instance_id(&self) -> &str {
-        self.instance_id.as_deref().unwrap_or_default()
-    }
-
     fn agent_port(&self) -> u16 {
         self.agent_port.unwrap_or(DEFAULT_AGENT_PORT)
     }
@@ -125,7 +123,9 @@ impl StartArgs {
 pub fn resolve(mut args: StartArgs) -> anyhow::Result<StartArgs> {
     if let Some(name) = args.tunnel.clone() {
         let t = config::find(&config::default_paths(), &name)?;
-        args.instance_id = args.instance_id.or(Some(t.instance_id));
+        if args.instance_ids.is_empty() {
+            args.instance_ids = vec![t.instance_id];
+        }
         if args.cidrs.is_empty() {
             args.cidrs = t.cidrs;
         }
@@ -138,7 +138,8 @@ pub fn resolve(mut args: StartArgs) -> anyhow::Result<StartArgs> {
         args.dns_auto |= t.dns_auto;
         args.name = args.name.or(Some(name));
     }
-    if args.instance_id.is_none() {
+    args.instance_ids.dedup();
+    if args.instance_ids.is_empty() {
         bail!("say which instance: --instance-id i-..., or the NAME of a tunnel in the config file (`ssm-proxy list`)");
     }
     if args.cidrs.is_empty() {
@@ -318,68 +319,45 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     let ipv4 =
         tunnel::allocate_v4(tunnel::DEFAULT_V4_RANGE, &in_use).context("no free tunnel address in 100.127.0.0/16")?;
 
-    // The SSM session to the ec2-agent.
+    // The SSM session to the ec2-agent: the first candidate that answers.
     let trust = Trust::from_env()?;
     let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
     let domains = dns::plan(&args.dns_domains, args.dns_auto, api.region(), &endpoint_overrides())?;
-    eprintln!("Starting a session with {} in {}...", args.instance_id(), api.region());
+    eprintln!("Starting a session with {} in {}...", args.instance_ids.join(" or "), api.region());
     let live = Arc::new(Mutex::new(Live::default()));
-    let config = PortConfig {
-        // The forwarder's own send window keeps queues short (SPECIFICATION §6.4),
-        // so the channel's in-flight limit only has to cover long, fast paths.
-        session: SessionConfig::default(),
-        max_backlog: 16 << 10,
-        read_chunk: 16 << 10,
-        live: Some(live.clone()),
-        // The tunnel stays up (routes and all) for as long as the user wants it:
-        // keep trying to resume through any outage, a day at most.
-        reconnect_for: Duration::from_secs(86_400),
-        ..PortConfig::default()
-    };
-    // Signals are the forwarder's to handle: it tears down routes first.
-    let mut session = open_port_session(
-        &api,
-        args.instance_id(),
-        args.agent_port(),
-        None,
-        &trust,
-        config,
-        4,
-        Box::pin(std::future::pending()),
-    )
-    .await?;
-    let session_id = session.session_id.clone();
-    let client_uuid = session.client_id;
-
-    // One stream through the session to the ec2-agent.
-    let (local, remote) = tokio::io::duplex(64 << 10);
-    let (remote_r, remote_w) = tokio::io::split(remote);
-    let _ = session
-        .conns
-        .send(Conn { reader: Box::new(remote_r), writer: Box::new(remote_w), label: "ec2-agent".into() })
-        .await;
-    let (mut reader, mut writer) = tokio::io::split(local);
+    // One client id for the tunnel's life: the agent knows us by it after a new session.
+    let client_uuid = uuid::Uuid::new_v4();
     let split_dns =
         (!domains.is_empty()).then(|| Arc::new(SplitDns::new(vec![IpAddr::V4(ipv4.peer)], domains.clone())));
-    let mut client_config =
+    let client_config =
         ClientConfig { client_id: *client_uuid.as_bytes(), dns: split_dns.clone(), ..ClientConfig::default() };
-    let hello = client::handshake(&mut reader, &mut writer, &client_config, args.mtu).await;
-    let agent = match hello {
-        Ok(h) => h,
-        Err(e) => {
-            let _ = session.close(&api).await;
-            bail!("{e} (instance {}, port {})", args.instance_id(), args.agent_port());
-        }
+    let mut target = Target {
+        api: &api,
+        trust: &trust,
+        port: args.agent_port(),
+        mtu: args.mtu,
+        client: client_config,
+        live: live.clone(),
     };
-    info!(agent = %agent.0.software, acks = agent.0.caps & wire::caps::ACK != 0, "ec2-agent answered");
+    let up = connect_first(&target, &args.instance_ids).await?;
+    let agent = up.agent.0.clone();
+    let session_id = up.session.session_id.clone();
+    let stream_url = up.session.stream_url.clone();
+    info!(instance = %up.instance, agent = %agent.software, acks = agent.caps & wire::caps::ACK != 0, "ec2-agent answered");
     let split_dns = match split_dns {
-        Some(_) if agent.0.resolvers.is_empty() => {
+        Some(_) if agent.resolvers.is_empty() => {
             warn!("the ec2-agent found no resolver in the instance's /etc/resolv.conf; DNS is not set up");
-            client_config.dns = None;
+            target.client.dns = None;
             None
         }
         other => other,
     };
+    let link_state = Arc::new(Mutex::new(LinkState {
+        instance_id: up.instance.clone(),
+        session_id: session_id.clone(),
+        agent: agent.software.clone(),
+        ..LinkState::default()
+    }));
 
     // Device and routes.
     let mut id = [0u8; 5];
@@ -390,7 +368,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         ipv6: Some(tunnel::ula(id)),
         mtu: args.mtu,
     })?);
-    let endpoints = endpoint_addresses(api.region(), &session.stream_url).await;
+    let endpoints = endpoint_addresses(api.region(), &stream_url).await;
     let pins = routing::endpoint_pins(&endpoints, &cidrs, &tables_now, Some(device.index()))?;
     let mut journal = journal;
     journal.set_interface(device.name())?;
@@ -427,40 +405,46 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o666))?;
     }
-    let handle = ClientHandle::new(&client_config);
+    let handle = ClientHandle::new(&target.client);
     let stop_now = Arc::new(Notify::new());
     let started_at = Instant::now();
     let status = {
-        let (handle, live) = (handle.clone(), live.clone());
+        let (handle, live, link_state) = (handle.clone(), live.clone(), link_state.clone());
         let base = Status {
             name: args.name().to_string(),
             pid: std::process::id(),
-            instance_id: args.instance_id().to_string(),
+            instances: args.instance_ids.clone(),
             region: api.region().to_string(),
-            session_id: session_id.clone(),
             cidrs: cidrs.iter().map(ToString::to_string).collect(),
             interface: device.name().to_string(),
             addresses: device.addresses().iter().map(|a| a.addr().to_string()).collect(),
-            agent: agent.0.software.clone(),
             ..Status::default()
         };
         move || {
             let l = live.lock().map(|l| l.clone()).unwrap_or_default();
+            let ls = link_state.lock().map(|s| s.clone()).unwrap_or_default();
             let q = handle.queue.stats();
             let rtt = handle.stats.rtt_us.load(Ordering::Relaxed);
             Status {
-                state: match l.stalled_since.map(|t| t.elapsed()) {
+                state: match (&ls.renewing, l.stalled_since.map(|t| t.elapsed())) {
+                    (Some((attempt, _)), _) => format!("reconnecting (new session, attempt {attempt})"),
                     _ if !l.connected => "reconnecting".into(),
-                    Some(d) if d >= STALL => format!("stalled (no answer for {} s)", d.as_secs()),
+                    (_, Some(d)) if d >= STALL => format!("stalled (no answer for {} s)", d.as_secs()),
                     _ => "connected".into(),
                 },
+                last_error: ls.renewing.as_ref().map(|(_, e)| e.clone()),
+                instance_id: ls.instance_id.clone(),
+                session_id: ls.session_id.clone(),
+                agent: ls.agent.clone(),
+                new_sessions: ls.new_sessions,
+                failovers: ls.failovers,
                 uptime_secs: started_at.elapsed().as_secs(),
                 sent: Counter::from(&handle.stats.sent),
                 received: Counter::from(&handle.stats.received),
                 rtt_ms: (rtt > 0).then(|| rtt as f64 / 1000.0),
                 channel_srtt_ms: l.stats.srtt.as_secs_f64() * 1000.0,
                 retransmissions: l.stats.retransmissions,
-                reconnects: l.reconnects,
+                reconnects: ls.earlier_reconnects + ls.new_sessions + l.reconnects,
                 dropped_codel: q.dropped_codel,
                 dropped_overflow: q.dropped_overflow,
                 dropped_device: handle.device_drops.load(Ordering::Relaxed),
@@ -484,32 +468,20 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         args.name(),
         cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
         device.name(),
-        args.instance_id(),
+        up.instance,
         args.name()
     );
     release_stdout();
 
-    let shutdown = async move {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         tokio::select! {
             () = shutdown_signal() => info!("signal received; stopping"),
             () = stop_now.notified() => info!("stop requested; stopping"),
         }
-    };
-    let link_end = tokio::select! {
-        end = client::run(device.clone(), reader, writer, agent, &client_config, handle.clone(), shutdown) => end,
-        done = &mut session.task => {
-            // The session ended on its own; tear down and report it.
-            control_task.abort();
-            let _ = std::fs::remove_file(&sock_path);
-            drop(dns_setup);
-            drop(guard);
-            drop(device);
-            return finish(&api, &session_id, done).await.and_then(|()| bail!("the SSM session ended"));
-        }
-    };
-    if let Some(end) = link_end {
-        warn!("the link to the ec2-agent ended: {end}");
-    }
+        let _ = stop_tx.send(true);
+    });
+    let last = supervise(&target, &args.instance_ids, up, device.clone(), handle.clone(), link_state, stop_rx).await;
     // Teardown, in order: control socket, DNS, routes, device, session.
     control_task.abort();
     let _ = std::fs::remove_file(&sock_path);
@@ -517,7 +489,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     let errors = guard.remove_all();
     drop(guard);
     drop(device);
-    let result = session.close(&api).await;
+    let result = match last {
+        Some(session) => session.close(&api).await,
+        None => Ok(()),
+    };
     if !errors.is_empty() {
         bail!("{} route(s) could not be removed; run `sudo ssm-proxy cleanup`", errors.len());
     }

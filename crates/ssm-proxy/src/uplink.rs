@@ -1,0 +1,245 @@
+//! The tunnel's link to an ec2-agent (a Port session plus the forwarder's HELLO),
+//! and the supervisor that replaces it when it fails: a new session to the same
+//! instance first, whose agent hands back our flows (same client id, within its
+//! grace period), then the other candidate instances, with backoff, until the
+//! user stops the tunnel. The device and routes stay up throughout.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use forwarder::client::{self, ClientConfig, ClientHandle, Stop};
+use forwarder::wire::{Deframer, Hello};
+use ssm_channel::aws::SsmApi;
+use ssm_channel::port::{Conn, Live, PortConfig};
+use ssm_channel::session::SessionConfig;
+use ssm_channel::transport::Trust;
+use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
+use tokio::sync::watch;
+use tracing::{info, warn};
+use tunnel::TunDevice;
+
+use crate::ssm::{finish, open_port_session, PortSession};
+
+/// The agent unheard for this long while the service's websocket is up: the
+/// agent (or its instance) is gone, whatever the channel says.
+pub const LINK_DEAD: Duration = Duration::from_secs(20);
+
+/// Longest wait between rounds of attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// One working link: the session and the stream through it, HELLOs exchanged.
+pub struct Uplink {
+    pub instance: String,
+    pub session: PortSession,
+    reader: ReadHalf<DuplexStream>,
+    writer: WriteHalf<DuplexStream>,
+    pub agent: (Hello, Deframer),
+}
+
+/// What every link of this tunnel is made with.
+pub struct Target<'a> {
+    pub api: &'a SsmApi,
+    pub trust: &'a Trust,
+    pub port: u16,
+    pub mtu: u16,
+    pub client: ClientConfig,
+    /// Where each session publishes its counters.
+    pub live: Arc<Mutex<Live>>,
+}
+
+/// What `status` shows about the link beyond the counters.
+#[derive(Debug, Default, Clone)]
+pub struct LinkState {
+    pub instance_id: String,
+    pub session_id: String,
+    pub agent: String,
+    /// Getting a new session: the attempt and the last error (`None`: linked).
+    pub renewing: Option<(u32, String)>,
+    /// Sessions opened after the first one, and how many of them went to
+    /// another instance.
+    pub new_sessions: u64,
+    pub failovers: u64,
+    /// Websocket reconnects of the sessions before the current one.
+    pub earlier_reconnects: u64,
+}
+
+fn port_config(live: Arc<Mutex<Live>>) -> PortConfig {
+    PortConfig {
+        // The forwarder's own send window keeps queues short (SPECIFICATION §6.4),
+        // so the channel's in-flight limit only has to cover long, fast paths.
+        session: SessionConfig::default(),
+        max_backlog: 16 << 10,
+        read_chunk: 16 << 10,
+        live: Some(live),
+        // Through an outage of the laptop's network, keep resuming the session
+        // (a day at most); a dead agent is found by LINK_DEAD instead.
+        reconnect_for: Duration::from_secs(86_400),
+        ..PortConfig::default()
+    }
+}
+
+/// A Port session to the ec2-agent on `instance` and the HELLOs through it.
+pub async fn connect(t: &Target<'_>, instance: &str) -> anyhow::Result<Uplink> {
+    let config = port_config(t.live.clone());
+    let session =
+        open_port_session(t.api, instance, t.port, None, t.trust, config, 4, Box::pin(std::future::pending())).await?;
+    let (local, remote) = tokio::io::duplex(64 << 10);
+    let (remote_r, remote_w) = tokio::io::split(remote);
+    let _ = session
+        .conns
+        .send(Conn { reader: Box::new(remote_r), writer: Box::new(remote_w), label: "ec2-agent".into() })
+        .await;
+    let (mut reader, mut writer) = tokio::io::split(local);
+    match client::handshake(&mut reader, &mut writer, &t.client, t.mtu).await {
+        Ok(agent) => Ok(Uplink { instance: instance.to_string(), session, reader, writer, agent }),
+        Err(e) => {
+            let _ = session.close(t.api).await;
+            anyhow::bail!("{e} (instance {instance}, port {})", t.port)
+        }
+    }
+}
+
+/// The first candidate that answers, in order. All errors if none does.
+pub async fn connect_first(t: &Target<'_>, candidates: &[String]) -> anyhow::Result<Uplink> {
+    let mut errors = Vec::new();
+    for instance in candidates {
+        match connect(t, instance).await {
+            Ok(up) => return Ok(up),
+            Err(e) if candidates.len() == 1 => return Err(e),
+            Err(e) => {
+                warn!(%instance, "{e:#}; trying the next instance");
+                errors.push(format!("  - {instance}: {e:#}"));
+            }
+        }
+    }
+    anyhow::bail!("no instance answered:\n{}", errors.join("\n"))
+}
+
+/// Completes when the agent has been silent for [`LINK_DEAD`] while the
+/// service's websocket was up the whole time (PINGs go out every few seconds,
+/// so a live agent is never that quiet). During an outage of our own network
+/// the websocket is down and this waits.
+async fn silent(handle: &ClientHandle, live: &Mutex<Live>) {
+    let reads = || handle.stats.reads.load(std::sync::atomic::Ordering::Relaxed);
+    let mut last = reads();
+    let mut quiet = Duration::ZERO;
+    let tick = Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(tick).await;
+        let connected = live.lock().map(|l| l.connected).unwrap_or(false);
+        let now = reads();
+        if now != last || !connected {
+            last = now;
+            quiet = Duration::ZERO;
+        } else {
+            quiet += tick;
+            if quiet >= LINK_DEAD {
+                return;
+            }
+        }
+    }
+}
+
+/// Carry packets over `up`, replacing it whenever it fails, until `stop` turns
+/// true. Returns the session to close then (`None`: stopped between sessions).
+pub async fn supervise(
+    t: &Target<'_>,
+    candidates: &[String],
+    mut up: Uplink,
+    device: Arc<TunDevice>,
+    handle: Arc<ClientHandle>,
+    state: Arc<Mutex<LinkState>>,
+    stop: watch::Receiver<bool>,
+) -> Option<PortSession> {
+    loop {
+        let Uplink { instance, mut session, reader, writer, agent } = up;
+        let mut stop_rx = stop.clone();
+        let (h, live) = (handle.clone(), t.live.clone());
+        let shutdown = async move {
+            tokio::select! {
+                _ = stop_rx.wait_for(|s| *s) => Stop::Goodbye,
+                () = silent(&h, &live) => Stop::Abandon,
+            }
+        };
+        let why = tokio::select! {
+            end = client::run(device.clone(), reader, writer, agent, &t.client, handle.clone(), shutdown) => match end {
+                None if *stop.borrow() => return Some(session),
+                None => format!("the ec2-agent on {instance} has not answered for {} s", LINK_DEAD.as_secs()),
+                Some(end) => format!("the link to the ec2-agent on {instance} ended: {end}"),
+            },
+            done = &mut session.task => match finish(t.api, &session.session_id, done).await {
+                Ok(()) => format!("the SSM session to {instance} was terminated"),
+                Err(e) => format!("the SSM session to {instance} ended: {e:#}"),
+            },
+        };
+        warn!("{why}; opening a new session");
+        if !session.task.is_finished() {
+            // Without waiting: the old session may never answer again.
+            let api = t.api.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(10), session.close(&api)).await;
+            });
+        }
+        up = renew(t, candidates, &instance, why, &state, stop.clone()).await?;
+    }
+}
+
+/// Rounds of attempts, `current` first, then the other candidates, with
+/// exponential backoff and jitter between rounds; `None` once `stop` is true.
+async fn renew(
+    t: &Target<'_>,
+    candidates: &[String],
+    current: &str,
+    why: String,
+    state: &Mutex<LinkState>,
+    mut stop: watch::Receiver<bool>,
+) -> Option<Uplink> {
+    let update = |f: &dyn Fn(&mut LinkState)| f(&mut state.lock().unwrap_or_else(|p| p.into_inner()));
+    {
+        let mut live = t.live.lock().unwrap_or_else(|p| p.into_inner());
+        let before = live.reconnects;
+        *live = Live::default();
+        update(&|s| s.earlier_reconnects += before);
+    }
+    let order: Vec<&String> =
+        candidates.iter().filter(|c| *c == current).chain(candidates.iter().filter(|c| *c != current)).collect();
+    let mut last_error = why;
+    for attempt in 1u32.. {
+        for instance in &order {
+            update(&|s| s.renewing = Some((attempt, last_error.clone())));
+            let result = tokio::select! {
+                r = connect(t, instance) => r,
+                _ = stop.wait_for(|s| *s) => return None,
+            };
+            match result {
+                Ok(up) => {
+                    let moved = instance.as_str() != current;
+                    if moved {
+                        warn!(from = %current, to = %instance, "failed over to another instance");
+                    }
+                    info!(instance = %instance, session = %up.session.session_id, attempt, "new session up");
+                    update(&|s| {
+                        s.instance_id = instance.to_string();
+                        s.session_id = up.session.session_id.clone();
+                        s.agent = up.agent.0.software.clone();
+                        s.renewing = None;
+                        s.new_sessions += 1;
+                        s.failovers += u64::from(moved);
+                    });
+                    return Some(up);
+                }
+                Err(e) => {
+                    warn!(%instance, attempt, "no new session: {e:#}");
+                    last_error = format!("{instance}: {e:#}");
+                }
+            }
+        }
+        let base = Duration::from_millis(500).saturating_mul(1 << attempt.min(6)).min(MAX_BACKOFF);
+        let wait = base.mul_f64(0.75 + fastrand::f64() / 2.0);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return None,
+        }
+    }
+    None
+}
