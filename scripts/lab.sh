@@ -17,10 +17,13 @@
 # EMULATOR_ARGS adds emulator options (faults). The vpc serves a BLOB_MIB MiB file.
 # IMPAIR="DELAY_MS LOSS" (say "20 0.005") makes the laptop<->aws link slow and
 # lossy both ways through netem-lite in the wan namespace (this kernel has no netem).
+# SECOND_INSTANCE=1 adds a second instance, $INSTANCE2, whose ec2-agent listens
+# at 192.168.101.3:7301 in the same namespace (pid in $DIR/agent2.pid).
 set -euo pipefail
 LAB=${LAB:-lab}
 DIR=/tmp/ssm-proxy-$LAB
 INSTANCE=i-0123456789abcdef0
+INSTANCE2=i-0fedcba9876543210
 ns() { echo "$LAB-$1"; }
 in_ns() { local n; n=$(ns "$1"); shift; ip netns exec "$n" "$@"; }
 # spawn NS LOG CMD...: a daemon in NS, detached from our stdio (callers may be
@@ -36,6 +39,7 @@ AWS_SECRET_ACCESS_KEY=emulator/secret/key/000000000000000000000
 AWS_EC2_METADATA_DISABLED=true
 SSM_PROXY_RUN_DIR=$DIR/run
 LAB_INSTANCE=$INSTANCE
+LAB_INSTANCE2=$INSTANCE2
 EOF
 }
 
@@ -122,11 +126,23 @@ up() {
   echo "nameserver 10.10.0.2" > "/etc/netns/$(ns instance)/resolv.conf"
 
   # aws: the emulator. instance: the ec2-agent as nobody.
+  local second=()
+  if [ -n "${SECOND_INSTANCE:-}" ]; then
+    in_ns instance ip addr add 192.168.101.3/24 dev "$LAB-i0"
+    second=(--instance "$INSTANCE2=192.168.101.3")
+  fi
   # shellcheck disable=SC2086
   spawn aws "$DIR/emulator.log" "$bin/ssm-emulator" --listen 192.168.102.2:4566 \
-    --instance "$INSTANCE=192.168.101.2" --profile "${PROFILE:-fast}" ${EMULATOR_ARGS:-}
+    --instance "$INSTANCE=192.168.101.2" "${second[@]}" --profile "${PROFILE:-fast}" ${EMULATOR_ARGS:-}
   spawn instance "$DIR/agent.log" setpriv --reuid=nobody --regid=nogroup --clear-groups \
     "$bin/ec2-agent" --listen 192.168.101.2:7301
+  echo $! > "$DIR/agent.pid"
+  if [ -n "${SECOND_INSTANCE:-}" ]; then
+    spawn instance "$DIR/agent2.log" setpriv --reuid=nobody --regid=nogroup --clear-groups \
+      "$bin/ec2-agent" --listen 192.168.101.3:7301
+    echo $! > "$DIR/agent2.pid"
+    wait_port instance 192.168.101.3 7301
+  fi
   wait_port laptop 192.168.102.2 4566
   wait_port instance 192.168.101.2 7301
   wait_port vpc 10.10.0.2 8080

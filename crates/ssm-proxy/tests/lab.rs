@@ -492,6 +492,40 @@ fn split_dns_resolves_private_names_through_the_tunnel_and_nothing_else() {
     }
 }
 
+/// One psql session held open from the laptop, asked one query at a time.
+struct Psql {
+    _child: netns::KillOnDrop,
+    input: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Psql {
+    fn open(lab: &Lab) -> Psql {
+        let mut psql = lab.laptop("psql");
+        psql.args(["-h", "10.10.0.2", "-U", "postgres", "-tA", "-v", "ON_ERROR_STOP=1"]);
+        psql.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = netns::KillOnDrop(psql.spawn().expect("psql"));
+        let input = child.0.stdin.take().expect("stdin");
+        let output = child.0.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(output).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Psql { _child: child, input, lines }
+    }
+
+    /// The server process behind this connection: the same answer means the
+    /// same TCP connection.
+    fn backend_pid(&mut self, within: Duration) -> String {
+        use std::io::Write;
+        self.input.write_all(b"select pg_backend_pid();\n").expect("psql stdin");
+        self.input.flush().expect("flush");
+        self.lines.recv_timeout(within).expect("psql answered")
+    }
+}
+
 fn tunnel_status(lab: &Lab) -> serde_json::Value {
     let js = ok(lab.ssm_proxy(&["status", "--json"]), "status");
     serde_json::from_str::<serde_json::Value>(&js).expect("status JSON")[0].clone()
@@ -523,25 +557,8 @@ fn a_psql_connection_survives_a_thirty_second_outage() {
     }
     let lab = Lab::up(&prefix("o"), 1, &[]);
     let mut daemon = lab.start(&[]);
-    let mut psql = lab.laptop("psql");
-    psql.args(["-h", "10.10.0.2", "-U", "postgres", "-tA", "-v", "ON_ERROR_STOP=1"]);
-    psql.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut psql = netns::KillOnDrop(psql.spawn().expect("psql"));
-    let mut input = psql.0.stdin.take().expect("stdin");
-    let output = psql.0.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(output).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut ask = |within: Duration| -> String {
-        use std::io::Write;
-        input.write_all(b"select pg_backend_pid();\n").expect("psql stdin");
-        input.flush().expect("flush");
-        rx.recv_timeout(within).expect("psql answered")
-    };
-    let before = ask(Duration::from_secs(10));
+    let mut psql = Psql::open(&lab);
+    let before = psql.backend_pid(Duration::from_secs(10));
 
     // The laptop loses its network for 30 s: the far end of its link goes down.
     let link = |state: &str| {
@@ -561,7 +578,7 @@ fn a_psql_connection_survives_a_thirty_second_outage() {
     std::thread::sleep(Duration::from_secs(5));
     link("up");
     let t = Instant::now();
-    let after = ask(Duration::from_secs(120));
+    let after = psql.backend_pid(Duration::from_secs(120));
     assert!(during["state"].as_str().unwrap_or("").starts_with("stalled"), "status 10 s into the outage: {during}");
     // After 15 s without an answer the daemon gives up on that websocket.
     assert_eq!(later["state"], "reconnecting", "status 25 s into the outage: {later}");
@@ -575,7 +592,7 @@ fn a_psql_connection_survives_a_thirty_second_outage() {
     }
     assert_eq!(s["state"], "connected", "{s}");
     assert!(s["reconnects"].as_u64().unwrap_or(0) >= 1, "{s}");
-    drop(input);
+    drop(psql);
     lab.stop(&mut daemon, "lab");
 }
 
@@ -605,4 +622,105 @@ fn a_tunnel_named_in_the_config_file_starts_by_name() {
     assert_eq!(s["name"], "vpc");
     assert_eq!(s["dns_domains"], serde_json::json!(["corp.internal"]));
     lab.stop(&mut daemon, "vpc");
+}
+
+/// Poll `status` until `done` holds (or `within` passes); the last status.
+fn wait_status(lab: &Lab, within: Duration, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = tunnel_status(lab);
+        if done(&s) || Instant::now() >= deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_psql_connection_survives_the_session_being_terminated() {
+    if !require_root("a_psql_connection_survives_the_session_being_terminated") {
+        return;
+    }
+    let lab = Lab::up(&prefix("t"), 1, &[]);
+    let mut daemon = lab.start(&[]);
+    let mut psql = Psql::open(&lab);
+    let before = psql.backend_pid(Duration::from_secs(10));
+    let old = tunnel_status(&lab)["session_id"].as_str().expect("session id").to_string();
+
+    // The service ends the session (as an administrator's TerminateSession or the
+    // maximum session duration would): the daemon starts a new one to the same
+    // instance, and the ec2-agent hands the flows of our client id back.
+    let env: std::collections::HashMap<_, _> = lab.env.iter().cloned().collect();
+    let key = format!("{}:{}", env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]);
+    let terminated = lab.laptop_out(
+        "curl",
+        &[
+            "-sS",
+            "--fail-with-body",
+            "--aws-sigv4",
+            "aws:amz:us-east-1:ssm",
+            "--user",
+            &key,
+            "-H",
+            "X-Amz-Target: AmazonSSM.TerminateSession",
+            "-H",
+            "Content-Type: application/x-amz-json-1.1",
+            "-d",
+            &format!("{{\"SessionId\":\"{old}\"}}"),
+            &env["AWS_ENDPOINT_URL"],
+        ],
+    );
+    ok(terminated, "TerminateSession");
+    let s =
+        wait_status(&lab, Duration::from_secs(30), |s| s["session_id"] != old.as_str() && s["state"] == "connected");
+    assert_eq!(s["state"], "connected", "{s}");
+    assert_ne!(s["session_id"], old.as_str(), "{s}");
+    assert_eq!(s["new_sessions"], 1, "{s}");
+    assert_eq!(s["failovers"], 0, "{s}");
+    let after = psql.backend_pid(Duration::from_secs(30));
+    assert_eq!(after, before, "the same backend, so the same connection");
+    assert!(lab.log("agent.log").contains("client resumed its session"), "{}", lab.log("agent.log"));
+    drop(psql);
+    lab.stop(&mut daemon, "lab");
+}
+
+#[test]
+fn traffic_moves_to_the_second_instance_when_the_first_agent_dies() {
+    if !require_root("traffic_moves_to_the_second_instance_when_the_first_agent_dies") {
+        return;
+    }
+    let lab = Lab::up(&prefix("f"), 1, &[("SECOND_INSTANCE", "1")]);
+    let env: std::collections::HashMap<_, _> = lab.env.iter().cloned().collect();
+    let (first, second) = (env["LAB_INSTANCE"].as_str(), env["LAB_INSTANCE2"].as_str());
+    let args = ["start", "--instance-id", first, "--instance-id", second, "--name", "lab", "--cidr", "10.10.0.0/16"];
+    let mut daemon = lab.start_with("lab", &args, &[]);
+    let get = || lab.laptop_out("curl", &["-sS", "-m", "2", "-o", "/dev/null", "http://10.10.0.2:8080/"]);
+    ok(get(), "curl through the first instance");
+    assert_eq!(tunnel_status(&lab)["instance_id"], first);
+
+    // The first instance's ec2-agent dies.
+    let pid = lab.log("agent.pid").trim().to_string();
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    assert!(cmdline.contains("ec2-agent"), "agent.pid names {cmdline:?}");
+    ok(Command::new("kill").args(["-9", &pid]).output().expect("kill"), "kill");
+    let killed = Instant::now();
+    let mut answered = None;
+    while killed.elapsed() < Duration::from_secs(60) {
+        if get().status.success() {
+            answered = Some(killed.elapsed());
+            break;
+        }
+    }
+    let switch =
+        answered.unwrap_or_else(|| panic!("no answer through the second instance:\n{}", lab.log("daemon-lab.log")));
+    let s = wait_status(&lab, Duration::from_secs(10), |s| s["state"] == "connected");
+    eprintln!(
+        "traffic moved to the second instance {:.2} s after the first agent was killed; status {s}",
+        switch.as_secs_f64()
+    );
+    assert_eq!(s["instance_id"], second, "{s}");
+    assert_eq!(s["failovers"], 1, "{s}");
+    assert_eq!(s["state"], "connected", "{s}");
+    assert!(lab.log("daemon-lab.log").contains("failed over to another instance"), "{}", lab.log("daemon-lab.log"));
+    lab.stop(&mut daemon, "lab");
 }
