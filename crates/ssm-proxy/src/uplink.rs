@@ -24,6 +24,11 @@ use crate::ssm::{finish, open_port_session, PortSession};
 /// agent (or its instance) is gone, whatever the channel says.
 pub const LINK_DEAD: Duration = Duration::from_secs(20);
 
+/// A new session's agent has this long to answer HELLO (an idle, fresh channel
+/// answers in milliseconds; a frozen agent whose port still accepts must not
+/// hold up the move to the next instance for long).
+const RENEW_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Longest wait between rounds of attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -201,6 +206,12 @@ async fn renew(
         *live = Live::default();
         update(&|s| s.earlier_reconnects += before);
     }
+    let quick = Target {
+        client: ClientConfig { hello_timeout: RENEW_HELLO_TIMEOUT, ..t.client.clone() },
+        live: t.live.clone(),
+        ..*t
+    };
+    let t = &quick;
     let order: Vec<&String> =
         candidates.iter().filter(|c| *c == current).chain(candidates.iter().filter(|c| *c != current)).collect();
     let mut last_error = why;
