@@ -6,6 +6,7 @@ mod config;
 mod control;
 mod dns;
 mod forward;
+mod service;
 mod ssm;
 mod start;
 mod uplink;
@@ -48,6 +49,9 @@ Then: sudo ssm-proxy start prod")]
     Stop(StopArgs),
     /// Remove routes left behind by a tunnel that was killed or crashed.
     Cleanup(cleanup::CleanupArgs),
+    /// Run a tunnel of the config file at boot, restarted when it exits
+    /// (systemd on Linux, launchd on macOS).
+    Service(service::ServiceArgs),
     /// Print the version.
     Version,
     /// Print shell completions to standard output.
@@ -221,6 +225,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::List => list(),
+        Command::Service(args) => service::main(args),
         Command::Status(args) => rt.block_on(status(args)),
         Command::Stop(args) => rt.block_on(stop(args)),
         Command::Version => {

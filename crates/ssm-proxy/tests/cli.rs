@@ -1,4 +1,4 @@
-//! The command line's own outputs: completions and man pages.
+//! The command line's own outputs: completions, man pages and service files.
 
 use std::process::{Command, Output};
 
@@ -43,4 +43,48 @@ fn the_man_page_is_roff_and_one_page_per_command_can_be_written() {
     for cmd in ["forward", "status", "stop", "cleanup"] {
         assert!(d.join(format!("ssm-proxy-{cmd}.1")).exists(), "{cmd}");
     }
+}
+
+#[test]
+fn the_systemd_unit_for_a_configured_tunnel_passes_systemd_analyze_verify() {
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        assert!(
+            std::env::var("SSM_PROXY_ROOT_TESTS").as_deref() != Ok("require"),
+            "systemd-analyze is missing (scripts/ensure-deps.sh installs it)"
+        );
+        eprintln!("skipped: no systemd-analyze");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ssm-proxy-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("config.toml");
+    std::fs::write(&config, "[tunnel.prod]\ninstance_id = \"i-0123456789abcdef0\"\ncidrs = [\"10.0.0.0/16\"]\n")
+        .expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_ssm-proxy"))
+        .args(["service", "install", "prod", "--print"])
+        .env("SSM_PROXY_CONFIG", &config)
+        .output()
+        .expect("run ssm-proxy");
+    let unit = stdout(&out);
+    assert!(unit.contains(&format!("ExecStart={} start prod", env!("CARGO_BIN_EXE_ssm-proxy"))), "{unit}");
+    assert!(unit.contains(&format!("Environment=SSM_PROXY_CONFIG={}", config.display())), "{unit}");
+    let path = dir.join("ssm-proxy-prod.service");
+    std::fs::write(&path, &unit).expect("unit");
+    let verify = Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("systemd-analyze");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // A tunnel that is not in the config file is an error naming the file.
+    let missing = Command::new(env!("CARGO_BIN_EXE_ssm-proxy"))
+        .args(["service", "install", "staging", "--print"])
+        .env("SSM_PROXY_CONFIG", "/nonexistent/config.toml")
+        .output()
+        .expect("run ssm-proxy");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no tunnel named \"staging\""));
 }
