@@ -57,6 +57,8 @@ pub struct Tunnel {
     pub agent_port: Option<u16>,
     /// The file and line it was defined at, for messages.
     pub source: String,
+    /// The file it was defined in.
+    pub file: PathBuf,
 }
 
 /// The files read, in order.
@@ -65,15 +67,19 @@ pub fn default_paths() -> Vec<PathBuf> {
         return vec![PathBuf::from(p)];
     }
     let mut paths = vec![PathBuf::from("/etc/ssm-proxy/config.toml")];
-    let home = std::env::var("SUDO_USER")
-        .ok()
-        .and_then(|u| nix::unistd::User::from_name(&u).ok().flatten())
-        .map(|u| u.dir)
-        .or_else(|| std::env::var_os("HOME").map(PathBuf::from));
-    if let Some(h) = home {
+    if let Some(h) = invoking_home() {
         paths.push(h.join(".config/ssm-proxy/config.toml"));
     }
     paths
+}
+
+/// The home directory of the user behind `sudo`, else `$HOME`.
+pub fn invoking_home() -> Option<PathBuf> {
+    std::env::var("SUDO_USER")
+        .ok()
+        .and_then(|u| nix::unistd::User::from_name(&u).ok().flatten())
+        .map(|u| u.dir)
+        .or_else(|| std::env::var_os("HOME").map(PathBuf::from))
 }
 
 /// Read and validate every file of `paths` that exists. Errors name the file and
@@ -150,6 +156,7 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Vec<Tunnel>> {
             dns_auto: raw.dns_auto,
             agent_port: raw.agent_port,
             source,
+            file: path.to_path_buf(),
         });
     }
     Ok(out)

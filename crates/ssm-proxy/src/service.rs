@@ -131,7 +131,7 @@ pub fn launchd_label(name: &str) -> String {
 }
 
 fn systemd_path(name: &str) -> PathBuf {
-    PathBuf::from(format!("/etc/systemd/system/ssm-proxy-{name}.service"))
+    Path::new("/etc/systemd/system").join(systemd_unit_name(name))
 }
 
 fn launchd_path(name: &str) -> PathBuf {
@@ -141,15 +141,9 @@ fn launchd_path(name: &str) -> PathBuf {
 /// The spec for tunnel `name` of the config files, as this process sees them.
 fn spec_for(name: &str) -> anyhow::Result<Spec> {
     let tunnel = config::find(&config::default_paths(), name)?;
-    let config = tunnel.source.rsplit_once(" line ").map(|(f, _)| PathBuf::from(f)).context("config source")?;
-    let config = std::fs::canonicalize(&config).unwrap_or(config);
+    let config = std::fs::canonicalize(&tunnel.file).unwrap_or(tunnel.file);
     let exe = std::env::current_exe().context("cannot find our own executable")?;
-    let home = std::env::var("SUDO_USER")
-        .ok()
-        .and_then(|u| nix::unistd::User::from_name(&u).ok().flatten())
-        .map(|u| u.dir)
-        .or_else(|| std::env::var_os("HOME").map(PathBuf::from));
-    Ok(Spec { name: tunnel.name, exe, config, home })
+    Ok(Spec { name: tunnel.name, exe, config, home: config::invoking_home() })
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -161,13 +155,28 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_new(path: &Path, text: &str) -> anyhow::Result<()> {
+/// Refuses a file at `path` that `service install` did not write.
+fn check_ours(path: &Path) -> anyhow::Result<()> {
     if let Ok(existing) = std::fs::read_to_string(path) {
         if !existing.contains("Written by `ssm-proxy service install") {
             bail!("{} exists and was not written by ssm-proxy; not touching it", path.display());
         }
     }
+    Ok(())
+}
+
+fn write_new(path: &Path, text: &str) -> anyhow::Result<()> {
+    check_ours(path)?;
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Unload the launchd daemon (if loaded: errors are expected otherwise).
+fn launchd_bootout(name: &str) {
+    let _ = Command::new("launchctl").args(["bootout", &format!("system/{}", launchd_label(name))]).output();
+}
+
+fn systemd_unit_name(name: &str) -> String {
+    format!("ssm-proxy-{name}.service")
 }
 
 pub fn main(args: ServiceArgs) -> anyhow::Result<()> {
@@ -186,15 +195,14 @@ pub fn main(args: ServiceArgs) -> anyhow::Result<()> {
             if macos {
                 let path = launchd_path(&name);
                 write_new(&path, &text)?;
-                let _ =
-                    Command::new("launchctl").args(["bootout", &format!("system/{}", launchd_label(&name))]).output();
+                launchd_bootout(&name);
                 run(Command::new("launchctl").args(["bootstrap", "system"]).arg(&path))?;
                 println!("Installed and started {} (logs: /var/log/ssm-proxy-{name}.log).", path.display());
             } else {
                 let path = systemd_path(&name);
                 write_new(&path, &text)?;
                 run(Command::new("systemctl").arg("daemon-reload"))?;
-                run(Command::new("systemctl").args(["enable", "--now", &format!("ssm-proxy-{name}.service")]))?;
+                run(Command::new("systemctl").args(["enable", "--now", &systemd_unit_name(&name)]))?;
                 println!("Installed and started {} (logs: journalctl -u ssm-proxy-{name}).", path.display());
             }
             Ok(())
@@ -207,13 +215,11 @@ pub fn main(args: ServiceArgs) -> anyhow::Result<()> {
             if !path.exists() {
                 bail!("no service for tunnel {name:?} ({} does not exist)", path.display());
             }
-            write_new(&path, &std::fs::read_to_string(&path)?)?; // refuses files we did not write
+            check_ours(&path)?;
             if macos {
-                let _ =
-                    Command::new("launchctl").args(["bootout", &format!("system/{}", launchd_label(&name))]).output();
+                launchd_bootout(&name);
             } else {
-                let _ =
-                    Command::new("systemctl").args(["disable", "--now", &format!("ssm-proxy-{name}.service")]).output();
+                let _ = Command::new("systemctl").args(["disable", "--now", &systemd_unit_name(&name)]).output();
             }
             std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
             if !macos {
