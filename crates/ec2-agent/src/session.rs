@@ -75,7 +75,7 @@ fn ms_since(epoch: Instant) -> u64 {
 /// A client's running session, found by the client id from its HELLO: a client
 /// that comes back within the grace period (a new SSM session after the old one
 /// died) gets its flows back.
-pub type Registry = Arc<Mutex<HashMap<[u8; 16], (u64, mpsc::Sender<Attach>)>>>;
+pub type Registry = Arc<Mutex<HashMap<[u8; 16], mpsc::Sender<Attach>>>>;
 
 /// A client connection whose HELLO was answered, ready to carry a session.
 pub struct Attach {
@@ -85,8 +85,6 @@ pub struct Attach {
     hello: Hello,
     peer: String,
 }
-
-static GENERATION: AtomicU64 = AtomicU64::new(1);
 
 /// Serve one client connection: answer its HELLO, then run its session, or hand
 /// the connection to the session it left behind.
@@ -126,7 +124,7 @@ pub async fn serve(
     // An all-zero id names no one in particular: such clients never share state.
     let resumable = id != [0; 16] && !config.grace.is_zero();
     if resumable {
-        let parked = lock(&registry).get(&id).map(|(_, tx)| tx.clone());
+        let parked = lock(&registry).get(&id).cloned();
         if let Some(tx) = parked {
             match tx.send(attach).await {
                 Ok(()) => return Ok(()),
@@ -136,16 +134,14 @@ pub async fn serve(
         }
     }
     let (tx, rx) = mpsc::channel(2);
-    let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
     if resumable {
-        lock(&registry).insert(id, (generation, tx));
+        lock(&registry).insert(id, tx.clone());
     }
     run_session(attach, rx, config).await;
-    if resumable {
-        let mut r = lock(&registry);
-        if r.get(&id).is_some_and(|(g, _)| *g == generation) {
-            r.remove(&id);
-        }
+    // Unless a newer session of the same client took the entry meanwhile.
+    let mut r = lock(&registry);
+    if r.get(&id).is_some_and(|t| t.same_channel(&tx)) {
+        r.remove(&id);
     }
     Ok(())
 }
