@@ -138,7 +138,14 @@ pub fn resolve(mut args: StartArgs) -> anyhow::Result<StartArgs> {
         args.dns_auto |= t.dns_auto;
         args.name = args.name.or(Some(name));
     }
-    args.instance_ids.dedup();
+    // Each candidate once, in the order given (dedup alone misses A B A).
+    let mut seen = Vec::new();
+    args.instance_ids.retain(|i| {
+        !seen.contains(i) && {
+            seen.push(i.clone());
+            true
+        }
+    });
     if args.instance_ids.is_empty() {
         bail!("say which instance: --instance-id i-..., or the NAME of a tunnel in the config file (`ssm-proxy list`)");
     }
