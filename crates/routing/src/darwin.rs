@@ -13,10 +13,15 @@ use crate::Route;
 pub const RTM_VERSION: u8 = 5;
 pub const RTM_ADD: u8 = 0x1;
 pub const RTM_DELETE: u8 = 0x2;
+pub const RTM_CHANGE: u8 = 0x3;
+pub const RTM_NEWADDR: u8 = 0xc;
+pub const RTM_DELADDR: u8 = 0xd;
+pub const RTM_IFINFO: u8 = 0xe;
 
 pub const RTF_UP: i32 = 0x1;
 pub const RTF_GATEWAY: i32 = 0x2;
 pub const RTF_HOST: i32 = 0x4;
+pub const RTF_LLINFO: i32 = 0x400;
 pub const RTF_STATIC: i32 = 0x800;
 pub const RTF_WASCLONED: i32 = 0x20000;
 pub const RTF_BROADCAST: i32 = 0x40_0000;
@@ -50,7 +55,13 @@ const _: () = {
     assert!(RTF_UP == libc::RTF_UP && RTF_GATEWAY == libc::RTF_GATEWAY && RTF_HOST == libc::RTF_HOST);
     assert!(RTF_STATIC == libc::RTF_STATIC && RTF_WASCLONED == libc::RTF_WASCLONED);
     assert!(RTF_BROADCAST == libc::RTF_BROADCAST && RTF_MULTICAST == libc::RTF_MULTICAST);
-    assert!(RTF_IFSCOPE == libc::RTF_IFSCOPE);
+    assert!(RTF_IFSCOPE == libc::RTF_IFSCOPE && RTF_LLINFO == libc::RTF_LLINFO);
+    assert!(RTM_CHANGE as i32 == libc::RTM_CHANGE && RTM_IFINFO as i32 == libc::RTM_IFINFO);
+    assert!(RTM_NEWADDR as i32 == libc::RTM_NEWADDR && RTM_DELADDR as i32 == libc::RTM_DELADDR);
+    assert!(std::mem::offset_of!(libc::rt_msghdr, rtm_index) == 4);
+    assert!(std::mem::offset_of!(libc::rt_msghdr, rtm_flags) == 8);
+    assert!(std::mem::offset_of!(libc::ifa_msghdr, ifam_index) == 12);
+    assert!(std::mem::offset_of!(libc::if_msghdr, ifm_index) == 12);
     assert!(RTA_DST == libc::RTA_DST && RTA_GATEWAY == libc::RTA_GATEWAY && RTA_NETMASK == libc::RTA_NETMASK);
     assert!(RTAX_MAX as i32 == libc::RTAX_MAX);
     assert!(AF_INET as i32 == libc::AF_INET && AF_INET6 as i32 == libc::AF_INET6 && AF_LINK as i32 == libc::AF_LINK);
@@ -294,6 +305,30 @@ pub fn parse_dump(buf: &[u8]) -> Result<Vec<DumpedRoute>, DumpError> {
         out.push(DumpedRoute { route: Route { dest: dest.trunc(), gateway, ifindex }, flags });
     }
     Ok(out)
+}
+
+/// What one routing-socket broadcast says changed, when it can matter to open
+/// connections: an address added or removed (`ifa_msghdr`, index at byte 12),
+/// an interface's flags (`if_msghdr`, index at 12), a route added, removed or
+/// changed (`rt_msghdr`, index at 4, flags at 8) other than the host routes the
+/// kernel clones for ARP/ND and the like. Anything else (RTM_GET answers,
+/// RTM_MISS, multicast membership, short or foreign-version messages): `None`.
+pub fn classify_change(msg: &[u8]) -> Option<crate::NetChange> {
+    use crate::{ChangeKind, NetChange};
+    if msg.len() < 16 || msg[2] != RTM_VERSION {
+        return None;
+    }
+    let u16_at = |o: usize| u16::from_ne_bytes([msg[o], msg[o + 1]]) as u32;
+    match msg[3] {
+        RTM_NEWADDR | RTM_DELADDR => Some(NetChange { kind: ChangeKind::Address, ifindex: u16_at(12) }),
+        RTM_IFINFO => Some(NetChange { kind: ChangeKind::Link, ifindex: u16_at(12) }),
+        RTM_ADD | RTM_DELETE | RTM_CHANGE => {
+            let flags = i32::from_ne_bytes([msg[8], msg[9], msg[10], msg[11]]);
+            let noise = RTF_WASCLONED | RTF_LLINFO | RTF_HOST | RTF_BROADCAST | RTF_MULTICAST;
+            (flags & noise == 0).then(|| NetChange { kind: ChangeKind::Route, ifindex: u16_at(4) })
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //!   when a routed CIDR would capture them, so the tunnel never routes itself into itself.
 //! - [`RouteGuard`] and [`Journal`]: remove exactly the routes we added, on every exit
 //!   path, and after a `kill -9` through [`cleanup_stale`].
+//! - [`NetWatch`]: the kernel's news of address, route and link changes.
 
 mod conflict;
 pub mod darwin;
@@ -18,6 +19,7 @@ mod interfaces;
 mod journal;
 mod memory;
 mod sys;
+mod watch;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -34,6 +36,7 @@ pub use journal::{
 };
 pub use memory::{MemoryTable, Op};
 pub use sys::system_table;
+pub use watch::{ChangeKind, NetChange, NetWatch};
 
 /// One route: a destination network reached through an interface, either directly
 /// (the tunnel, a point-to-point link) or through a gateway on that interface.

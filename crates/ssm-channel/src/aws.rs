@@ -5,11 +5,21 @@
 use aws_sdk_ssm::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ssm::types::InstanceInformationStringFilter;
 
+use std::sync::{Arc, RwLock};
+
 use crate::transport::{Endpoint, Trust};
 
 /// Document names for Port sessions.
 pub const PORT_DOCUMENT: &str = "AWS-StartPortForwardingSession";
 pub const REMOTE_HOST_DOCUMENT: &str = "AWS-StartPortForwardingSessionToRemoteHost";
+
+/// Connecting to the API endpoint; a new network is up within this or not at all.
+const API_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// One attempt of an API call (the SDK retries transient failures, timeouts included).
+const API_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// ResumeSession answers in milliseconds; while the tunnel stalls, a stuck
+/// attempt is given up sooner.
+const RESUME_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
 
 #[derive(Debug, Clone, Default)]
 pub struct AwsOptions {
@@ -59,8 +69,21 @@ pub struct InstanceStatus {
 
 #[derive(Debug, Clone)]
 pub struct SsmApi {
-    client: aws_sdk_ssm::Client,
+    /// Replaced by [`SsmApi::reset_connections`]; clones share it.
+    client: Arc<RwLock<aws_sdk_ssm::Client>>,
+    conf: aws_config::SdkConfig,
+    tls: aws_smithy_http_client::tls::TlsContext,
     region: String,
+}
+
+fn https_client(
+    tls: &aws_smithy_http_client::tls::TlsContext,
+) -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    use aws_smithy_http_client::tls;
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+        .tls_context(tls.clone())
+        .build_https()
 }
 
 impl SsmApi {
@@ -77,11 +100,15 @@ impl SsmApi {
             detail: e.to_string(),
             hint: "",
         })?;
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
-            .tls_context(ctx)
-            .build_https();
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
+        let http = https_client(&ctx);
+        // Without these an API call on a pooled connection that died with the
+        // laptop's old network would wait forever.
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(API_CONNECT_TIMEOUT)
+            .operation_attempt_timeout(API_ATTEMPT_TIMEOUT)
+            .build();
+        let mut loader =
+            aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http).timeout_config(timeouts);
         if let Some(p) = &opts.profile {
             loader = loader.profile_name(p);
         }
@@ -90,7 +117,20 @@ impl SsmApi {
         }
         let conf = loader.load().await;
         let region = conf.region().map(|r| r.to_string()).ok_or(ApiError::NoRegion)?;
-        Ok(SsmApi { client: aws_sdk_ssm::Client::new(&conf), region })
+        let client = Arc::new(RwLock::new(aws_sdk_ssm::Client::new(&conf)));
+        Ok(SsmApi { client, conf, tls: ctx, region })
+    }
+
+    fn client(&self) -> aws_sdk_ssm::Client {
+        self.client.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Forget the pooled HTTPS connections: after the machine's network
+    /// changed they may be bound to an address it no longer has, and a call
+    /// on one would wait out its timeout. Credentials stay cached.
+    pub fn reset_connections(&self) {
+        let conf = aws_sdk_ssm::config::Builder::from(&self.conf).http_client(https_client(&self.tls)).build();
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) = aws_sdk_ssm::Client::from_conf(conf);
     }
 
     pub fn region(&self) -> &str {
@@ -107,7 +147,7 @@ impl SsmApi {
     ) -> Result<StartedSession, ApiError> {
         let document = if host.is_some() { REMOTE_HOST_DOCUMENT } else { PORT_DOCUMENT };
         let mut req = self
-            .client
+            .client()
             .start_session()
             .target(instance)
             .document_name(document)
@@ -147,7 +187,11 @@ impl SsmApi {
     /// ResumeSession: a fresh token for the same StreamUrl, or `None` when the
     /// service says the session is gone (empty token).
     pub async fn resume_session(&self, session_id: &str) -> Result<Option<String>, ApiError> {
-        let out = self.client.resume_session().session_id(session_id).send().await.map_err(|e| match e.code() {
+        let quick = aws_sdk_ssm::config::Builder::default().timeout_config(
+            aws_config::timeout::TimeoutConfig::builder().operation_attempt_timeout(RESUME_ATTEMPT_TIMEOUT).build(),
+        );
+        let call = self.client().resume_session().session_id(session_id).customize().config_override(quick);
+        let out = call.send().await.map_err(|e| match e.code() {
             Some("DoesNotExistException") => ApiError::SessionNotFound(session_id.to_owned()),
             _ => classify("ssm:ResumeSession", format!(" on session {session_id}"), e),
         })?;
@@ -156,7 +200,7 @@ impl SsmApi {
 
     /// TerminateSession; safe to repeat.
     pub async fn terminate_session(&self, session_id: &str) -> Result<(), ApiError> {
-        self.client
+        self.client()
             .terminate_session()
             .session_id(session_id)
             .send()
@@ -172,7 +216,7 @@ impl SsmApi {
                 ApiError::Other { action: "DescribeInstanceInformation", detail: e.to_string(), hint: "" }
             })?;
         let out = self
-            .client
+            .client()
             .describe_instance_information()
             .filters(filter)
             .send()

@@ -17,18 +17,22 @@ use std::time::Duration;
 use futures_util::stream::SplitStream;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, warn};
 
 use crate::payloads::Flag;
 use crate::session::{CloseReason, Event, HandshakeInfo, Session, SessionConfig, Stats, MAX_PAYLOAD};
 use crate::smux::{Mux, MuxEvent, Role, StreamId};
 use crate::transport::{self, Endpoint, TransportError, WsStream, PING_INTERVAL};
 use crate::version::{client_port_mode, PortMode};
+
+mod util;
+
+use util::{await_opt, changed, next_ws, reconnect_loop, reserve, sleep_until, trace_frame};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -59,6 +63,8 @@ impl Conn {
 pub trait Resume: Send + Sync {
     /// `Ok(None)`: the service says the session no longer exists.
     fn resume(&self) -> BoxFuture<'_, Result<Option<Endpoint>, String>>;
+    /// The machine's network changed: drop whatever connections `resume` keeps.
+    fn network_changed(&self) {}
 }
 
 #[derive(Debug, Clone)]
@@ -79,7 +85,15 @@ pub struct PortConfig {
     pub terminate_wait: Duration,
     /// Where to publish the session's counters while it runs (for `status`).
     pub live: Option<Arc<std::sync::Mutex<Live>>>,
+    /// Bumped when the machine's network changed or it woke from sleep: the
+    /// websocket is checked at once (a Ping that must be answered within
+    /// [`PROBE_WAIT`]), and a reconnect waiting out its backoff tries again now.
+    pub network_changed: Option<watch::Receiver<u64>>,
 }
+
+/// After a network change, the websocket must answer within this long or it
+/// is replaced (a socket bound to an address the machine no longer has never will).
+pub const PROBE_WAIT: Duration = Duration::from_secs(3);
 
 /// The running session's counters, refreshed about twice a second.
 #[derive(Debug, Clone, Default)]
@@ -102,6 +116,7 @@ impl Default for PortConfig {
             stall_reconnect: Duration::from_secs(15),
             terminate_wait: Duration::from_secs(2),
             live: None,
+            network_changed: None,
         }
     }
 }
@@ -251,6 +266,8 @@ pub async fn run(
     let mut drain_until: Option<Instant> = None;
     let mut next_publish = Instant::now();
     let mut unpublished;
+    let mut network_changed = config.network_changed.clone();
+    let mut probe_deadline: Option<Instant> = None;
 
     loop {
         let now = Instant::now();
@@ -299,6 +316,13 @@ pub async fn run(
             warn!("no answer for {:?}; reconnecting the websocket", config.stall_reconnect);
             ws_rx = None;
         }
+        if probe_deadline.is_some_and(|t| now >= t) {
+            warn!("the websocket did not answer within {PROBE_WAIT:?} of a network change; reconnecting");
+            probe_deadline = None;
+            if drain_until.is_none() {
+                ws_rx = None;
+            }
+        }
         if drain_until.is_some_and(|t| now >= t) {
             drain_until = None;
             ws_rx = None;
@@ -329,6 +353,7 @@ pub async fn run(
             drain_until,
             stalled.filter(|_| ws_rx.is_some()).map(|d| now + config.stall_reconnect.saturating_sub(d)),
             unpublished.then_some(next_publish),
+            probe_deadline,
         ]
         .into_iter()
         .flatten()
@@ -341,6 +366,8 @@ pub async fn run(
                 // Take whatever else has already arrived before writing, so the
                 // acks for a burst of messages leave in one write.
                 let mut msg = msg;
+                // Any message, a Pong included, shows the websocket still works.
+                probe_deadline = None;
                 for taken in 1.. {
                     match on_ws_message(&mut core, msg, first_connection, &mut received_any) {
                         WsOutcome::Handled => {}
@@ -365,12 +392,30 @@ pub async fn run(
                 reconnects += 1;
                 first_connection = false;
                 drain_until = None;
+                probe_deadline = None;
                 info!(reconnects, "websocket reconnected; resending unacknowledged messages");
                 let (tx, rx) = ws.split();
                 ws_tx = tx;
                 ws_rx = Some(rx);
                 next_ping = Instant::now();
                 core.session.set_connected(true, Instant::now().into_std());
+            }
+            alive = changed(&mut network_changed) => {
+                if alive {
+                    resume.network_changed();
+                }
+                if !alive {
+                    network_changed = None;
+                } else if reconnect.is_some() {
+                    info!("the network changed; trying to reconnect now");
+                    reconnect = Some(reconnect_loop(resume.clone(), tls.clone(), config.reconnect_for));
+                } else if ws_rx.is_some() && drain_until.is_none() && probe_deadline.is_none() {
+                    info!("the network changed; checking that the websocket still answers");
+                    probe_deadline = Some(Instant::now() + PROBE_WAIT);
+                    if ws_tx.send(WsMessage::Ping("probe".into())).await.is_err() {
+                        ws_rx = None;
+                    }
+                }
             }
             conn = conns.recv(), if conns_open && accept_local => {
                 match conn {
@@ -461,78 +506,6 @@ fn on_ws_message(
         }
     }
     WsOutcome::Handled
-}
-
-fn trace_frame(dir: &str, frame: &[u8]) {
-    match crate::codec::Message::parse(frame) {
-        Ok(m) if m.message_type == crate::codec::message_type::ACKNOWLEDGE => {
-            let seq = serde_json::from_slice::<crate::payloads::Acknowledge>(&m.payload).map(|a| a.sequence_number);
-            trace!(dir, ack = ?seq.ok(), "frame");
-        }
-        Ok(m) => {
-            trace!(dir, r#type = %m.message_type, seq = m.sequence_number.0, pt = ?m.payload_type.map(|p| p.0), len = m.payload.len(), "frame")
-        }
-        Err(e) => trace!(dir, "undecodable frame: {e}"),
-    }
-}
-
-async fn next_ws(rx: &mut Option<WsSource>) -> Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>> {
-    match rx {
-        Some(r) => r.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn await_opt<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {
-    match f {
-        Some(f) => f.await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn reserve(tx: Option<mpsc::Sender<Vec<u8>>>) -> Result<mpsc::OwnedPermit<Vec<u8>>, ()> {
-    match tx {
-        Some(tx) => tx.reserve_owned().await.map_err(|_| ()),
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// ResumeSession then redial, with jittered exponential backoff (100-200 ms,
-/// doubling to 5 s) for as long as `give_up_after` allows.
-fn reconnect_loop(
-    resume: Arc<dyn Resume>,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    give_up_after: Duration,
-) -> BoxFuture<'static, Result<WsStream, PortError>> {
-    Box::pin(async move {
-        let started = Instant::now();
-        let mut delay = Duration::from_millis(100 + rand::random_range(0..100));
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let err = match resume.resume().await {
-                Ok(Some(endpoint)) => match transport::connect(&endpoint, tls.clone()).await {
-                    Ok(ws) => return Ok(ws),
-                    Err(e) => e.to_string(),
-                },
-                Ok(None) => return Err(PortError::SessionGone),
-                Err(e) => e,
-            };
-            if started.elapsed() >= give_up_after {
-                return Err(PortError::ReconnectFailed(give_up_after, err));
-            }
-            warn!(attempt, "reconnect failed: {err}; retrying in {delay:?}");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5)) + Duration::from_millis(rand::random_range(0..100));
-        }
-    })
 }
 
 impl Core {

@@ -6,6 +6,7 @@ mod config;
 mod control;
 mod dns;
 mod forward;
+mod netwatch;
 mod service;
 mod ssm;
 mod start;

@@ -130,6 +130,10 @@ impl Resume for SsmResume {
             }
         })
     }
+
+    fn network_changed(&self) {
+        self.api.reset_connections();
+    }
 }
 
 pub async fn shutdown_signal() {

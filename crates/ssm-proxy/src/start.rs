@@ -332,6 +332,8 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     let domains = dns::plan(&args.dns_domains, args.dns_auto, api.region(), &endpoint_overrides())?;
     eprintln!("Starting a session with {} in {}...", args.instance_ids.join(" or "), api.region());
     let live = Arc::new(Mutex::new(Live::default()));
+    // Network changes are watched once our own routes are in place.
+    let (net_tx, net_rx) = tokio::sync::watch::channel(0u64);
     // One client id for the tunnel's life: the agent knows us by it after a new session.
     let client_uuid = uuid::Uuid::new_v4();
     let split_dns =
@@ -345,6 +347,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         mtu: args.mtu,
         client: client_config,
         live: live.clone(),
+        network_changed: net_rx,
     };
     let up = connect_first(&target, &args.instance_ids).await?;
     let agent = up.agent.0.clone();
@@ -467,6 +470,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             }
         }
     };
+    crate::netwatch::spawn(net_tx, device.index());
     let notify = stop_now.clone();
     let control_task = tokio::spawn(control::serve(listener, owner_uid(), status, move || notify.notify_one()));
 

@@ -50,6 +50,8 @@ pub struct Target<'a> {
     pub client: ClientConfig,
     /// Where each session publishes its counters.
     pub live: Arc<Mutex<Live>>,
+    /// News of network changes and wake-ups (see [`crate::netwatch`]).
+    pub network_changed: watch::Receiver<u64>,
 }
 
 /// What `status` shows about the link beyond the counters.
@@ -68,7 +70,7 @@ pub struct LinkState {
     pub earlier_reconnects: u64,
 }
 
-fn port_config(live: Arc<Mutex<Live>>) -> PortConfig {
+fn port_config(live: Arc<Mutex<Live>>, network_changed: watch::Receiver<u64>) -> PortConfig {
     PortConfig {
         // The forwarder's own send window keeps queues short (SPECIFICATION §6.4),
         // so the channel's in-flight limit only has to cover long, fast paths.
@@ -79,13 +81,14 @@ fn port_config(live: Arc<Mutex<Live>>) -> PortConfig {
         // Through an outage of the laptop's network, keep resuming the session
         // (a day at most); a dead agent is found by LINK_DEAD instead.
         reconnect_for: Duration::from_secs(86_400),
+        network_changed: Some(network_changed),
         ..PortConfig::default()
     }
 }
 
 /// A Port session to the ec2-agent on `instance` and the HELLOs through it.
 pub async fn connect(t: &Target<'_>, instance: &str) -> anyhow::Result<Uplink> {
-    let config = port_config(t.live.clone());
+    let config = port_config(t.live.clone(), t.network_changed.clone());
     let session =
         open_port_session(t.api, instance, t.port, None, t.trust, config, 4, Box::pin(std::future::pending())).await?;
     let (local, remote) = tokio::io::duplex(64 << 10);
@@ -209,6 +212,7 @@ async fn renew(
     let quick = Target {
         client: ClientConfig { hello_timeout: RENEW_HELLO_TIMEOUT, ..t.client.clone() },
         live: t.live.clone(),
+        network_changed: t.network_changed.clone(),
         ..*t
     };
     let t = &quick;

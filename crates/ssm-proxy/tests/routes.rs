@@ -293,3 +293,52 @@ fn sigkill_then_cleanup_restores_table() {
     assert_eq!(std::fs::read_dir(run_dir.path()).expect("dir").count(), 0, "journal and lock removed");
     cleanup("nothing to clean up");
 }
+
+/// Every change the watcher reports within `for_at_most` (stops at the first
+/// batch that satisfies `done`).
+fn watch_until(
+    w: &mut routing::NetWatch,
+    for_at_most: Duration,
+    mut done: impl FnMut(&[routing::NetChange]) -> bool,
+) -> Vec<routing::NetChange> {
+    let until = std::time::Instant::now() + for_at_most;
+    let mut seen = Vec::new();
+    while std::time::Instant::now() < until && !done(&seen) {
+        seen.extend(w.wait(Duration::from_millis(200)).expect("read changes"));
+    }
+    seen
+}
+
+#[test]
+fn network_changes_are_reported_except_on_the_tunnel_device() {
+    if !netns::run_inside("network_changes_are_reported_except_on_the_tunnel_device", DEADLINE) {
+        return;
+    }
+    use routing::{ChangeKind, NetChange};
+    let rt = runtime();
+    let _in_runtime = rt.enter(); // the device is an async one
+    let dev = make_device("ssmw0");
+    let mut w = routing::NetWatch::open(dev.index()).expect("subscribe");
+    // Our own routes on the tunnel device are not news.
+    let mut guard = RouteGuard::new(routing::system_table().expect("table"), None);
+    guard.add(Route::via_interface(net("10.78.0.0/16"), dev.index()), dev.name()).expect("route");
+    let quiet = watch_until(&mut w, Duration::from_millis(600), |_| false);
+    assert!(quiet.iter().all(|c| c.ifindex != dev.index()), "{quiet:?}");
+
+    lan();
+    let lan0 = nix::net::if_::if_nametoindex("lan0").expect("lan0 index");
+    let seen = watch_until(&mut w, Duration::from_secs(5), |s| {
+        s.contains(&NetChange { kind: ChangeKind::Address, ifindex: lan0 })
+            && s.contains(&NetChange { kind: ChangeKind::Route, ifindex: lan0 })
+    });
+    assert!(seen.contains(&NetChange { kind: ChangeKind::Address, ifindex: lan0 }), "{seen:?}");
+    assert!(seen.contains(&NetChange { kind: ChangeKind::Route, ifindex: lan0 }), "{seen:?}");
+
+    // A new default gateway, as when the laptop changes networks.
+    netns::run("ip", &["route", "replace", "default", "via", "192.168.77.253", "dev", "lan0"]);
+    let seen = watch_until(&mut w, Duration::from_secs(5), |s| !s.is_empty());
+    assert_eq!(seen.first(), Some(&NetChange { kind: ChangeKind::Route, ifindex: lan0 }), "{seen:?}");
+    // Nothing more without a change.
+    assert_eq!(watch_until(&mut w, Duration::from_millis(600), |_| false), vec![]);
+    drop(guard);
+}

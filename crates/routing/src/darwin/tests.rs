@@ -181,7 +181,57 @@ fn malformed_dumps_are_errors_not_panics() {
     assert_eq!(parse_dump(&[]), Ok(vec![]));
 }
 
+/// An `ifa_msghdr`/`if_msghdr`-shaped message: addrs at 4, flags at 8, index at 12.
+fn if_header(kind: u8, index: u16) -> Vec<u8> {
+    let mut h = vec![0u8; 20];
+    h[2] = RTM_VERSION;
+    h[3] = kind;
+    h[12..14].copy_from_slice(&index.to_ne_bytes());
+    finish(h)
+}
+
+#[test]
+fn change_messages_are_classified_by_kind_and_interface() {
+    use crate::{ChangeKind, NetChange};
+    let change = |kind, ifindex| Some(NetChange { kind, ifindex });
+    assert_eq!(classify_change(&if_header(RTM_NEWADDR, 5)), change(ChangeKind::Address, 5));
+    assert_eq!(classify_change(&if_header(RTM_DELADDR, 6)), change(ChangeKind::Address, 6));
+    assert_eq!(classify_change(&if_header(RTM_IFINFO, 7)), change(ChangeKind::Link, 7));
+    // A new default route through en0 (index 4), as `route change default` sends.
+    let mut default = header(RTM_CHANGE, RTF_UP | RTF_GATEWAY | RTF_STATIC, RTA_DST | RTA_GATEWAY | RTA_NETMASK, 4, 9);
+    default.extend(sin([0, 0, 0, 0]));
+    default.extend(sin([192, 168, 1, 1]));
+    default.extend(sin([0, 0, 0, 0]));
+    assert_eq!(classify_change(&finish(default)), change(ChangeKind::Route, 4));
+    assert_eq!(classify_change(&finish(header(RTM_DELETE, RTF_UP, 0, 3, 1))), change(ChangeKind::Route, 3));
+    // The kernel's cloned ARP/ND entries and host routes come and go all the time.
+    for noise in [RTF_WASCLONED, RTF_LLINFO | RTF_HOST, RTF_HOST, RTF_MULTICAST, RTF_BROADCAST] {
+        assert_eq!(classify_change(&finish(header(RTM_ADD, RTF_UP | noise, 0, 4, 1))), None, "flags {noise:#x}");
+    }
+}
+
+#[test]
+fn other_routing_messages_are_not_changes() {
+    const RTM_GET: u8 = 0x4;
+    const RTM_MISS: u8 = 0x7;
+    const RTM_NEWMADDR: u8 = 0xf;
+    for kind in [RTM_GET, RTM_MISS, RTM_NEWMADDR] {
+        assert_eq!(classify_change(&finish(header(kind, RTF_UP, 0, 4, 1))), None, "type {kind}");
+    }
+    let mut old = if_header(RTM_NEWADDR, 5);
+    old[2] = RTM_VERSION - 1;
+    assert_eq!(classify_change(&old), None);
+    assert_eq!(classify_change(&if_header(RTM_NEWADDR, 5)[..15]), None);
+    assert_eq!(classify_change(&[]), None);
+}
+
 proptest::proptest! {
+    #[test]
+    fn classify_change_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..120)) {
+        let _ = classify_change(&bytes);
+    }
+
+
     #[test]
     fn parse_dump_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
         let _ = parse_dump(&bytes);

@@ -4,6 +4,30 @@
 mod linux;
 #[cfg(target_os = "macos")]
 mod macos;
+#[cfg(target_os = "linux")]
+mod watch_linux;
+#[cfg(target_os = "macos")]
+mod watch_macos;
+
+#[cfg(target_os = "linux")]
+pub(crate) use watch_linux::Watcher;
+#[cfg(target_os = "macos")]
+pub(crate) use watch_macos::Watcher;
+
+/// Elsewhere: no change is ever reported.
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+pub(crate) struct Watcher;
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+impl Watcher {
+    pub(crate) fn open() -> std::io::Result<Watcher> {
+        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "only Linux and macOS are supported"))
+    }
+
+    pub(crate) fn wait(&mut self, _: std::time::Duration) -> std::io::Result<Vec<crate::watch::NetChange>> {
+        Ok(Vec::new())
+    }
+}
 
 use crate::{RouteError, RouteTable};
 

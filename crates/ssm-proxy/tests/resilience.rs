@@ -1,0 +1,203 @@
+//! Resilience, end to end in the namespace lab: websockets recycled by the
+//! service, outages of the laptop's network, sessions terminated, agents that
+//! die, network changes, rotation, instances found by tag. Root only; each test
+//! builds its own lab under its own prefix and tears it down.
+
+mod labkit;
+mod netns;
+
+use labkit::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[test]
+fn a_download_survives_the_websocket_being_recycled_every_ten_seconds() {
+    if !require_root("a_download_survives_the_websocket_being_recycled_every_ten_seconds") {
+        return;
+    }
+    // The service ends every websocket with 1000 "Bye" after 10 s, as the real one
+    // does after its own limits; the client resumes the session each time.
+    let lab = Lab::up(&prefix("w"), 50, &[("EMULATOR_ARGS", "--close-every 10")]);
+    let mut daemon = lab.start(&[]);
+    // 1.5 MiB/s: the 50 MiB take about 33 s, across three recycles (curl's
+    // limit is an average; it bursts at the start).
+    let speed = lab.fetch_blob_limited(120, "1536K");
+    let s = tunnel_status(&lab);
+    eprintln!("50 MiB while the websocket is recycled every 10 s: {:.2} MB/s, status {s}", speed / 1e6);
+    assert!(s["reconnects"].as_u64().unwrap_or(0) >= 2, "{s}");
+    assert_eq!(s["state"], "connected", "{s}");
+    lab.stop(&mut daemon, "lab");
+}
+
+#[test]
+fn a_psql_connection_survives_a_thirty_second_outage() {
+    if !require_root("a_psql_connection_survives_a_thirty_second_outage") {
+        return;
+    }
+    let lab = Lab::up(&prefix("o"), 1, &[]);
+    let mut daemon = lab.start(&[]);
+    let mut psql = Psql::open(&lab);
+    let before = psql.backend_pid(Duration::from_secs(10));
+
+    // The laptop loses its network for 30 s: the far end of its link goes down.
+    let link = |state: &str| {
+        ok(
+            Command::new("ip")
+                .args(["-n", &lab.ns("wan"), "link", "set", &format!("{}-w0", lab.prefix), state])
+                .output()
+                .expect("ip"),
+            "ip link",
+        )
+    };
+    link("down");
+    std::thread::sleep(Duration::from_secs(10));
+    let during = tunnel_status(&lab);
+    std::thread::sleep(Duration::from_secs(15));
+    let later = tunnel_status(&lab);
+    std::thread::sleep(Duration::from_secs(5));
+    link("up");
+    let t = Instant::now();
+    let after = psql.backend_pid(Duration::from_secs(120));
+    assert!(during["state"].as_str().unwrap_or("").starts_with("stalled"), "status 10 s into the outage: {during}");
+    // After 15 s without an answer the daemon gives up on that websocket.
+    assert_eq!(later["state"], "reconnecting", "status 25 s into the outage: {later}");
+    eprintln!("psql answered {:?} after the link came back; status during the outage: {during}", t.elapsed());
+    assert_eq!(after, before, "the same backend, so the same connection");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = tunnel_status(&lab);
+    while s["state"] != "connected" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        s = tunnel_status(&lab);
+    }
+    assert_eq!(s["state"], "connected", "{s}");
+    assert!(s["reconnects"].as_u64().unwrap_or(0) >= 1, "{s}");
+    drop(psql);
+    lab.stop(&mut daemon, "lab");
+}
+
+#[test]
+fn a_psql_connection_survives_the_session_being_terminated() {
+    if !require_root("a_psql_connection_survives_the_session_being_terminated") {
+        return;
+    }
+    let lab = Lab::up(&prefix("t"), 1, &[]);
+    let mut daemon = lab.start(&[]);
+    let mut psql = Psql::open(&lab);
+    let before = psql.backend_pid(Duration::from_secs(10));
+    let old = tunnel_status(&lab)["session_id"].as_str().expect("session id").to_string();
+
+    // The service ends the session (as an administrator's TerminateSession or the
+    // maximum session duration would): the daemon starts a new one to the same
+    // instance, and the ec2-agent hands the flows of our client id back.
+    let env: std::collections::HashMap<_, _> = lab.env.iter().cloned().collect();
+    let key = format!("{}:{}", env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]);
+    let terminated = lab.laptop_out(
+        "curl",
+        &[
+            "-sS",
+            "--fail-with-body",
+            "--aws-sigv4",
+            "aws:amz:us-east-1:ssm",
+            "--user",
+            &key,
+            "-H",
+            "X-Amz-Target: AmazonSSM.TerminateSession",
+            "-H",
+            "Content-Type: application/x-amz-json-1.1",
+            "-d",
+            &format!("{{\"SessionId\":\"{old}\"}}"),
+            &env["AWS_ENDPOINT_URL"],
+        ],
+    );
+    ok(terminated, "TerminateSession");
+    let s =
+        wait_status(&lab, Duration::from_secs(30), |s| s["session_id"] != old.as_str() && s["state"] == "connected");
+    assert_eq!(s["state"], "connected", "{s}");
+    assert_ne!(s["session_id"], old.as_str(), "{s}");
+    assert_eq!(s["new_sessions"], 1, "{s}");
+    assert_eq!(s["failovers"], 0, "{s}");
+    let after = psql.backend_pid(Duration::from_secs(30));
+    assert_eq!(after, before, "the same backend, so the same connection");
+    assert!(lab.log("agent.log").contains("client resumed its session"), "{}", lab.log("agent.log"));
+    drop(psql);
+    lab.stop(&mut daemon, "lab");
+}
+
+#[test]
+fn traffic_moves_to_the_second_instance_when_the_first_agent_dies() {
+    if !require_root("traffic_moves_to_the_second_instance_when_the_first_agent_dies") {
+        return;
+    }
+    let lab = Lab::up(&prefix("f"), 1, &[("SECOND_INSTANCE", "1")]);
+    let env: std::collections::HashMap<_, _> = lab.env.iter().cloned().collect();
+    let (first, second) = (env["LAB_INSTANCE"].as_str(), env["LAB_INSTANCE2"].as_str());
+    let args = ["start", "--instance-id", first, "--instance-id", second, "--name", "lab", "--cidr", "10.10.0.0/16"];
+    let mut daemon = lab.start_with("lab", &args, &[]);
+    let get = || lab.laptop_out("curl", &["-sS", "-m", "2", "-o", "/dev/null", "http://10.10.0.2:8080/"]);
+    ok(get(), "curl through the first instance");
+    assert_eq!(tunnel_status(&lab)["instance_id"], first);
+
+    // The first instance's ec2-agent dies.
+    let pid = lab.log("agent.pid").trim().to_string();
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    assert!(cmdline.contains("ec2-agent"), "agent.pid names {cmdline:?}");
+    ok(Command::new("kill").args(["-9", &pid]).output().expect("kill"), "kill");
+    let killed = Instant::now();
+    let mut answered = None;
+    while killed.elapsed() < Duration::from_secs(60) {
+        if get().status.success() {
+            answered = Some(killed.elapsed());
+            break;
+        }
+    }
+    let switch =
+        answered.unwrap_or_else(|| panic!("no answer through the second instance:\n{}", lab.log("daemon-lab.log")));
+    let s = wait_status(&lab, Duration::from_secs(10), |s| s["state"] == "connected");
+    eprintln!(
+        "traffic moved to the second instance {:.2} s after the first agent was killed; status {s}",
+        switch.as_secs_f64()
+    );
+    assert_eq!(s["instance_id"], second, "{s}");
+    assert_eq!(s["failovers"], 1, "{s}");
+    assert_eq!(s["state"], "connected", "{s}");
+    assert!(lab.log("daemon-lab.log").contains("failed over to another instance"), "{}", lab.log("daemon-lab.log"));
+    lab.stop(&mut daemon, "lab");
+}
+
+#[test]
+fn a_new_laptop_address_is_noticed_at_once_and_psql_carries_on() {
+    if !require_root("a_new_laptop_address_is_noticed_at_once_and_psql_carries_on") {
+        return;
+    }
+    let lab = Lab::up(&prefix("n"), 1, &[]);
+    let mut daemon = lab.start(&[]);
+    let mut psql = Psql::open(&lab);
+    let before = psql.backend_pid(Duration::from_secs(10));
+
+    // The laptop moves to another address (a new Wi-Fi network, a DHCP change):
+    // the websocket, bound to the old one, can never answer again. The daemon
+    // hears of it from the kernel and replaces the websocket at once, instead of
+    // waiting for unanswered data to time out.
+    let dev = format!("{}-l0", lab.prefix);
+    let ip = |args: &[&str]| {
+        ok(Command::new("ip").args(["-n", &lab.ns("laptop")]).args(args).output().expect("ip"), "ip");
+    };
+    let t = Instant::now();
+    ip(&["addr", "del", "192.168.100.2/24", "dev", &dev]);
+    ip(&["addr", "add", "192.168.100.3/24", "dev", &dev]);
+    ip(&["route", "replace", "default", "via", "192.168.100.1"]);
+    let s = wait_status(&lab, Duration::from_secs(30), |s| {
+        s["reconnects"].as_u64().unwrap_or(0) >= 1 && s["state"] == "connected"
+    });
+    let reconnected = t.elapsed();
+    let after = psql.backend_pid(Duration::from_secs(30));
+    eprintln!("new websocket {reconnected:?} after the address changed; psql answered after {:?}", t.elapsed());
+    assert_eq!(after, before, "the same backend, so the same connection");
+    assert_eq!(s["state"], "connected", "{s}");
+    let log = lab.log("daemon-lab.log");
+    for line in ["network changed", "checking that the websocket still answers", "did not answer within"] {
+        assert!(log.contains(line), "no {line:?} in the daemon's log:\n{log}");
+    }
+    drop(psql);
+    lab.stop(&mut daemon, "lab");
+}
