@@ -48,6 +48,9 @@ pub struct Status {
     pub new_sessions: u64,
     #[serde(default)]
     pub failovers: u64,
+    /// Sessions replaced on schedule (--rotate-after).
+    #[serde(default)]
+    pub rotations: u64,
     pub uptime_secs: u64,
     pub cidrs: Vec<String>,
     pub interface: String,
@@ -227,7 +230,8 @@ pub fn render(s: &Status) -> String {
          received   {rp} packets, {rb}\n  \
          rtt        {rtt} (channel srtt {srtt:.1} ms), {retx} retransmissions, {rec} reconnects\n  \
          queue      delay {qd:.1} ms (max {qm:.1} ms), dropped {dc} (CoDel) + {dov} (overflow) + {dd} (device)\n  \
-         window     {win}, {infl} in flight{dns}",
+         sessions   {sessions}\n  \
+         window     {win}, {infl} in flight{dns}{error}",
         name = s.name,
         pid = s.pid,
         state = s.state,
@@ -255,6 +259,17 @@ pub fn render(s: &Status) -> String {
         dd = s.dropped_device,
         win = if s.window_bytes == 0 { "off (agent without acks)".to_string() } else { human_bytes(s.window_bytes) },
         infl = human_bytes(s.in_flight_bytes),
+        sessions = format!(
+            "{} replaced ({} by another instance), {} rotated; candidates {}",
+            s.new_sessions,
+            s.failovers,
+            s.rotations,
+            if s.instances.is_empty() { "-".to_string() } else { s.instances.join(", ") }
+        ),
+        error = match &s.last_error {
+            Some(e) => format!("\n  last error {e}"),
+            None => String::new(),
+        },
         dns = match &s.dns_server {
             Some(server) => format!(
                 "\n  dns        {} via {server}: {} queries through the tunnel, {} other names refused",

@@ -15,7 +15,6 @@ use forwarder::wire;
 use ipnet::IpNet;
 use routing::{Journal, Route, RouteGuard};
 use ssm_channel::aws::{AwsOptions, SsmApi};
-use ssm_channel::port::Live;
 use ssm_channel::transport::Trust;
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -89,10 +88,25 @@ pub struct StartArgs {
     /// (repeatable). Other names never go through the tunnel.
     #[arg(long = "dns-domain", value_name = "DOMAIN", value_parser = parse_domain)]
     dns_domains: Vec<Domain>,
+    /// Replace the SSM session this often, opening the new one before the old
+    /// one goes (make before break), e.g. 55m when the account's maximum
+    /// session duration is 60 minutes. Without it, a session the service ends
+    /// is replaced after it ended (a second or so of stall).
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    rotate_after: Option<Duration>,
     /// Also resolve the region's EC2 internal names (<region>.compute.internal, or
     /// ec2.internal in us-east-1) and eks.amazonaws.com through the tunnel.
     #[arg(long)]
     dns_auto: bool,
+}
+
+/// "55m", "1h 30m", "90s"; at least a second.
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (say 55m, 1h30m or 90s)"))?;
+    if d < Duration::from_secs(1) {
+        return Err("at least 1s".into());
+    }
+    Ok(d)
 }
 
 fn parse_domain(s: &str) -> Result<Domain, String> {
@@ -331,7 +345,6 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
     let domains = dns::plan(&args.dns_domains, args.dns_auto, api.region(), &endpoint_overrides())?;
     eprintln!("Starting a session with {} in {}...", args.instance_ids.join(" or "), api.region());
-    let live = Arc::new(Mutex::new(Live::default()));
     // Network changes are watched once our own routes are in place.
     let (net_tx, net_rx) = tokio::sync::watch::channel(0u64);
     // One client id for the tunnel's life: the agent knows us by it after a new session.
@@ -346,7 +359,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         port: args.agent_port(),
         mtu: args.mtu,
         client: client_config,
-        live: live.clone(),
+        rotate_after: args.rotate_after,
         network_changed: net_rx,
     };
     let up = connect_first(&target, &args.instance_ids).await?;
@@ -366,6 +379,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         instance_id: up.instance.clone(),
         session_id: session_id.clone(),
         agent: agent.software.clone(),
+        live: up.live.clone(),
         ..LinkState::default()
     }));
 
@@ -419,7 +433,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     let stop_now = Arc::new(Notify::new());
     let started_at = Instant::now();
     let status = {
-        let (handle, live, link_state) = (handle.clone(), live.clone(), link_state.clone());
+        let (handle, link_state) = (handle.clone(), link_state.clone());
         let base = Status {
             name: args.name().to_string(),
             pid: std::process::id(),
@@ -431,8 +445,8 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             ..Status::default()
         };
         move || {
-            let l = live.lock().map(|l| l.clone()).unwrap_or_default();
             let ls = link_state.lock().map(|s| s.clone()).unwrap_or_default();
+            let l = ls.live.lock().map(|l| l.clone()).unwrap_or_default();
             let q = handle.queue.stats();
             let rtt = handle.stats.rtt_us.load(Ordering::Relaxed);
             Status {
@@ -448,6 +462,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
                 agent: ls.agent.clone(),
                 new_sessions: ls.new_sessions,
                 failovers: ls.failovers,
+                rotations: ls.rotations,
                 uptime_secs: started_at.elapsed().as_secs(),
                 sent: Counter::from(&handle.stats.sent),
                 received: Counter::from(&handle.stats.received),

@@ -2,7 +2,9 @@
 //! and the supervisor that replaces it when it fails: a new session to the same
 //! instance first, whose agent hands back our flows (same client id, within its
 //! grace period), then the other candidate instances, with backoff, until the
-//! user stops the tunnel. The device and routes stay up throughout.
+//! user stops the tunnel. The device and routes stay up throughout. With a
+//! rotation period, a new session is opened before the old one is given up
+//! (make before break), ahead of the account's maximum session duration.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,20 +38,23 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub struct Uplink {
     pub instance: String,
     pub session: PortSession,
+    /// Where this session publishes its counters.
+    pub live: Arc<Mutex<Live>>,
     reader: ReadHalf<DuplexStream>,
     writer: WriteHalf<DuplexStream>,
     pub agent: (Hello, Deframer),
 }
 
 /// What every link of this tunnel is made with.
+#[derive(Clone)]
 pub struct Target<'a> {
     pub api: &'a SsmApi,
     pub trust: &'a Trust,
     pub port: u16,
     pub mtu: u16,
     pub client: ClientConfig,
-    /// Where each session publishes its counters.
-    pub live: Arc<Mutex<Live>>,
+    /// Open a replacement session this long after each session started.
+    pub rotate_after: Option<Duration>,
     /// News of network changes and wake-ups (see [`crate::netwatch`]).
     pub network_changed: watch::Receiver<u64>,
 }
@@ -57,6 +62,8 @@ pub struct Target<'a> {
 /// What `status` shows about the link beyond the counters.
 #[derive(Debug, Default, Clone)]
 pub struct LinkState {
+    /// The current session's counters.
+    pub live: Arc<Mutex<Live>>,
     pub instance_id: String,
     pub session_id: String,
     pub agent: String,
@@ -66,6 +73,8 @@ pub struct LinkState {
     /// another instance.
     pub new_sessions: u64,
     pub failovers: u64,
+    /// Sessions replaced on schedule (make before break).
+    pub rotations: u64,
     /// Websocket reconnects of the sessions before the current one.
     pub earlier_reconnects: u64,
 }
@@ -88,7 +97,8 @@ fn port_config(live: Arc<Mutex<Live>>, network_changed: watch::Receiver<u64>) ->
 
 /// A Port session to the ec2-agent on `instance` and the HELLOs through it.
 pub async fn connect(t: &Target<'_>, instance: &str) -> anyhow::Result<Uplink> {
-    let config = port_config(t.live.clone(), t.network_changed.clone());
+    let live = Arc::new(Mutex::new(Live::default()));
+    let config = port_config(live.clone(), t.network_changed.clone());
     let session =
         open_port_session(t.api, instance, t.port, None, t.trust, config, 4, Box::pin(std::future::pending())).await?;
     let (local, remote) = tokio::io::duplex(64 << 10);
@@ -99,7 +109,7 @@ pub async fn connect(t: &Target<'_>, instance: &str) -> anyhow::Result<Uplink> {
         .await;
     let (mut reader, mut writer) = tokio::io::split(local);
     match client::handshake(&mut reader, &mut writer, &t.client, t.mtu).await {
-        Ok(agent) => Ok(Uplink { instance: instance.to_string(), session, reader, writer, agent }),
+        Ok(agent) => Ok(Uplink { instance: instance.to_string(), session, live, reader, writer, agent }),
         Err(e) => {
             let _ = session.close(t.api).await;
             anyhow::bail!("{e} (instance {instance}, port {})", t.port)
@@ -148,8 +158,17 @@ async fn silent(handle: &ClientHandle, live: &Mutex<Live>) {
     }
 }
 
-/// Carry packets over `up`, replacing it whenever it fails, until `stop` turns
-/// true. Returns the session to close then (`None`: stopped between sessions).
+/// How a link's turn ended.
+enum Next {
+    /// It failed, for this reason: find another.
+    Failed(String),
+    /// Its replacement is up already.
+    Rotated(Uplink),
+}
+
+/// Carry packets over `up`, replacing it whenever it fails (and on schedule,
+/// with `t.rotate_after`), until `stop` turns true. Returns the session to
+/// close then (`None`: stopped between sessions).
 pub async fn supervise(
     t: &Target<'_>,
     candidates: &[String],
@@ -159,28 +178,35 @@ pub async fn supervise(
     state: Arc<Mutex<LinkState>>,
     stop: watch::Receiver<bool>,
 ) -> Option<PortSession> {
+    let update = |f: &dyn Fn(&mut LinkState)| f(&mut state.lock().unwrap_or_else(|p| p.into_inner()));
     loop {
-        let Uplink { instance, mut session, reader, writer, agent } = up;
-        let mut stop_rx = stop.clone();
-        let (h, live) = (handle.clone(), t.live.clone());
-        let shutdown = async move {
+        let Uplink { instance, mut session, live, reader, writer, agent } = up;
+        let next = {
+            let mut stop_rx = stop.clone();
+            let (h, l) = (handle.clone(), live.clone());
+            let shutdown = async move {
+                tokio::select! {
+                    _ = stop_rx.wait_for(|s| *s) => Stop::Goodbye,
+                    () = silent(&h, &l) => Stop::Abandon,
+                }
+            };
+            // Dropped at the end of this block, which stops the old link's tasks.
+            let run = client::run(device.clone(), reader, writer, agent, &t.client, handle.clone(), shutdown);
+            let rotation = rotate(t, &instance);
+            tokio::pin!(run, rotation);
             tokio::select! {
-                _ = stop_rx.wait_for(|s| *s) => Stop::Goodbye,
-                () = silent(&h, &live) => Stop::Abandon,
+                end = &mut run => Next::Failed(match end {
+                    None if *stop.borrow() => return Some(session),
+                    None => format!("the ec2-agent on {instance} has not answered for {} s", LINK_DEAD.as_secs()),
+                    Some(end) => format!("the link to the ec2-agent on {instance} ended: {end}"),
+                }),
+                done = &mut session.task => Next::Failed(match finish(t.api, &session.session_id, done).await {
+                    Ok(()) => format!("the SSM session to {instance} was terminated"),
+                    Err(e) => format!("the SSM session to {instance} ended: {e:#}"),
+                }),
+                new = &mut rotation => Next::Rotated(new),
             }
         };
-        let why = tokio::select! {
-            end = client::run(device.clone(), reader, writer, agent, &t.client, handle.clone(), shutdown) => match end {
-                None if *stop.borrow() => return Some(session),
-                None => format!("the ec2-agent on {instance} has not answered for {} s", LINK_DEAD.as_secs()),
-                Some(end) => format!("the link to the ec2-agent on {instance} ended: {end}"),
-            },
-            done = &mut session.task => match finish(t.api, &session.session_id, done).await {
-                Ok(()) => format!("the SSM session to {instance} was terminated"),
-                Err(e) => format!("the SSM session to {instance} ended: {e:#}"),
-            },
-        };
-        warn!("{why}; opening a new session");
         if !session.task.is_finished() {
             // Without waiting: the old session may never answer again.
             let api = t.api.clone();
@@ -188,7 +214,42 @@ pub async fn supervise(
                 let _ = tokio::time::timeout(Duration::from_secs(10), session.close(&api)).await;
             });
         }
-        up = renew(t, candidates, &instance, why, &state, stop.clone()).await?;
+        let earlier = live.lock().map(|l| l.reconnects).unwrap_or(0);
+        up = match next {
+            Next::Rotated(new) => {
+                info!(instance = %instance, session = %new.session.session_id, "session rotated: the new one carries the tunnel");
+                update(&|s| {
+                    s.session_id = new.session.session_id.clone();
+                    s.live = new.live.clone();
+                    s.rotations += 1;
+                    s.earlier_reconnects += earlier;
+                });
+                new
+            }
+            Next::Failed(why) => {
+                warn!("{why}; opening a new session");
+                update(&|s| s.earlier_reconnects += earlier);
+                renew(t, candidates, &instance, why, &state, stop.clone()).await?
+            }
+        };
+    }
+}
+
+/// After `t.rotate_after` (never without one), a new session to `instance`
+/// whose HELLO moved our flows to it; retried every minute while the old
+/// session carries on.
+async fn rotate(t: &Target<'_>, instance: &str) -> Uplink {
+    let Some(every) = t.rotate_after else { return std::future::pending().await };
+    tokio::time::sleep(every).await;
+    let quick = Target { client: ClientConfig { hello_timeout: RENEW_HELLO_TIMEOUT, ..t.client.clone() }, ..t.clone() };
+    loop {
+        match connect(&quick, instance).await {
+            Ok(up) => return up,
+            Err(e) => {
+                warn!(%instance, "no replacement session yet ({e:#}); the current one carries on; trying again in 60 s");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        }
     }
 }
 
@@ -203,18 +264,7 @@ async fn renew(
     mut stop: watch::Receiver<bool>,
 ) -> Option<Uplink> {
     let update = |f: &dyn Fn(&mut LinkState)| f(&mut state.lock().unwrap_or_else(|p| p.into_inner()));
-    {
-        let mut live = t.live.lock().unwrap_or_else(|p| p.into_inner());
-        let before = live.reconnects;
-        *live = Live::default();
-        update(&|s| s.earlier_reconnects += before);
-    }
-    let quick = Target {
-        client: ClientConfig { hello_timeout: RENEW_HELLO_TIMEOUT, ..t.client.clone() },
-        live: t.live.clone(),
-        network_changed: t.network_changed.clone(),
-        ..*t
-    };
+    let quick = Target { client: ClientConfig { hello_timeout: RENEW_HELLO_TIMEOUT, ..t.client.clone() }, ..t.clone() };
     let t = &quick;
     let order: Vec<&String> =
         candidates.iter().filter(|c| *c == current).chain(candidates.iter().filter(|c| *c != current)).collect();
@@ -236,6 +286,7 @@ async fn renew(
                     update(&|s| {
                         s.instance_id = instance.to_string();
                         s.session_id = up.session.session_id.clone();
+                        s.live = up.live.clone();
                         s.agent = up.agent.0.software.clone();
                         s.renewing = None;
                         s.new_sessions += 1;

@@ -201,3 +201,29 @@ fn a_new_laptop_address_is_noticed_at_once_and_psql_carries_on() {
     drop(psql);
     lab.stop(&mut daemon, "lab");
 }
+
+#[test]
+fn sessions_rotate_on_schedule_without_breaking_a_download_or_psql() {
+    if !require_root("sessions_rotate_on_schedule_without_breaking_a_download_or_psql") {
+        return;
+    }
+    let lab = Lab::up(&prefix("r"), 8, &[]);
+    // A new session every 3 s, each opened before the old one is let go.
+    let mut daemon = lab.start(&["--rotate-after", "3s"]);
+    let mut psql = Psql::open(&lab);
+    let before = psql.backend_pid(Duration::from_secs(10));
+    // 8 MiB at 1 MiB/s: about 8 s, across two or three rotations; sha256 checked.
+    let speed = lab.fetch_blob_limited(60, "1M");
+    let s = wait_status(&lab, Duration::from_secs(20), |s| s["rotations"].as_u64().unwrap_or(0) >= 3);
+    eprintln!("8 MiB across session rotations every 3 s: {:.2} MB/s; status {s}", speed / 1e6);
+    assert!(s["rotations"].as_u64().unwrap_or(0) >= 3, "{s}");
+    assert_eq!(s["new_sessions"], 0, "no session failed: {s}");
+    assert_eq!(psql.backend_pid(Duration::from_secs(10)), before, "the same backend, so the same connection");
+    let log = lab.log("daemon-lab.log");
+    assert!(log.contains("session rotated"), "{log}");
+    assert!(!log.contains("opening a new session"), "a rotation broke the link:\n{log}");
+    // The service saw the old sessions ended.
+    assert!(lab.log("emulator.log").matches("session ended").count() >= 3, "{}", lab.log("emulator.log"));
+    drop(psql);
+    lab.stop(&mut daemon, "lab");
+}
