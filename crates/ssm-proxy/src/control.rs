@@ -220,6 +220,13 @@ fn human_bytes(b: u64) -> String {
 /// The human-readable status block.
 pub fn render(s: &Status) -> String {
     let up = s.uptime_secs;
+    let sessions = format!(
+        "{} replaced ({} by another instance), {} rotated; candidates {}",
+        s.new_sessions,
+        s.failovers,
+        s.rotations,
+        if s.instances.is_empty() { "-".to_string() } else { s.instances.join(", ") }
+    );
     let rtt = s.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "-".into());
     format!(
         "tunnel {name} (pid {pid}): {state}, up {h}h{m:02}m{sec:02}s\n  \
@@ -259,13 +266,6 @@ pub fn render(s: &Status) -> String {
         dd = s.dropped_device,
         win = if s.window_bytes == 0 { "off (agent without acks)".to_string() } else { human_bytes(s.window_bytes) },
         infl = human_bytes(s.in_flight_bytes),
-        sessions = format!(
-            "{} replaced ({} by another instance), {} rotated; candidates {}",
-            s.new_sessions,
-            s.failovers,
-            s.rotations,
-            if s.instances.is_empty() { "-".to_string() } else { s.instances.join(", ") }
-        ),
         error = match &s.last_error {
             Some(e) => format!("\n  last error {e}"),
             None => String::new(),

@@ -163,7 +163,7 @@ enum Next {
     /// It failed, for this reason: find another.
     Failed(String),
     /// Its replacement is up already.
-    Rotated(Uplink),
+    Rotated(Box<Uplink>),
 }
 
 /// Carry packets over `up`, replacing it whenever it fails (and on schedule,
@@ -204,7 +204,7 @@ pub async fn supervise(
                     Ok(()) => format!("the SSM session to {instance} was terminated"),
                     Err(e) => format!("the SSM session to {instance} ended: {e:#}"),
                 }),
-                new = &mut rotation => Next::Rotated(new),
+                new = &mut rotation => Next::Rotated(Box::new(new)),
             }
         };
         if !session.task.is_finished() {
@@ -224,7 +224,7 @@ pub async fn supervise(
                     s.rotations += 1;
                     s.earlier_reconnects += earlier;
                 });
-                new
+                *new
             }
             Next::Failed(why) => {
                 warn!("{why}; opening a new session");
