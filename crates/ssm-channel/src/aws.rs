@@ -230,6 +230,40 @@ impl SsmApi {
     }
 }
 
+impl SsmApi {
+    /// The managed instances that carry every one of `tags` (KEY, VALUE) and
+    /// whose SSM agent is online, sorted by id: DescribeInstanceInformation
+    /// with `tag:KEY` and `PingStatus` filters, all pages.
+    pub async fn online_instances_tagged(&self, tags: &[(String, String)]) -> Result<Vec<String>, ApiError> {
+        let filter = |key: String, value: &str| {
+            InstanceInformationStringFilter::builder().key(key).values(value).build().map_err(|e| ApiError::Other {
+                action: "DescribeInstanceInformation",
+                detail: e.to_string(),
+                hint: "",
+            })
+        };
+        let mut req = self.client().describe_instance_information().max_results(50);
+        for (k, v) in tags {
+            req = req.filters(filter(format!("tag:{k}"), v)?);
+        }
+        req = req.filters(filter("PingStatus".into(), "Online")?);
+        let mut pages = req.into_paginator().send();
+        let mut ids = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("ssm:DescribeInstanceInformation", String::new(), e))?;
+            for i in page.instance_information_list() {
+                // The filter asked for Online; an answer that is not is not used.
+                if i.ping_status().is_some_and(|p| p.as_str() == "Online") {
+                    ids.extend(i.instance_id().map(str::to_owned));
+                }
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+}
+
 /// Maps an SDK error to a message naming the action and what to do.
 fn classify<E, R>(action: &'static str, on: String, err: SdkError<E, R>) -> ApiError
 where

@@ -45,6 +45,8 @@ struct DescribeRequest {
     filters: Vec<Filter>,
     #[serde(default)]
     instance_information_filter_list: Vec<FilterList>,
+    max_results: Option<i64>,
+    next_token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -171,27 +173,84 @@ fn terminate_session(shared: &Arc<Shared>, req: SessionIdRequest) -> Result<Valu
     Ok(json!({"SessionId": req.session_id}))
 }
 
-fn describe(shared: &Arc<Shared>, req: DescribeRequest) -> Result<Value, ApiError> {
-    let mut wanted: Option<Vec<String>> = None;
-    for f in &req.filters {
-        if f.key == "InstanceIds" {
-            wanted.get_or_insert_with(Vec::new).extend(f.values.iter().cloned());
-        } else if f.key != "PingStatus" {
-            return Err(err("InvalidFilterKey", format!("filter key {} is not emulated", f.key)));
+/// One condition of DescribeInstanceInformation, as the service applies them:
+/// every filter must hold, and within one filter any of its values.
+enum Condition<'a> {
+    Ids(&'a [String]),
+    Ping(&'a [String]),
+    Tag(&'a str, &'a [String]),
+    TagKey(&'a [String]),
+    ResourceType(&'a [String]),
+    Platform(&'a [String]),
+}
+
+impl Condition<'_> {
+    fn holds(&self, id: &str, i: &crate::config::Instance) -> bool {
+        let any = |values: &[String], v: &str| values.iter().any(|x| x == v);
+        match self {
+            Condition::Ids(v) => any(v, id),
+            Condition::Ping(v) => any(v, &i.ping_status),
+            Condition::Tag(key, v) => i.tags.get(*key).is_some_and(|t| any(v, t)),
+            Condition::TagKey(v) => v.iter().any(|k| i.tags.contains_key(k)),
+            Condition::ResourceType(v) => any(v, "EC2Instance"),
+            Condition::Platform(v) => any(v, "Linux"),
         }
+    }
+}
+
+/// Results per page when MaxResults is not given.
+const DEFAULT_PAGE: usize = 50;
+
+fn describe(shared: &Arc<Shared>, req: DescribeRequest) -> Result<Value, ApiError> {
+    let mut conditions = Vec::new();
+    for f in &req.filters {
+        if f.values.is_empty() {
+            return Err(err("InvalidInstanceInformationFilterValue", format!("filter {} has no values", f.key)));
+        }
+        conditions.push(match f.key.as_str() {
+            "InstanceIds" => Condition::Ids(&f.values),
+            "PingStatus" => Condition::Ping(&f.values),
+            "tag-key" => Condition::TagKey(&f.values),
+            "ResourceType" => Condition::ResourceType(&f.values),
+            "PlatformTypes" => Condition::Platform(&f.values),
+            key => match key.strip_prefix("tag:") {
+                Some(k) if !k.is_empty() => Condition::Tag(k, &f.values),
+                _ => return Err(err("InvalidFilterKey", format!("filter key {key} is not valid"))),
+            },
+        });
     }
     for f in &req.instance_information_filter_list {
-        if f.key == "InstanceIds" {
-            wanted.get_or_insert_with(Vec::new).extend(f.value_set.iter().cloned());
-        }
+        conditions.push(match f.key.as_str() {
+            "InstanceIds" => Condition::Ids(&f.value_set),
+            "PingStatus" => Condition::Ping(&f.value_set),
+            "ResourceType" => Condition::ResourceType(&f.value_set),
+            "PlatformTypes" => Condition::Platform(&f.value_set),
+            key => return Err(err("InvalidFilterKey", format!("filter key {key} is not emulated"))),
+        });
     }
-    let ping_filter: Option<&Vec<String>> = req.filters.iter().find(|f| f.key == "PingStatus").map(|f| &f.values);
-    let list: Vec<Value> = shared
-        .config
-        .instances
+    let page = match req.max_results {
+        None => DEFAULT_PAGE,
+        Some(n) if (5..=50).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(err(
+                "ValidationException",
+                format!("1 validation error detected: Value '{n}' at 'maxResults' failed to satisfy constraint: Member must have value between 5 and 50"),
+            ))
+        }
+    };
+    let skip = match &req.next_token {
+        None => 0,
+        Some(t) => t
+            .strip_prefix("emulator-page-")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| err("InvalidNextToken", "The specified token is not valid."))?,
+    };
+    let matching: Vec<(&String, &crate::config::Instance)> =
+        shared.config.instances.iter().filter(|(id, i)| conditions.iter().all(|c| c.holds(id, i))).collect();
+    let list: Vec<Value> = matching
         .iter()
-        .filter(|(id, _)| wanted.as_ref().is_none_or(|w| w.contains(id)))
-        .filter(|(_, i)| ping_filter.is_none_or(|p| p.contains(&i.ping_status)))
+        .skip(skip)
+        .take(page)
         .map(|(id, i)| {
             json!({
                 "InstanceId": id,
@@ -205,5 +264,12 @@ fn describe(shared: &Arc<Shared>, req: DescribeRequest) -> Result<Value, ApiErro
             })
         })
         .collect();
-    Ok(json!({"InstanceInformationList": list}))
+    let mut out = json!({"InstanceInformationList": list});
+    if skip + page < matching.len() {
+        out["NextToken"] = json!(format!("emulator-page-{}", skip + page));
+    }
+    Ok(out)
 }
+
+#[cfg(test)]
+mod tests;

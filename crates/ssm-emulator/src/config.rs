@@ -48,6 +48,8 @@ pub struct Instance {
     pub host: String,
     /// `Online`, `ConnectionLost` or `Inactive`.
     pub ping_status: String,
+    /// The instance's tags, as DescribeInstanceInformation's `tag:KEY` filters see them.
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -86,7 +88,8 @@ impl Default for Config {
 
 impl Config {
     pub fn with_instance(mut self, id: &str, host: &str) -> Self {
-        self.instances.insert(id.to_owned(), Instance { host: host.to_owned(), ping_status: "Online".into() });
+        let instance = Instance { host: host.to_owned(), ping_status: "Online".into(), tags: BTreeMap::new() };
+        self.instances.insert(id.to_owned(), instance);
         self
     }
 }

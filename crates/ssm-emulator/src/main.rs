@@ -25,6 +25,12 @@ struct Args {
     /// An instance: ID=HOST, where HOST stands for the instance's localhost. Repeatable.
     #[arg(long = "instance", value_name = "ID=HOST", required = true)]
     instances: Vec<String>,
+    /// A tag of an instance: ID=KEY=VALUE. Repeatable.
+    #[arg(long = "tag", value_name = "ID=KEY=VALUE")]
+    tags: Vec<String>,
+    /// An instance's PingStatus (default Online): ID=STATUS. Repeatable.
+    #[arg(long = "ping-status", value_name = "ID=STATUS")]
+    ping_statuses: Vec<String>,
     /// Accepted credentials as ACCESS_KEY:SECRET (default: the built-in test pair). Repeatable.
     #[arg(long = "credentials", value_name = "KEY:SECRET")]
     credentials: Vec<String>,
@@ -95,6 +101,23 @@ async fn main() -> anyhow::Result<()> {
     for spec in &args.instances {
         let (id, host) = spec.split_once('=').with_context(|| format!("--instance {spec:?}: expected ID=HOST"))?;
         config = config.with_instance(id, host);
+    }
+    for spec in &args.tags {
+        let parsed = spec.split_once('=').and_then(|(id, kv)| kv.split_once('=').map(|(k, v)| (id, k, v)));
+        let (id, key, value) = parsed.with_context(|| format!("--tag {spec:?}: expected ID=KEY=VALUE"))?;
+        let instance = config.instances.get_mut(id).with_context(|| format!("--tag {spec:?}: no --instance {id}"))?;
+        instance.tags.insert(key.to_owned(), value.to_owned());
+    }
+    for spec in &args.ping_statuses {
+        let (id, status) =
+            spec.split_once('=').with_context(|| format!("--ping-status {spec:?}: expected ID=STATUS"))?;
+        anyhow::ensure!(
+            ["Online", "ConnectionLost", "Inactive"].contains(&status),
+            "--ping-status {spec:?}: STATUS is Online, ConnectionLost or Inactive"
+        );
+        let instance =
+            config.instances.get_mut(id).with_context(|| format!("--ping-status {spec:?}: no --instance {id}"))?;
+        instance.ping_status = status.to_owned();
     }
     if !args.credentials.is_empty() {
         config.credentials.clear();

@@ -85,6 +85,17 @@ pub struct Shared {
     next_conn: AtomicU64,
 }
 
+impl Shared {
+    pub fn new(config: Config) -> Shared {
+        Shared {
+            config,
+            sessions: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+}
+
 /// A running emulator.
 #[derive(Debug)]
 pub struct Emulator {
@@ -98,12 +109,7 @@ impl Emulator {
     pub async fn start(config: Config, addr: SocketAddr) -> std::io::Result<Emulator> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared {
-            config,
-            sessions: Mutex::new(HashMap::new()),
-            counters: Counters::default(),
-            next_conn: AtomicU64::new(1),
-        });
+        let shared = Arc::new(Shared::new(config));
         let s = shared.clone();
         let task = tokio::spawn(async move {
             loop {

@@ -5,12 +5,14 @@
 //! ```toml
 //! [tunnel.prod]
 //! instance_id = "i-0abc123def4567890"
+//! # or instance_ids = ["i-...", "i-..."], and/or instance_tags = { Role = "ssm-proxy" }
 //! region = "eu-west-1"            # optional
 //! profile = "prod"                # optional
 //! cidrs = ["10.0.0.0/16"]
 //! dns_domains = ["corp.internal"] # optional
 //! dns_auto = true                 # optional
 //! agent_port = 7301               # optional
+//! rotate_after = "55m"            # optional
 //! ```
 
 use std::collections::BTreeMap;
@@ -33,7 +35,12 @@ struct File {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
-    instance_id: String,
+    instance_id: Option<String>,
+    #[serde(default)]
+    instance_ids: Vec<String>,
+    #[serde(default)]
+    instance_tags: BTreeMap<String, String>,
+    rotate_after: Option<String>,
     region: Option<String>,
     profile: Option<String>,
     cidrs: Vec<IpNet>,
@@ -48,7 +55,10 @@ struct Raw {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tunnel {
     pub name: String,
-    pub instance_id: String,
+    /// `instance_id`, then `instance_ids`, each once.
+    pub instance_ids: Vec<String>,
+    pub instance_tags: Vec<(String, String)>,
+    pub rotate_after: Option<std::time::Duration>,
     pub region: Option<String>,
     pub profile: Option<String>,
     pub cidrs: Vec<IpNet>,
@@ -135,7 +145,25 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Vec<Tunnel>> {
         if !routing::valid_name(&name) {
             return Err(fail("the name must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'".into()));
         }
-        let instance_id = parse_instance_id(&raw.instance_id).map_err(|e| fail(format!("instance_id: {e}")))?;
+        let mut instance_ids: Vec<String> = Vec::new();
+        for id in raw.instance_id.iter().chain(raw.instance_ids.iter()) {
+            let id = parse_instance_id(id).map_err(|e| fail(format!("instance_id(s): {e}")))?;
+            if !instance_ids.contains(&id) {
+                instance_ids.push(id);
+            }
+        }
+        let mut instance_tags = Vec::new();
+        for (k, v) in &raw.instance_tags {
+            let tag = crate::start::parse_tag(&format!("{k}={v}")).map_err(|e| fail(format!("instance_tags: {e}")))?;
+            instance_tags.push(tag);
+        }
+        if instance_ids.is_empty() && instance_tags.is_empty() {
+            return Err(fail("say which instance: instance_id, instance_ids or instance_tags".into()));
+        }
+        let rotate_after = match &raw.rotate_after {
+            Some(r) => Some(crate::start::parse_period(r).map_err(|e| fail(format!("rotate_after: {e}")))?),
+            None => None,
+        };
         if raw.cidrs.is_empty() {
             return Err(fail("cidrs: at least one range is needed".into()));
         }
@@ -148,7 +176,9 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Vec<Tunnel>> {
         }
         out.push(Tunnel {
             name,
-            instance_id,
+            instance_ids,
+            instance_tags,
+            rotate_after,
             region: raw.region,
             profile: raw.profile,
             cidrs: raw.cidrs,

@@ -43,6 +43,8 @@ enum Command {
   region = \"eu-west-1\"              # optional, like profile
   cidrs = [\"10.0.0.0/16\"]
   dns_domains = [\"corp.internal\"]   # optional; also dns_auto = true, agent_port = 7301
+  # instead of instance_id: instance_ids = [...] and/or instance_tags = { Role = \"ssm-proxy\" }
+  # rotate_after = \"55m\"            # optional: replace the session before the account's limit
 
 Then: sudo ssm-proxy start prod")]
     List,
@@ -136,7 +138,12 @@ fn list() -> anyhow::Result<()> {
             [
                 t.name.clone(),
                 if running.contains(&t.name) { "running".into() } else { "stopped".into() },
-                t.instance_id.clone(),
+                t.instance_ids
+                    .iter()
+                    .cloned()
+                    .chain(t.instance_tags.iter().map(|(k, v)| format!("tag {k}={v}")))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 t.cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
                 t.source.clone(),
             ]

@@ -24,7 +24,7 @@ use crate::config;
 use crate::control::{self, Counter, Status};
 use crate::dns;
 use crate::ssm::{parse_instance_id, shutdown_signal};
-use crate::uplink::{connect_first, supervise, LinkState, Target};
+use crate::uplink::{connect_first, supervise, Candidates, LinkState, Target};
 
 /// The ec2-agent's default loopback port on the instance.
 pub const DEFAULT_AGENT_PORT: u16 = 7301;
@@ -55,6 +55,12 @@ pub struct StartArgs {
     /// stops answering the tunnel moves to the next.
     #[arg(long = "instance-id", value_name = "ID", value_parser = parse_instance_id)]
     instance_ids: Vec<String>,
+    /// Use the managed instances with this tag whose SSM agent is online
+    /// (repeatable: all tags must match), after any --instance-id. They are
+    /// looked up again whenever a new session is needed, so a replaced
+    /// instance (an Auto Scaling group's, say) is found.
+    #[arg(long = "instance-tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    instance_tags: Vec<(String, String)>,
     /// A destination range to route through the tunnel (repeatable).
     #[arg(long = "cidr", value_name = "CIDR")]
     cidrs: Vec<IpNet>,
@@ -100,8 +106,15 @@ pub struct StartArgs {
     dns_auto: bool,
 }
 
+pub fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE (say --instance-tag Role=ssm-proxy)")),
+    }
+}
+
 /// "55m", "1h 30m", "90s"; at least a second.
-fn parse_period(s: &str) -> Result<Duration, String> {
+pub fn parse_period(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (say 55m, 1h30m or 90s)"))?;
     if d < Duration::from_secs(1) {
         return Err("at least 1s".into());
@@ -137,9 +150,11 @@ impl StartArgs {
 pub fn resolve(mut args: StartArgs) -> anyhow::Result<StartArgs> {
     if let Some(name) = args.tunnel.clone() {
         let t = config::find(&config::default_paths(), &name)?;
-        if args.instance_ids.is_empty() {
-            args.instance_ids = vec![t.instance_id];
+        if args.instance_ids.is_empty() && args.instance_tags.is_empty() {
+            args.instance_ids = t.instance_ids;
+            args.instance_tags = t.instance_tags;
         }
+        args.rotate_after = args.rotate_after.or(t.rotate_after);
         if args.cidrs.is_empty() {
             args.cidrs = t.cidrs;
         }
@@ -160,8 +175,11 @@ pub fn resolve(mut args: StartArgs) -> anyhow::Result<StartArgs> {
             true
         }
     });
-    if args.instance_ids.is_empty() {
-        bail!("say which instance: --instance-id i-..., or the NAME of a tunnel in the config file (`ssm-proxy list`)");
+    if args.instance_ids.is_empty() && args.instance_tags.is_empty() {
+        bail!(
+            "say which instance: --instance-id i-..., --instance-tag KEY=VALUE, \
+             or the NAME of a tunnel in the config file (`ssm-proxy list`)"
+        );
     }
     if args.cidrs.is_empty() {
         bail!("say what to route: at least one --cidr (or cidrs = [...] in the config file)");
@@ -344,7 +362,12 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     let trust = Trust::from_env()?;
     let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
     let domains = dns::plan(&args.dns_domains, args.dns_auto, api.region(), &endpoint_overrides())?;
-    eprintln!("Starting a session with {} in {}...", args.instance_ids.join(" or "), api.region());
+    let candidates = Candidates { ids: args.instance_ids.clone(), tags: args.instance_tags.clone() };
+    let instances = candidates.resolve(&api).await?;
+    if !candidates.tags.is_empty() {
+        eprintln!("Instances tagged {}: {}", candidates.tags_text(), instances.join(", "));
+    }
+    eprintln!("Starting a session with {} in {}...", instances.join(" or "), api.region());
     // Network changes are watched once our own routes are in place.
     let (net_tx, net_rx) = tokio::sync::watch::channel(0u64);
     // One client id for the tunnel's life: the agent knows us by it after a new session.
@@ -362,7 +385,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         rotate_after: args.rotate_after,
         network_changed: net_rx,
     };
-    let up = connect_first(&target, &args.instance_ids).await?;
+    let up = connect_first(&target, &instances).await?;
     let agent = up.agent.0.clone();
     let session_id = up.session.session_id.clone();
     let stream_url = up.session.stream_url.clone();
@@ -380,6 +403,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         session_id: session_id.clone(),
         agent: agent.software.clone(),
         live: up.live.clone(),
+        candidates: instances,
         ..LinkState::default()
     }));
 
@@ -437,7 +461,6 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         let base = Status {
             name: args.name().to_string(),
             pid: std::process::id(),
-            instances: args.instance_ids.clone(),
             region: api.region().to_string(),
             cidrs: cidrs.iter().map(ToString::to_string).collect(),
             interface: device.name().to_string(),
@@ -458,6 +481,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
                 },
                 last_error: ls.renewing.as_ref().map(|(_, e)| e.clone()),
                 instance_id: ls.instance_id.clone(),
+                instances: ls.candidates.clone(),
                 session_id: ls.session_id.clone(),
                 agent: ls.agent.clone(),
                 new_sessions: ls.new_sessions,
@@ -507,7 +531,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         }
         let _ = stop_tx.send(true);
     });
-    let last = supervise(&target, &args.instance_ids, up, device.clone(), handle.clone(), link_state, stop_rx).await;
+    let last = supervise(&target, &candidates, up, device.clone(), handle.clone(), link_state, stop_rx).await;
     // Teardown, in order: control socket, DNS, routes, device, session.
     control_task.abort();
     let _ = std::fs::remove_file(&sock_path);

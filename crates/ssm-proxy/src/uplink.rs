@@ -34,6 +34,39 @@ const RENEW_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait between rounds of attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Which instances may carry the tunnel: these ids, in order, then the online
+/// managed instances that carry all of these tags (looked up again before
+/// every round of new sessions, so replaced instances are found).
+#[derive(Debug, Clone, Default)]
+pub struct Candidates {
+    pub ids: Vec<String>,
+    pub tags: Vec<(String, String)>,
+}
+
+impl Candidates {
+    pub fn tags_text(&self) -> String {
+        self.tags.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The instances to try, in order.
+    pub async fn resolve(&self, api: &SsmApi) -> anyhow::Result<Vec<String>> {
+        let mut out = self.ids.clone();
+        if !self.tags.is_empty() {
+            let found = api.online_instances_tagged(&self.tags).await?;
+            out.extend(found.into_iter().filter(|i| !self.ids.contains(i)));
+        }
+        if out.is_empty() {
+            anyhow::bail!(
+                "no managed instance in {} carries the tags {} with its SSM agent online \
+                 (DescribeInstanceInformation, PingStatus Online)",
+                api.region(),
+                self.tags_text()
+            );
+        }
+        Ok(out)
+    }
+}
+
 /// One working link: the session and the stream through it, HELLOs exchanged.
 pub struct Uplink {
     pub instance: String,
@@ -64,6 +97,8 @@ pub struct Target<'a> {
 pub struct LinkState {
     /// The current session's counters.
     pub live: Arc<Mutex<Live>>,
+    /// The instances that may carry the tunnel, as last looked up.
+    pub candidates: Vec<String>,
     pub instance_id: String,
     pub session_id: String,
     pub agent: String,
@@ -171,7 +206,7 @@ enum Next {
 /// close then (`None`: stopped between sessions).
 pub async fn supervise(
     t: &Target<'_>,
-    candidates: &[String],
+    candidates: &Candidates,
     mut up: Uplink,
     device: Arc<TunDevice>,
     handle: Arc<ClientHandle>,
@@ -257,7 +292,7 @@ async fn rotate(t: &Target<'_>, instance: &str) -> Uplink {
 /// exponential backoff and jitter between rounds; `None` once `stop` is true.
 async fn renew(
     t: &Target<'_>,
-    candidates: &[String],
+    candidates: &Candidates,
     current: &str,
     why: String,
     state: &Mutex<LinkState>,
@@ -266,10 +301,27 @@ async fn renew(
     let update = |f: &dyn Fn(&mut LinkState)| f(&mut state.lock().unwrap_or_else(|p| p.into_inner()));
     let quick = Target { client: ClientConfig { hello_timeout: RENEW_HELLO_TIMEOUT, ..t.client.clone() }, ..t.clone() };
     let t = &quick;
-    let order: Vec<&String> =
-        candidates.iter().filter(|c| *c == current).chain(candidates.iter().filter(|c| *c != current)).collect();
     let mut last_error = why;
     for attempt in 1u32.. {
+        let mut list = state.lock().map(|s| s.candidates.clone()).unwrap_or_default();
+        if !candidates.tags.is_empty() {
+            match candidates.resolve(t.api).await {
+                Ok(found) => {
+                    if found != list {
+                        info!(instances = ?found, tags = %candidates.tags_text(), "candidate instances");
+                    }
+                    update(&|s| s.candidates = found.clone());
+                    list = found;
+                }
+                Err(e) => {
+                    warn!("{e:#}; trying the instances known before");
+                    last_error = format!("{e:#}");
+                }
+            }
+        }
+        // The current instance first: its agent holds our flows.
+        let order: Vec<&String> =
+            list.iter().filter(|c| *c == current).chain(list.iter().filter(|c| *c != current)).collect();
         for instance in &order {
             update(&|s| s.renewing = Some((attempt, last_error.clone())));
             let result = tokio::select! {

@@ -227,3 +227,36 @@ fn sessions_rotate_on_schedule_without_breaking_a_download_or_psql() {
     drop(psql);
     lab.stop(&mut daemon, "lab");
 }
+
+#[test]
+fn instances_found_by_tag_carry_the_tunnel_and_take_over_from_each_other() {
+    if !require_root("instances_found_by_tag_carry_the_tunnel_and_take_over_from_each_other") {
+        return;
+    }
+    let (first, second) = ("i-0123456789abcdef0", "i-0fedcba9876543210");
+    let tags = format!("--tag {first}=Role=ssm-proxy --tag {second}=Role=ssm-proxy --tag {first}=Env=lab");
+    let lab = Lab::up(&prefix("g"), 1, &[("SECOND_INSTANCE", "1"), ("EMULATOR_ARGS", &tags)]);
+
+    // A tag nobody carries: a clear refusal before anything is set up.
+    let none = lab.ssm_proxy(&["start", "--instance-tag", "Role=web", "--name", "lab", "--cidr", "10.10.0.0/16"]);
+    assert!(!none.status.success());
+    let said = text(&none);
+    assert!(said.contains("no managed instance") && said.contains("Role=web"), "{said}");
+
+    let args = ["start", "--instance-tag", "Role=ssm-proxy", "--name", "lab", "--cidr", "10.10.0.0/16"];
+    let mut daemon = lab.start_with("lab", &args, &[]);
+    let s = tunnel_status(&lab);
+    assert_eq!(s["instances"], serde_json::json!([first, second]), "{s}");
+    assert_eq!(s["instance_id"], first, "{s}");
+    let get = || lab.laptop_out("curl", &["-sS", "-m", "2", "-o", "/dev/null", "http://10.10.0.2:8080/"]);
+    ok(get(), "curl through the first instance");
+
+    // The first instance's agent dies: the tunnel moves to the other tagged one.
+    let pid = lab.log("agent.pid");
+    ok(Command::new("kill").args(["-9", pid.trim()]).output().expect("kill"), "kill the first agent");
+    let s = wait_status(&lab, Duration::from_secs(30), |s| s["instance_id"] == second && s["state"] == "connected");
+    assert_eq!(s["instance_id"], second, "{s}");
+    assert_eq!(s["failovers"], 1, "{s}");
+    ok(get(), "curl through the second instance");
+    lab.stop(&mut daemon, "lab");
+}

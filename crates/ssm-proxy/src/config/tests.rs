@@ -19,6 +19,13 @@ agent_port = 7302
 [tunnel.staging]
 instance_id = "mi-0123456789abcdef0"
 cidrs = ["172.20.0.0/16"]
+
+[tunnel.fleet]
+instance_id = "i-0abc123def4567890"
+instance_ids = ["i-0abc123def4567891", "i-0abc123def4567890"]
+instance_tags = { Role = "ssm-proxy", Env = "prod" }
+cidrs = ["10.8.0.0/16"]
+rotate_after = "55m"
 "#;
 
 #[test]
@@ -26,15 +33,21 @@ fn a_good_file_gives_validated_tunnels() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = write(dir.path(), "config.toml", GOOD);
     let all = load(std::slice::from_ref(&p)).expect("load");
-    assert_eq!(all.len(), 2);
+    assert_eq!(all.len(), 3);
     let prod = find(std::slice::from_ref(&p), "prod").expect("prod");
-    assert_eq!(prod.instance_id, "i-0abc123def4567890");
+    assert_eq!(prod.instance_ids, ["i-0abc123def4567890"]);
+    assert_eq!((prod.instance_tags.len(), prod.rotate_after), (0, None));
     assert_eq!(prod.region.as_deref(), Some("eu-west-1"));
     assert_eq!(prod.cidrs.len(), 2);
     assert_eq!(prod.dns_domains, vec![Domain::parse("corp.internal").expect("domain")]);
     assert!(prod.dns_auto);
     assert_eq!(prod.agent_port, Some(7302));
     assert!(prod.source.ends_with("config.toml line 2"), "{}", prod.source);
+    let fleet = find(std::slice::from_ref(&p), "fleet").expect("fleet");
+    // instance_id first, then instance_ids, each once; tags sorted by key.
+    assert_eq!(fleet.instance_ids, ["i-0abc123def4567890", "i-0abc123def4567891"]);
+    assert_eq!(fleet.instance_tags, [("Env".into(), "prod".into()), ("Role".into(), "ssm-proxy".into())]);
+    assert_eq!(fleet.rotate_after, Some(std::time::Duration::from_secs(55 * 60)));
     let staging = find(&[p], "staging").expect("staging");
     assert_eq!((staging.region, staging.agent_port, staging.dns_auto), (None, None, false));
 }
@@ -44,9 +57,9 @@ fn missing_files_are_skipped_and_an_unknown_name_lists_the_known_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = write(dir.path(), "config.toml", GOOD);
     let none = dir.path().join("absent.toml");
-    assert_eq!(load(&[none.clone(), p.clone()]).expect("load").len(), 2);
+    assert_eq!(load(&[none.clone(), p.clone()]).expect("load").len(), 3);
     let e = find(&[none.clone(), p], "qa").expect_err("unknown").to_string();
-    assert!(e.contains("no tunnel named \"qa\"") && e.contains("prod, staging"), "{e}");
+    assert!(e.contains("no tunnel named \"qa\"") && e.contains("fleet, prod, staging"), "{e}");
     let e = find(&[none], "qa").expect_err("nothing").to_string();
     assert!(e.contains("no tunnels are defined"), "{e}");
 }
@@ -60,7 +73,12 @@ fn errors_name_the_file_the_line_and_the_problem() {
             &["line 4", "unknown field `regoin`"],
         ),
         ("[tunnel.prod]\ninstance_id = \"i-0abc123def4567890\"\ncidrs = [\"10.0.0.0/33\"]\n", &["line 3"]),
-        ("[tunnel.prod]\ncidrs = [\"10.0.0.0/16\"]\n", &["missing field `instance_id`"]),
+        ("[tunnel.prod]\ncidrs = [\"10.0.0.0/16\"]\n", &["line 1", "say which instance"]),
+        ("[tunnel.prod]\ninstance_tags = { Role = \"\" }\ncidrs = [\"10.0.0.0/16\"]\n", &["instance_tags", "KEY=VALUE"]),
+        (
+            "[tunnel.prod]\ninstance_id = \"i-0abc123def4567890\"\ncidrs = [\"10.0.0.0/16\"]\nrotate_after = \"soon\"\n",
+            &["rotate_after", "55m"],
+        ),
         ("\n[tunnel.prod]\ninstance_id = \"i-xyz\"\ncidrs = [\"10.0.0.0/16\"]\n", &["line 2", "[tunnel.prod]", "instance_id"]),
         ("[tunnel.prod]\ninstance_id = \"i-0abc123def4567890\"\ncidrs = []\n", &["line 1", "at least one range"]),
         (
