@@ -2,7 +2,7 @@
 # machine themselves (as root).
 CARGO ?= cargo
 
-.PHONY: build test test-only demo demo-forward lint fmt check-macos fuzz bench bench-tunnel clean
+.PHONY: build test test-only demo demo-forward lint fmt check-macos fuzz bench bench-tunnel dist clean
 
 build:
 	$(CARGO) build --workspace --locked
@@ -48,5 +48,10 @@ bench-tunnel:
 	$(CARGO) build --release --locked --bins
 	python3 scripts/bench_tunnel.py
 
+# Static release binaries for x86_64 and aarch64 Linux in dist/, with SHA256SUMS.
+dist:
+	bash scripts/dist.sh
+
 clean:
 	$(CARGO) clean
+	rm -rf dist

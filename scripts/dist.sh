@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Release binaries in dist/: ssm-proxy and ec2-agent, statically linked (musl),
+# for x86_64 and aarch64 Linux, one tar.gz per target, and SHA256SUMS.
+# zig (through cargo-zigbuild) is the C compiler and linker for every target,
+# so nothing else is needed for the cross build (ring has C parts).
+#
+# macOS binaries are not built here: a Linux machine has no macOS SDK to link
+# the Security and CoreFoundation frameworks against. release.yml builds them
+# on a macOS runner; `make check-macos` type-checks them here.
+#
+# Env: DIST_TARGETS (default both musl targets), DIST_DIR (default dist), ZIGENV.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TARGETS=${DIST_TARGETS:-"x86_64-unknown-linux-musl aarch64-unknown-linux-musl"}
+OUT=${DIST_DIR:-dist}
+ZIGENV=${ZIGENV:-/opt/ssm-proxy-zigbuild}
+if [ ! -x "$ZIGENV/bin/cargo-zigbuild" ]; then
+  echo "dist: installing zig and cargo-zigbuild into $ZIGENV" >&2
+  python3 -m venv "$ZIGENV"
+  "$ZIGENV/bin/pip" install -q ziglang==0.17.1 cargo-zigbuild==0.24.0
+fi
+export PATH="$PATH:$ZIGENV/bin"
+command -v rustup >/dev/null || { echo "dist: needs rustup (for the musl standard libraries)" >&2; exit 1; }
+version=$(cargo metadata --no-deps --format-version 1 --locked |
+  python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "ssm-proxy"))')
+mkdir -p "$OUT"
+for t in $TARGETS; do
+  echo "dist: $t" >&2
+  rustup target add "$t" >/dev/null
+  cargo-zigbuild build --release --locked --target "$t" -p ssm-proxy -p ec2-agent
+  bin="target/$t/release"
+  for b in ssm-proxy ec2-agent; do
+    # Static, or it is not the binary we promise.
+    if ! file "$bin/$b" | grep -q "static"; then
+      echo "dist: $bin/$b is not statically linked: $(file -b "$bin/$b")" >&2
+      exit 1
+    fi
+  done
+  tar -czf "$OUT/ssm-proxy-$version-$t.tar.gz" -C "$bin" ssm-proxy ec2-agent -C "$PWD" LICENSE README.md \
+    packaging/ec2-agent.service
+  ls -l "$bin/ssm-proxy" "$bin/ec2-agent" | awk '{printf "dist:   %s %.1f MiB\n", $NF, $5 / 1048576}' >&2
+done
+# The one this machine can run, run.
+host="$(uname -m)-unknown-linux-musl"
+if [[ " $TARGETS " == *" $host "* ]]; then
+  "target/$host/release/ssm-proxy" --version
+  "target/$host/release/ec2-agent" --version
+fi
+(cd "$OUT" && sha256sum ./*.tar.gz | sed 's| \./| |' > SHA256SUMS && cat SHA256SUMS)
