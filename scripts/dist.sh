@@ -19,7 +19,8 @@ if [ ! -x "$ZIGENV/bin/cargo-zigbuild" ]; then
   python3 -m venv "$ZIGENV"
   "$ZIGENV/bin/pip" install -q ziglang==0.17.1 cargo-zigbuild==0.24.0
 fi
-export PATH="$PATH:$ZIGENV/bin"
+# The venv first: cargo-zigbuild finds zig through its python (ziglang).
+export PATH="$ZIGENV/bin:$PATH"
 command -v rustup >/dev/null || { echo "dist: needs rustup (for the musl standard libraries)" >&2; exit 1; }
 version=$(cargo metadata --no-deps --format-version 1 --locked |
   python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "ssm-proxy"))')
