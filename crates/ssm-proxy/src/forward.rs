@@ -62,13 +62,17 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         None => format!("{}:{}", args.instance_id, args.remote_port),
     };
     eprintln!("Starting session with {} in {}...", args.instance_id, api.region());
+    // A new network or a wake from sleep: check the websocket at once (forward
+    // adds no device or routes of its own, so every change counts).
+    let (net_tx, net_rx) = tokio::sync::watch::channel(0u64);
+    crate::netwatch::spawn(net_tx, 0);
     let mut session = open_port_session(
         &api,
         &args.instance_id,
         args.remote_port,
         args.remote_host.as_deref(),
         &trust,
-        PortConfig::default(),
+        PortConfig { network_changed: Some(net_rx), ..PortConfig::default() },
         64,
         Box::pin(shutdown_signal()),
     )
