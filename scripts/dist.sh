@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGETS=${DIST_TARGETS:-"x86_64-unknown-linux-musl aarch64-unknown-linux-musl"}
 OUT=${DIST_DIR:-dist}
-ZIGENV=${ZIGENV:-/opt/ssm-proxy-zigbuild}
+# The same zig as check-macos.sh when root; a user cache otherwise (CI runners).
+if [ "$(id -u)" = 0 ]; then ZIGENV=${ZIGENV:-/opt/ssm-proxy-zigbuild}; else ZIGENV=${ZIGENV:-$HOME/.cache/ssm-proxy-zigbuild}; fi
 if [ ! -x "$ZIGENV/bin/cargo-zigbuild" ]; then
   echo "dist: installing zig and cargo-zigbuild into $ZIGENV" >&2
   python3 -m venv "$ZIGENV"
