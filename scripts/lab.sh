@@ -24,6 +24,7 @@ LAB=${LAB:-lab}
 DIR=/tmp/ssm-proxy-$LAB
 INSTANCE=i-0123456789abcdef0
 INSTANCE2=i-0fedcba9876543210
+VPC=vpc-0a1b2c3d4e5f60718
 ns() { echo "$LAB-$1"; }
 in_ns() { local n; n=$(ns "$1"); shift; ip netns exec "$n" "$@"; }
 # spawn NS LOG CMD...: a daemon in NS, detached from our stdio (callers may be
@@ -110,7 +111,7 @@ up() {
   sha256sum "$DIR/www/blob" | cut -d' ' -f1 > "$DIR/blob.sha256"
   spawn vpc "$DIR/http.log" python3 -m http.server 8080 --bind 0.0.0.0 --directory "$DIR/www"
   in_ns vpc dnsmasq --no-resolv --no-hosts --bind-interfaces --listen-address=10.10.0.2 \
-    --address=/db.corp.internal/10.10.0.2 --log-queries --pid-file="$DIR/dnsmasq.pid" --log-facility="$DIR/dnsmasq.log" </dev/null >/dev/null 2>&1
+    --address=/db.corp.internal/10.10.0.2 --address=/db.private.lab/10.10.0.2 --log-queries --pid-file="$DIR/dnsmasq.pid" --log-facility="$DIR/dnsmasq.log" </dev/null >/dev/null 2>&1
   local pgbin; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
   mkdir -p "$DIR/pg" && chown postgres "$DIR/pg"
   runuser -u postgres -- "$pgbin/initdb" -A trust -U postgres -D "$DIR/pg/data" >"$DIR/initdb.log" 2>&1
@@ -125,7 +126,9 @@ up() {
   mkdir -p "/etc/netns/$(ns instance)"
   echo "nameserver 10.10.0.2" > "/etc/netns/$(ns instance)/resolv.conf"
 
-  # aws: the emulator. instance: the ec2-agent as nobody.
+  # aws: the emulator. instance: the ec2-agent as nobody. The instance's VPC
+  # ($VPC, told to the agent as IMDS would) has the Route 53 private zone
+  # private.lab, which the vpc's DNS server serves.
   local second=()
   if [ -n "${SECOND_INSTANCE:-}" ]; then
     in_ns instance ip addr add 192.168.101.3/24 dev "$LAB-i0"
@@ -133,13 +136,14 @@ up() {
   fi
   # shellcheck disable=SC2086
   spawn aws "$DIR/emulator.log" "$bin/ssm-emulator" --listen 192.168.102.2:4566 \
-    --instance "$INSTANCE=192.168.101.2" "${second[@]}" --profile "${PROFILE:-fast}" ${EMULATOR_ARGS:-}
+    --instance "$INSTANCE=192.168.101.2" "${second[@]}" --profile "${PROFILE:-fast}" \
+    --hosted-zone "$VPC=private.lab" ${EMULATOR_ARGS:-}
   spawn instance "$DIR/agent.log" setpriv --reuid=nobody --regid=nogroup --clear-groups \
-    "$bin/ec2-agent" --listen 192.168.101.2:7301
+    "$bin/ec2-agent" --listen 192.168.101.2:7301 --vpc "$VPC us-east-1"
   echo $! > "$DIR/agent.pid"
   if [ -n "${SECOND_INSTANCE:-}" ]; then
     spawn instance "$DIR/agent2.log" setpriv --reuid=nobody --regid=nogroup --clear-groups \
-      "$bin/ec2-agent" --listen 192.168.101.3:7301
+      "$bin/ec2-agent" --listen 192.168.101.3:7301 --vpc "$VPC us-east-1"
     echo $! > "$DIR/agent2.pid"
     wait_port instance 192.168.101.3 7301
   fi

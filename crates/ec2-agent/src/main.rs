@@ -3,6 +3,7 @@
 //! TCP, UDP and ICMP flows in userspace and opens ordinary sockets to their
 //! destinations. No root, no ip_forward, no firewall changes.
 
+mod imds;
 mod packet;
 mod policy;
 mod session;
@@ -70,9 +71,23 @@ struct Args {
     /// for the same client to pick up through a new session (0: do not).
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     grace: u64,
+    /// The instance's VPC and region as "VPC_ID REGION", told to clients for
+    /// --dns-auto (default: asked of the instance metadata service at start).
+    #[arg(long, value_name = "\"VPC_ID REGION\"", value_parser = parse_vpc)]
+    vpc: Option<(String, String)>,
+    /// Do not ask the instance metadata service for the VPC (outside EC2).
+    #[arg(long, conflicts_with = "vpc")]
+    no_imds: bool,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+fn parse_vpc(s: &str) -> Result<(String, String), String> {
+    match s.split_once(' ') {
+        Some((v, r)) if v.starts_with("vpc-") && !r.trim().is_empty() => Ok((v.to_owned(), r.trim().to_owned())),
+        _ => Err(format!("{s:?} is not \"VPC_ID REGION\" (say \"vpc-0abc123 eu-west-1\")")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -104,7 +119,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !args.listen.ip().is_loopback() {
         warn!(listen = %args.listen, "listening beyond loopback: anyone who can reach this port can use the tunnel");
     }
+    let vpc = match (args.vpc, args.no_imds) {
+        (Some(v), _) => Some(v),
+        (None, true) => None,
+        (None, false) => match imds::vpc(imds::DEFAULT_ADDR).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                info!("no VPC id from the instance metadata service ({e}); clients' --dns-auto will not find Route 53 private zones");
+                None
+            }
+        },
+    };
+    if let Some((id, region)) = &vpc {
+        info!(vpc = %id, %region, "instance VPC");
+    }
     let config = Arc::new(AgentConfig {
+        vpc,
         policy: Policy::new(&args.allow, &args.deny, args.only),
         mtu: args.mtu.max(1280),
         udp_idle: Duration::from_secs(args.udp_idle.max(1)),

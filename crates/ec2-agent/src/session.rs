@@ -31,6 +31,8 @@ pub struct AgentConfig {
     pub resolvers: Vec<IpAddr>,
     /// How long a client's flows outlive its lost connection (zero: not at all).
     pub grace: Duration,
+    /// The instance's VPC id and region, told to clients in HELLO.
+    pub vpc: Option<(String, String)>,
 }
 
 /// Set once: the first refused ping socket is explained in the log, later ones not.
@@ -116,6 +118,7 @@ pub async fn serve(
         software: format!("ec2-agent {}", env!("CARGO_PKG_VERSION")),
         resolvers: config.resolvers.clone(),
         dns: Vec::new(),
+        vpc: config.vpc.clone(),
     };
     link::write_frame(&mut writer, &Frame::Hello(reply)).await?;
     let id = hello.client_id;

@@ -98,6 +98,7 @@ where
         software: config.software.clone(),
         resolvers: Vec::new(),
         dns: config.dns.as_ref().map(|d| d.addresses().to_vec()).unwrap_or_default(),
+        vpc: None,
     };
     let exchange = async {
         link::write_frame(writer, &Frame::Hello(hello)).await.map_err(|e| HandshakeError::Protocol(e.to_string()))?;

@@ -48,6 +48,9 @@ pub mod tlv {
     /// An address inside the tunnel where the client sends DNS queries that the
     /// agent should pass to its resolver (4 or 16 bytes); repeatable, client only.
     pub const DNS_ADDRESS: u8 = 3;
+    /// The instance's VPC and region, UTF-8 `vpc-0abc... eu-west-1`; agent only
+    /// (the client looks up the VPC's Route 53 private zones with it).
+    pub const VPC: u8 = 4;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +66,8 @@ pub struct Hello {
     pub resolvers: Vec<std::net::IpAddr>,
     /// Where the client sends tunnel DNS queries ([`tlv::DNS_ADDRESS`]).
     pub dns: Vec<std::net::IpAddr>,
+    /// The instance's VPC id and region ([`tlv::VPC`]), when the agent knows them.
+    pub vpc: Option<(String, String)>,
 }
 
 /// Why a side says GOODBYE.
@@ -165,6 +170,13 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
                 body.put_u8(s.len() as u8);
                 body.put_slice(s);
             }
+            if let Some((vpc, region)) = &h.vpc {
+                let v = format!("{vpc} {region}");
+                let v = &v.as_bytes()[..v.len().min(255)];
+                body.put_u8(tlv::VPC);
+                body.put_u8(v.len() as u8);
+                body.put_slice(v);
+            }
             let addrs =
                 h.resolvers.iter().map(|a| (tlv::RESOLVER, a)).chain(h.dns.iter().map(|a| (tlv::DNS_ADDRESS, a)));
             for (t, r) in addrs {
@@ -214,8 +226,17 @@ fn decode_hello(mut b: &[u8]) -> Result<Hello, WireError> {
     let mtu = b.get_u16();
     let mut client_id = [0u8; 16];
     b.copy_to_slice(&mut client_id);
-    let mut hello =
-        Hello { version, role, caps, mtu, client_id, software: String::new(), resolvers: Vec::new(), dns: Vec::new() };
+    let mut hello = Hello {
+        version,
+        role,
+        caps,
+        mtu,
+        client_id,
+        software: String::new(),
+        resolvers: Vec::new(),
+        dns: Vec::new(),
+        vpc: None,
+    };
     while !b.is_empty() {
         if b.len() < 2 {
             return Err(WireError::BadHello("truncated option"));
@@ -228,6 +249,15 @@ fn decode_hello(mut b: &[u8]) -> Result<Hello, WireError> {
         let v = &b[..l];
         match t {
             tlv::SOFTWARE => hello.software = String::from_utf8_lossy(v).into_owned(),
+            tlv::VPC => {
+                let text = String::from_utf8_lossy(v);
+                match text.split_once(' ') {
+                    Some((vpc, region)) if !vpc.is_empty() && !region.is_empty() => {
+                        hello.vpc = Some((vpc.to_owned(), region.to_owned()));
+                    }
+                    _ => return Err(WireError::BadHello("VPC option is not \"VPC REGION\"")),
+                }
+            }
             tlv::RESOLVER | tlv::DNS_ADDRESS => {
                 let addr: std::net::IpAddr = match l {
                     4 => std::net::Ipv4Addr::new(v[0], v[1], v[2], v[3]).into(),

@@ -262,6 +262,34 @@ impl SsmApi {
         ids.dedup();
         Ok(ids)
     }
+
+    /// The names of the Route 53 private hosted zones associated with `vpc` in
+    /// `vpc_region` (ListHostedZonesByVPC, all pages), without the trailing dot.
+    pub async fn private_zones(&self, vpc: &str, vpc_region: &str) -> Result<Vec<String>, ApiError> {
+        let client = aws_sdk_route53::Client::new(&self.conf);
+        let mut names = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut req = client
+                .list_hosted_zones_by_vpc()
+                .vpc_id(vpc)
+                .vpc_region(aws_sdk_route53::types::VpcRegion::from(vpc_region))
+                .max_items(100);
+            if let Some(t) = &token {
+                req = req.next_token(t);
+            }
+            let out =
+                req.send().await.map_err(|e| classify("route53:ListHostedZonesByVPC", format!(" for {vpc}"), e))?;
+            names.extend(out.hosted_zone_summaries().iter().map(|z| z.name().trim_end_matches('.').to_owned()));
+            match out.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+                _ => break,
+            }
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
 }
 
 /// Maps an SDK error to a message naming the action and what to do.

@@ -57,6 +57,8 @@ pub struct Config {
     /// Access key id -> secret key; requests signed otherwise are refused.
     pub credentials: BTreeMap<String, String>,
     pub instances: BTreeMap<String, Instance>,
+    /// Route 53 private hosted zones: (VPC id, zone name).
+    pub hosted_zones: Vec<(String, String)>,
     /// AgentVersion sent in the HandshakeRequest (4 numeric parts).
     pub agent_version: String,
     pub profile: Profile,
@@ -77,6 +79,7 @@ impl Default for Config {
         Config {
             credentials: BTreeMap::from([(TEST_ACCESS_KEY.to_owned(), TEST_SECRET_KEY.to_owned())]),
             instances: BTreeMap::new(),
+            hosted_zones: Vec::new(),
             agent_version: "3.3.987.0".into(),
             profile: Profile::Fast,
             faults: Faults::default(),

@@ -28,6 +28,9 @@ struct Args {
     /// A tag of an instance: ID=KEY=VALUE. Repeatable.
     #[arg(long = "tag", value_name = "ID=KEY=VALUE")]
     tags: Vec<String>,
+    /// A Route 53 private hosted zone associated with a VPC: VPC=ZONE. Repeatable.
+    #[arg(long = "hosted-zone", value_name = "VPC=ZONE")]
+    hosted_zones: Vec<String>,
     /// An instance's PingStatus (default Online): ID=STATUS. Repeatable.
     #[arg(long = "ping-status", value_name = "ID=STATUS")]
     ping_statuses: Vec<String>,
@@ -107,6 +110,10 @@ async fn main() -> anyhow::Result<()> {
         let (id, key, value) = parsed.with_context(|| format!("--tag {spec:?}: expected ID=KEY=VALUE"))?;
         let instance = config.instances.get_mut(id).with_context(|| format!("--tag {spec:?}: no --instance {id}"))?;
         instance.tags.insert(key.to_owned(), value.to_owned());
+    }
+    for spec in &args.hosted_zones {
+        let (vpc, zone) = spec.split_once('=').with_context(|| format!("--hosted-zone {spec:?}: expected VPC=ZONE"))?;
+        config.hosted_zones.push((vpc.to_owned(), zone.to_owned()));
     }
     for spec in &args.ping_statuses {
         let (id, status) =

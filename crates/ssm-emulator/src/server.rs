@@ -167,7 +167,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if is_ws {
         return Ok(upgrade(shared, req));
     }
-    if req.method() != hyper::Method::POST {
+    let route53 = req.method() == hyper::Method::GET && crate::route53::is_route53(req.uri().path());
+    if req.method() != hyper::Method::POST && !route53 {
         return Ok(Response::builder()
             .status(StatusCode::NOT_FOUND)
             .body(Full::new(Bytes::from_static(
@@ -193,6 +194,18 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             StatusCode::BAD_REQUEST
         };
         return Ok(json_response(status, serde_json::json!({"__type": e.code, "message": e.message}), Some(e.code)));
+    }
+    if route53 {
+        let (status, xml) = match crate::route53::handle(&shared, parts.uri.path(), parts.uri.query().unwrap_or("")) {
+            Ok(xml) => (StatusCode::OK, xml),
+            Err(e) => (StatusCode::BAD_REQUEST, crate::route53::error_body(&e)),
+        };
+        return Ok(Response::builder()
+            .status(status)
+            .header("content-type", "text/xml")
+            .header("x-amzn-requestid", uuid::Uuid::new_v4().to_string())
+            .body(Full::new(Bytes::from(xml)))
+            .unwrap_or_default());
     }
     let target = parts.headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default();
     let host = parts.headers.get(hyper::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("127.0.0.1");

@@ -25,12 +25,7 @@ const MARKER: &str = "# written by ssm-proxy for tunnel ";
 /// The domains of `--dns-domain` and `--dns-auto`, checked against the AWS
 /// endpoints the tunnel itself needs (those must never resolve through it).
 pub fn plan(explicit: &[Domain], auto: bool, region: &str, own_hosts: &[String]) -> anyhow::Result<Vec<Domain>> {
-    let mut needed: Vec<String> = ["ssm", "ssmmessages", "sts", "oidc", "portal.sso", "ec2messages"]
-        .iter()
-        .map(|s| format!("{s}.{region}.amazonaws.com"))
-        .collect();
-    needed.push("sts.amazonaws.com".into());
-    needed.extend(own_hosts.iter().cloned());
+    let needed = own_names(region, own_hosts);
     let mut out: Vec<Domain> = Vec::new();
     for d in explicit {
         if let Some(h) = needed.iter().find(|h| d.contains(h)) {
@@ -51,6 +46,44 @@ pub fn plan(explicit: &[Domain], auto: bool, region: &str, own_hosts: &[String])
         }
     }
     Ok(out)
+}
+
+/// The names the tunnel itself resolves and reaches (never through it).
+fn own_names(region: &str, own_hosts: &[String]) -> Vec<String> {
+    let mut needed: Vec<String> = ["ssm", "ssmmessages", "sts", "oidc", "portal.sso", "ec2messages", "route53"]
+        .iter()
+        .map(|s| format!("{s}.{region}.amazonaws.com"))
+        .collect();
+    needed.extend(["sts.amazonaws.com".to_string(), "route53.amazonaws.com".to_string()]);
+    needed.extend(own_hosts.iter().cloned());
+    needed
+}
+
+/// Add the Route 53 private zones of the instance's VPC (`--dns-auto`) to
+/// `domains`; returns the ones added. A zone that would capture a name the
+/// tunnel itself needs (a private `amazonaws.com`, say) or that is not a valid
+/// domain is left out with a warning.
+pub fn add_zones(domains: &mut Vec<Domain>, zones: &[String], region: &str, own_hosts: &[String]) -> Vec<Domain> {
+    let needed = own_names(region, own_hosts);
+    let mut added = Vec::new();
+    for z in zones {
+        let d = match Domain::parse(z) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!("private zone {z:?} left out: {e}");
+                continue;
+            }
+        };
+        if let Some(h) = needed.iter().find(|h| d.contains(h)) {
+            warn!("private zone {d} left out: it would send {h}, which the tunnel itself needs, through the tunnel");
+            continue;
+        }
+        if !domains.contains(&d) {
+            domains.push(d.clone());
+            added.push(d);
+        }
+    }
+    added
 }
 
 /// How this machine routes DNS by domain.

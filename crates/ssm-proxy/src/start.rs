@@ -297,6 +297,31 @@ fn host_of(url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_string())
 }
 
+/// `--dns-auto`: the split DNS with the Route 53 private zones of the
+/// instance's VPC added (as the ec2-agent reported it), or `None` when there
+/// is nothing to add. Failures only warn: the other domains still work.
+async fn private_zones(api: &SsmApi, vpc: Option<&(String, String)>, dns: &SplitDns) -> Option<SplitDns> {
+    let Some((vpc, vpc_region)) = vpc else {
+        info!("the ec2-agent did not report its VPC (no instance metadata?); Route 53 private zones are not added");
+        return None;
+    };
+    let zones = match api.private_zones(vpc, vpc_region).await {
+        Ok(z) => z,
+        Err(e) => {
+            warn!("{e}; Route 53 private zones of {vpc} are not resolved through the tunnel");
+            return None;
+        }
+    };
+    let mut domains = dns.domains().to_vec();
+    let added = dns::add_zones(&mut domains, &zones, api.region(), &endpoint_overrides());
+    if added.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = added.iter().map(ToString::to_string).collect();
+    info!(%vpc, zones = %names.join(", "), "Route 53 private zones resolve through the tunnel");
+    Some(SplitDns::new(dns.addresses().to_vec(), domains))
+}
+
 /// The user behind `sudo`, who may stop the tunnel too.
 fn owner_uid() -> u32 {
     std::env::var("SUDO_UID").ok().and_then(|u| u.parse().ok()).unwrap_or_else(|| nix::unistd::getuid().as_raw())
@@ -395,6 +420,13 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             warn!("the ec2-agent found no resolver in the instance's /etc/resolv.conf; DNS is not set up");
             target.client.dns = None;
             None
+        }
+        Some(d) if args.dns_auto => {
+            let with_zones = private_zones(&api, agent.vpc.as_ref(), &d).await.map(Arc::new);
+            if let Some(new) = &with_zones {
+                target.client.dns = Some(new.clone());
+            }
+            with_zones.or(Some(d))
         }
         other => other,
     };

@@ -260,6 +260,36 @@ fn split_dns_resolves_private_names_through_the_tunnel_and_nothing_else() {
 }
 
 #[test]
+fn dns_auto_resolves_the_route53_private_zone_of_the_instances_vpc() {
+    if !require_root("dns_auto_resolves_the_route53_private_zone_of_the_instances_vpc") {
+        return;
+    }
+    // The agent reports the instance's VPC; the emulated Route 53 associates the
+    // private zone private.lab with it; the vpc's DNS server answers for it.
+    let lab = Lab::up(&prefix("z"), 1, &[]);
+    let mut daemon = lab.start(&["--dns-auto"]);
+    let s = tunnel_status(&lab);
+    let server = s["dns_server"].as_str().expect("a DNS server in status").to_string();
+    let domains: Vec<&str> = s["dns_domains"].as_array().expect("domains").iter().filter_map(|d| d.as_str()).collect();
+    assert_eq!(domains, ["ec2.internal", "eks.amazonaws.com", "private.lab"], "{s}");
+    let etc = PathBuf::from(format!("/etc/netns/{}", lab.ns("laptop")));
+    std::fs::create_dir_all(&etc).expect("/etc/netns dir");
+    std::fs::write(etc.join("resolv.conf"), format!("nameserver {server}\noptions timeout:2 attempts:1\n"))
+        .expect("resolv.conf");
+    let answer = ok(
+        lab.laptop_out("psql", &["-h", "db.private.lab", "-U", "postgres", "-tAc", "select 'private zone'"]),
+        "psql",
+    );
+    assert_eq!(answer, "private zone");
+    // corp.internal is served by the same resolver but is no zone of this VPC.
+    let dig = text(&lab.laptop_out("dig", &["+time=3", "+tries=1", &format!("@{server}"), "db.corp.internal"]));
+    assert!(dig.contains("status: REFUSED"), "{dig}");
+    let log = lab.log("daemon-lab.log");
+    assert!(log.contains("Route 53 private zones resolve through the tunnel"), "{log}");
+    lab.stop(&mut daemon, "lab");
+}
+
+#[test]
 fn a_tunnel_named_in_the_config_file_starts_by_name() {
     if !require_root("a_tunnel_named_in_the_config_file_starts_by_name") {
         return;

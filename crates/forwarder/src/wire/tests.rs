@@ -11,6 +11,7 @@ fn hello() -> Hello {
         software: "ssm-proxy 0.1.0".into(),
         resolvers: vec!["10.0.0.2".parse().expect("addr"), "fd00:ec2::253".parse().expect("addr")],
         dns: vec!["100.127.0.2".parse().expect("addr")],
+        vpc: Some(("vpc-0abc".into(), "eu-west-1".into())),
     }
 }
 
@@ -47,12 +48,31 @@ fn every_frame_round_trips() {
 }
 
 #[test]
+fn the_vpc_option_is_vpc_space_region() {
+    let mut out = BytesMut::new();
+    let h = Hello { software: String::new(), resolvers: vec![], dns: vec![], ..hello() };
+    encode(&Frame::Hello(h.clone()), &mut out);
+    let option = [&[tlv::VPC, 18][..], b"vpc-0abc eu-west-1"].concat();
+    assert!(out.ends_with(&option), "{out:?}");
+    assert_eq!(decode_all(&out), vec![Frame::Hello(h)]);
+    // Without a region it is malformed, not silently half-read.
+    let mut bad = out[..out.len() - option.len()].to_vec();
+    bad.extend_from_slice(&[tlv::VPC, 8]);
+    bad.extend_from_slice(b"vpc-0abc");
+    bad[2] -= 10; // the body is 10 bytes shorter
+    let mut d = Deframer::new();
+    d.push(&bad);
+    assert!(d.next_frame().is_err());
+}
+
+#[test]
 fn hello_bytes_are_as_specified() {
     let mut out = BytesMut::new();
     let h = Hello {
         software: "x".into(),
         resolvers: vec!["10.0.0.2".parse().expect("addr")],
         dns: vec!["100.127.0.2".parse().expect("addr")],
+        vpc: None,
         ..hello()
     };
     encode(&Frame::Hello(h), &mut out);
@@ -85,7 +105,10 @@ fn ack_frame_bytes_are_as_specified() {
 #[test]
 fn unknown_hello_options_are_skipped() {
     let mut out = BytesMut::new();
-    encode(&Frame::Hello(Hello { software: String::new(), resolvers: vec![], dns: vec![], ..hello() }), &mut out);
+    encode(
+        &Frame::Hello(Hello { software: String::new(), resolvers: vec![], dns: vec![], vpc: None, ..hello() }),
+        &mut out,
+    );
     // Append an unknown option (type 99) and fix the length.
     out.extend_from_slice(&[99, 2, 0xaa, 0xbb]);
     let len = (out.len() - HEADER_LEN) as u16;
@@ -115,7 +138,13 @@ fn bad_streams_are_named_errors() {
             {
                 let mut out = BytesMut::new();
                 encode(
-                    &Frame::Hello(Hello { software: String::new(), resolvers: vec![], dns: vec![], ..hello() }),
+                    &Frame::Hello(Hello {
+                        software: String::new(),
+                        resolvers: vec![],
+                        dns: vec![],
+                        vpc: None,
+                        ..hello()
+                    }),
                     &mut out,
                 );
                 out.extend_from_slice(&[tlv::SOFTWARE, 5, b'a']);

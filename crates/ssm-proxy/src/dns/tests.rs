@@ -38,6 +38,28 @@ fn dns_auto_adds_the_regions_internal_domain_and_eks() {
 }
 
 #[test]
+fn private_zones_join_the_domains_unless_they_would_capture_our_own_endpoints() {
+    let mut domains = vec![d("ec2.internal"), d("corp.internal")];
+    let zones: Vec<String> = [
+        "corp.internal",
+        "db.example",
+        "amazonaws.com",
+        "eu-west-1.amazonaws.com",
+        "bad..name",
+        "route53.amazonaws.com",
+    ]
+    .iter()
+    .map(|z| z.to_string())
+    .collect();
+    let added = add_zones(&mut domains, &zones, "eu-west-1", &[]);
+    assert_eq!(added, vec![d("db.example")]);
+    assert_eq!(domains, vec![d("ec2.internal"), d("corp.internal"), d("db.example")]);
+    // A zone holding a configured endpoint host is left out too.
+    let added = add_zones(&mut domains, &["lab.test".to_string()], "eu-west-1", &["api.lab.test".to_string()]);
+    assert_eq!(added, vec![]);
+}
+
+#[test]
 fn resolvectl_gets_a_server_routing_domains_and_no_default_route() {
     let c = resolvectl_commands("tun3", server(), &[d("corp.internal"), d("ec2.internal")]);
     assert_eq!(
