@@ -101,7 +101,8 @@ pub struct StartArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_period)]
     rotate_after: Option<Duration>,
     /// Also resolve the region's EC2 internal names (<region>.compute.internal, or
-    /// ec2.internal in us-east-1) and eks.amazonaws.com through the tunnel.
+    /// ec2.internal in us-east-1), eks.amazonaws.com and the Route 53 private
+    /// hosted zones of the instance's VPC through the tunnel.
     #[arg(long)]
     dns_auto: bool,
 }
