@@ -64,6 +64,8 @@ struct Session {
     denied: u64,
     /// The client's tunnel resolver addresses (from its HELLO).
     dns: Vec<IpAddr>,
+    /// The client's split-DNS domains: DNS over TCP for other names is refused.
+    dns_domains: Vec<forwarder::dns::Domain>,
     dns_queries: u64,
 }
 
@@ -119,6 +121,7 @@ pub async fn serve(
         resolvers: config.resolvers.clone(),
         dns: Vec::new(),
         vpc: config.vpc.clone(),
+        dns_domains: Vec::new(),
     };
     link::write_frame(&mut writer, &Frame::Hello(reply)).await?;
     let id = hello.client_id;
@@ -147,6 +150,11 @@ pub async fn serve(
         r.remove(&id);
     }
     Ok(())
+}
+
+/// The valid domains of a client's HELLO (an old client sends none: no filter).
+fn domains_of(hello: &Hello) -> Vec<forwarder::dns::Domain> {
+    hello.dns_domains.iter().filter_map(|d| forwarder::dns::Domain::parse(d).ok()).collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -234,6 +242,7 @@ async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: 
         epoch,
         denied: 0,
         dns: first.hello.dns.clone(),
+        dns_domains: domains_of(&first.hello),
         dns_queries: 0,
     };
     let first_peer = first.peer.clone();
@@ -263,6 +272,7 @@ async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: 
                 parked_until = None;
                 info!(client = %a.peer, resumes, tcp_flows = s.stack.flow_count(), udp_flows = s.udp.len(), "client resumed its session");
                 s.dns = a.hello.dns.clone();
+                s.dns_domains = domains_of(&a.hello);
                 link = Some(start_link(a, &queue, &stats, &pkt_tx, &dropped_in, epoch));
             }
             end = link_end(&mut link) => {
@@ -432,7 +442,11 @@ impl Session {
     fn connected(&mut self, key: FlowKey, result: std::io::Result<TcpStream>, syn: Bytes) {
         self.connecting.remove(&key);
         match result {
-            Ok(stream) => self.stack.accept(key, stream, syn),
+            Ok(stream) => {
+                let to_resolver = key.1.port() == 53 && self.dns.contains(&key.1.ip());
+                let filter = (to_resolver && !self.dns_domains.is_empty()).then(|| self.dns_domains.clone());
+                self.stack.accept(key, stream, syn, filter)
+            }
             Err(e) => {
                 debug!(dst = %key.1, "connect failed: {e}");
                 let Some(p) = packet::parse(&syn) else { return };

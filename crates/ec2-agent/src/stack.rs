@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use forwarder::dns::tcp::{Piece, TcpFilter};
+use forwarder::dns::Domain;
 use forwarder::link::TxQueue;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
@@ -19,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
+use tracing::info;
 
 /// A TCP flow as the client sees it: its own address and the destination.
 pub type FlowKey = (SocketAddr, SocketAddr);
@@ -145,7 +148,11 @@ impl Stack {
 
     /// The destination answered: let smoltcp accept the client's SYN and bridge the
     /// two connections.
-    pub fn accept(&mut self, key: FlowKey, remote: TcpStream, syn: Bytes) {
+    /// Take over the client's connection `key` (its SYN in `syn`), bridged to
+    /// `remote`. With `dns_filter`, the client's stream is DNS over TCP to its
+    /// tunnel resolver: only queries in those domains reach `remote`, others
+    /// are answered REFUSED from here.
+    pub fn accept(&mut self, key: FlowKey, remote: TcpStream, syn: Bytes, dns_filter: Option<Vec<Domain>>) {
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0u8; SOCKET_BUFFER]),
             tcp::SocketBuffer::new(vec![0u8; SOCKET_BUFFER]),
@@ -162,6 +169,9 @@ impl Stack {
         let (mut rd, mut wr) = remote.into_split();
         let (in_tx, in_rx) = mpsc::channel::<Bytes>(8);
         let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(8);
+        // Answers of the DNS filter go back like the remote's data, but must not
+        // keep the flow open once the remote has closed.
+        let answers = in_tx.downgrade();
         let wake = self.wake.clone();
         let reader = tokio::spawn(async move {
             let mut buf = vec![0u8; CHUNK];
@@ -181,11 +191,35 @@ impl Stack {
         });
         let wake = self.wake.clone();
         let writer = tokio::spawn(async move {
+            let mut filter = dns_filter.map(TcpFilter::new);
             while let Some(b) = out_rx.recv().await {
-                if wr.write_all(&b).await.is_err() {
-                    break;
+                let Some(f) = filter.as_mut() else {
+                    if wr.write_all(&b).await.is_err() {
+                        break;
+                    }
+                    wake.notify_one();
+                    continue;
+                };
+                for piece in f.push(&b) {
+                    match piece {
+                        Piece::Forward(q) => {
+                            if wr.write_all(&q).await.is_err() {
+                                break;
+                            }
+                        }
+                        Piece::Answer(a) => {
+                            if let Some(tx) = answers.upgrade() {
+                                let _ = tx.send(Bytes::from(a)).await;
+                            }
+                        }
+                    }
                 }
                 wake.notify_one();
+            }
+            if let Some(f) = &filter {
+                if f.refused > 0 {
+                    info!(refused = f.refused, "DNS over TCP: queries outside the client's domains answered REFUSED");
+                }
             }
             let _ = wr.shutdown().await;
         });

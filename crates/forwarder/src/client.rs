@@ -99,6 +99,11 @@ where
         resolvers: Vec::new(),
         dns: config.dns.as_ref().map(|d| d.addresses().to_vec()).unwrap_or_default(),
         vpc: None,
+        dns_domains: config
+            .dns
+            .as_ref()
+            .map(|d| d.domains().iter().map(|d| d.as_str().to_owned()).collect())
+            .unwrap_or_default(),
     };
     let exchange = async {
         link::write_frame(writer, &Frame::Hello(hello)).await.map_err(|e| HandshakeError::Protocol(e.to_string()))?;

@@ -135,19 +135,23 @@ impl SplitDns {
         }
     }
 
-    /// Whether every question of `query` is in a configured domain.
     fn wanted(&self, query: &[u8]) -> bool {
-        let Ok(p) = Packet::parse(query) else { return false };
-        !p.questions.is_empty()
-            && p.questions.iter().all(|q| {
-                let name = q.qname.to_string();
-                self.domains.iter().any(|d| d.contains(&name))
-            })
+        in_domains(&self.domains, query)
     }
 }
 
+/// Whether `query` parses and every one of its questions is in one of `domains`.
+pub fn in_domains(domains: &[Domain], query: &[u8]) -> bool {
+    let Ok(p) = Packet::parse(query) else { return false };
+    !p.questions.is_empty()
+        && p.questions.iter().all(|q| {
+            let name = q.qname.to_string();
+            domains.iter().any(|d| d.contains(&name))
+        })
+}
+
 /// A REFUSED answer to `query` (its id and questions echoed).
-fn refusal(query: &[u8]) -> Option<Vec<u8>> {
+pub fn refusal(query: &[u8]) -> Option<Vec<u8>> {
     let q = Packet::parse(query).ok()?;
     let mut reply = q.into_reply();
     *reply.rcode_mut() = RCODE::Refused;
@@ -157,6 +161,8 @@ fn refusal(query: &[u8]) -> Option<Vec<u8>> {
     reply.additional_records.clear();
     reply.build_bytes_vec().ok()
 }
+
+pub mod tcp;
 
 #[cfg(test)]
 mod tests;

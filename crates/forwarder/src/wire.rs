@@ -51,6 +51,9 @@ pub mod tlv {
     /// The instance's VPC and region, UTF-8 `vpc-0abc... eu-west-1`; agent only
     /// (the client looks up the VPC's Route 53 private zones with it).
     pub const VPC: u8 = 4;
+    /// A domain whose names the client resolves through the tunnel (UTF-8);
+    /// repeatable, client only: the agent refuses DNS over TCP for other names.
+    pub const DNS_DOMAIN: u8 = 5;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +71,8 @@ pub struct Hello {
     pub dns: Vec<std::net::IpAddr>,
     /// The instance's VPC id and region ([`tlv::VPC`]), when the agent knows them.
     pub vpc: Option<(String, String)>,
+    /// The client's split-DNS domains ([`tlv::DNS_DOMAIN`]).
+    pub dns_domains: Vec<String>,
 }
 
 /// Why a side says GOODBYE.
@@ -170,6 +175,12 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
                 body.put_u8(s.len() as u8);
                 body.put_slice(s);
             }
+            for d in &h.dns_domains {
+                let d = &d.as_bytes()[..d.len().min(255)];
+                body.put_u8(tlv::DNS_DOMAIN);
+                body.put_u8(d.len() as u8);
+                body.put_slice(d);
+            }
             if let Some((vpc, region)) = &h.vpc {
                 let v = format!("{vpc} {region}");
                 let v = &v.as_bytes()[..v.len().min(255)];
@@ -236,6 +247,7 @@ fn decode_hello(mut b: &[u8]) -> Result<Hello, WireError> {
         resolvers: Vec::new(),
         dns: Vec::new(),
         vpc: None,
+        dns_domains: Vec::new(),
     };
     while !b.is_empty() {
         if b.len() < 2 {
@@ -249,6 +261,7 @@ fn decode_hello(mut b: &[u8]) -> Result<Hello, WireError> {
         let v = &b[..l];
         match t {
             tlv::SOFTWARE => hello.software = String::from_utf8_lossy(v).into_owned(),
+            tlv::DNS_DOMAIN => hello.dns_domains.push(String::from_utf8_lossy(v).into_owned()),
             tlv::VPC => {
                 let text = String::from_utf8_lossy(v);
                 match text.split_once(' ') {

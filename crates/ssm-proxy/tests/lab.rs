@@ -241,6 +241,10 @@ fn split_dns_resolves_private_names_through_the_tunnel_and_nothing_else() {
     assert!(!outside.status.success(), "{}", text(&outside));
     let dig = text(&lab.laptop_out("dig", &["+time=3", "+tries=1", &format!("@{server}"), "mail.outside.example"]));
     assert!(dig.contains("status: REFUSED"), "{dig}");
+    // Over TCP too: the agent answers REFUSED itself and the VPC never sees it.
+    let dig =
+        text(&lab.laptop_out("dig", &["+tcp", "+time=3", "+tries=1", &format!("@{server}"), "ftp.outside.example"]));
+    assert!(dig.contains("status: REFUSED"), "{dig}");
     let queries = lab.log("dnsmasq.log");
     assert!(queries.contains("db.corp.internal"), "the vpc resolver saw no query at all:\n{queries}");
     assert!(!queries.contains("outside.example"), "a name outside the domain went through the tunnel:\n{queries}");

@@ -12,6 +12,7 @@ fn hello() -> Hello {
         resolvers: vec!["10.0.0.2".parse().expect("addr"), "fd00:ec2::253".parse().expect("addr")],
         dns: vec!["100.127.0.2".parse().expect("addr")],
         vpc: Some(("vpc-0abc".into(), "eu-west-1".into())),
+        dns_domains: vec!["corp.internal".into(), "ec2.internal".into()],
     }
 }
 
@@ -50,7 +51,7 @@ fn every_frame_round_trips() {
 #[test]
 fn the_vpc_option_is_vpc_space_region() {
     let mut out = BytesMut::new();
-    let h = Hello { software: String::new(), resolvers: vec![], dns: vec![], ..hello() };
+    let h = Hello { software: String::new(), resolvers: vec![], dns: vec![], dns_domains: vec![], ..hello() };
     encode(&Frame::Hello(h.clone()), &mut out);
     let option = [&[tlv::VPC, 18][..], b"vpc-0abc eu-west-1"].concat();
     assert!(out.ends_with(&option), "{out:?}");
@@ -73,6 +74,7 @@ fn hello_bytes_are_as_specified() {
         resolvers: vec!["10.0.0.2".parse().expect("addr")],
         dns: vec!["100.127.0.2".parse().expect("addr")],
         vpc: None,
+        dns_domains: vec![],
         ..hello()
     };
     encode(&Frame::Hello(h), &mut out);
@@ -106,7 +108,14 @@ fn ack_frame_bytes_are_as_specified() {
 fn unknown_hello_options_are_skipped() {
     let mut out = BytesMut::new();
     encode(
-        &Frame::Hello(Hello { software: String::new(), resolvers: vec![], dns: vec![], vpc: None, ..hello() }),
+        &Frame::Hello(Hello {
+            software: String::new(),
+            resolvers: vec![],
+            dns: vec![],
+            vpc: None,
+            dns_domains: vec![],
+            ..hello()
+        }),
         &mut out,
     );
     // Append an unknown option (type 99) and fix the length.
