@@ -133,8 +133,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some((id, region)) = &vpc {
         info!(vpc = %id, %region, "instance VPC");
     }
+    let active = Arc::new(AtomicUsize::new(0));
     let config = Arc::new(AgentConfig {
         vpc,
+        listen: args.listen,
+        started: std::time::Instant::now(),
+        max_clients: args.max_clients,
+        active: active.clone(),
         policy: Policy::new(&args.allow, &args.deny, args.only),
         mtu: args.mtu.max(1280),
         udp_idle: Duration::from_secs(args.udp_idle.max(1)),
@@ -154,7 +159,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "ec2-agent {} ready",
         env!("CARGO_PKG_VERSION")
     );
-    let active = Arc::new(AtomicUsize::new(0));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let (stream, peer) = tokio::select! {

@@ -33,6 +33,33 @@ pub struct AgentConfig {
     pub grace: Duration,
     /// The instance's VPC id and region, told to clients in HELLO.
     pub vpc: Option<(String, String)>,
+    /// For status queries ([`caps::QUERY`]).
+    pub listen: std::net::SocketAddr,
+    pub started: Instant,
+    pub max_clients: usize,
+    /// Connections being served (sessions, parked ones included).
+    pub active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl AgentConfig {
+    /// The answer to a status query (the asking connection not counted).
+    pub fn status(&self, registry: &Registry) -> String {
+        serde_json::json!({
+            "software": format!("ec2-agent {}", env!("CARGO_PKG_VERSION")),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "listen": self.listen.to_string(),
+            "sessions": self.active.load(Ordering::Relaxed).saturating_sub(1),
+            "resumable_sessions": lock(registry).len(),
+            "max_clients": self.max_clients,
+            "grace_secs": self.grace.as_secs(),
+            "vpc": self.vpc.as_ref().map(|(v, _)| v.clone()),
+            "region": self.vpc.as_ref().map(|(_, r)| r.clone()),
+            "resolvers": self.resolvers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "allow": self.policy.allow().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "deny": self.policy.deny().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        })
+        .to_string()
+    }
 }
 
 /// Set once: the first refused ping socket is explained in the log, later ones not.
@@ -124,6 +151,11 @@ pub async fn serve(
         dns_domains: Vec::new(),
     };
     link::write_frame(&mut writer, &Frame::Hello(reply)).await?;
+    if hello.caps & caps::QUERY != 0 {
+        info!(client = %peer, "status query");
+        link::write_frame(&mut writer, &Frame::Status(config.status(&registry))).await?;
+        return Ok(());
+    }
     let id = hello.client_id;
     let mut attach = Attach { reader, writer, deframer, hello, peer };
 

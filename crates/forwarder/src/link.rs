@@ -340,6 +340,8 @@ pub async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 Ok(Some(Frame::Goodbye { reason, message })) => return LinkEnd::Goodbye { reason, message },
                 Ok(Some(Frame::Hello(_))) => return LinkEnd::UnexpectedHello,
+                // Only ever an answer to a status query, which carries no packets.
+                Ok(Some(Frame::Status(_))) => {}
                 Err(e) => return LinkEnd::Wire(e),
             }
         }
@@ -381,6 +383,21 @@ pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(wire::H
             Some(Frame::Goodbye { reason, message }) => return Err(LinkEnd::Goodbye { reason, message }),
             Some(_) => return Err(LinkEnd::Wire(WireError::BadHello("the first frame must be HELLO"))),
             None => {}
+        }
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return Err(LinkEnd::Eof);
+        }
+        deframer.push(&buf[..n]);
+    }
+}
+
+/// The next frame of `reader` after those already in `deframer`.
+pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, deframer: &mut Deframer) -> Result<Frame, LinkEnd> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(f) = deframer.next_frame()? {
+            return Ok(f);
         }
         let n = reader.read(&mut buf).await?;
         if n == 0 {

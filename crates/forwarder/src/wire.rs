@@ -20,6 +20,7 @@ pub const T_PING: u8 = 0x03;
 pub const T_PONG: u8 = 0x04;
 pub const T_GOODBYE: u8 = 0x05;
 pub const T_ACK: u8 = 0x06;
+pub const T_STATUS: u8 = 0x07;
 
 /// Who sent a HELLO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +38,9 @@ pub mod caps {
     /// The sender acknowledges PACKET bytes with ACK frames and limits its own
     /// bytes in flight by the peer's ACKs (used only when both sides set it).
     pub const ACK: u32 = 1 << 2;
+    /// Client only: this connection asks for the agent's status (one STATUS
+    /// frame after the HELLOs) and carries no packets.
+    pub const QUERY: u32 = 1 << 3;
 }
 
 /// Optional HELLO fields, as `type: u8, length: u8, value`.
@@ -110,6 +114,8 @@ pub enum Frame {
         reason: Reason,
         message: String,
     },
+    /// The agent's status, a JSON object (UTF-8), answer to [`caps::QUERY`].
+    Status(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -153,6 +159,11 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
         Frame::Ack(n) => {
             put_header(out, T_ACK, 8);
             out.put_u64(*n);
+        }
+        Frame::Status(json) => {
+            let j = &json.as_bytes()[..json.len().min(MAX_BODY)];
+            put_header(out, T_STATUS, j.len());
+            out.put_slice(j);
         }
         Frame::Goodbye { reason, message } => {
             let msg = &message.as_bytes()[..message.len().min(MAX_BODY - 1)];
@@ -325,7 +336,7 @@ impl Deframer {
         let len = u16::from_be_bytes([self.buf[1], self.buf[2]]) as usize;
         // Check what can be checked before the body arrives.
         match kind {
-            T_HELLO | T_PACKET | T_GOODBYE => {}
+            T_HELLO | T_PACKET | T_GOODBYE | T_STATUS => {}
             T_PING | T_PONG | T_ACK if len == 8 => {}
             T_PING | T_PONG | T_ACK => return Err(WireError::BadLength { kind, len, expected: "8" }),
             other => return Err(WireError::UnknownType(other)),
@@ -342,6 +353,7 @@ impl Deframer {
             T_PONG => Frame::Pong(u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8]))),
             T_ACK => Frame::Ack(u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8]))),
             T_HELLO => Frame::Hello(decode_hello(&body)?),
+            T_STATUS => Frame::Status(String::from_utf8_lossy(&body).into_owned()),
             _ => {
                 let Some((&r, msg)) = body.split_first() else {
                     return Err(WireError::BadLength { kind, len, expected: "at least 1" });

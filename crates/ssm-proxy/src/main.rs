@@ -1,6 +1,7 @@
 //! `ssm-proxy`: reach private AWS VPC addresses from your laptop over SSM
 //! Session Manager, with no AWS CLI and no session-manager-plugin.
 
+mod agent;
 mod cleanup;
 mod config;
 mod control;
@@ -52,6 +53,8 @@ Then: sudo ssm-proxy start prod")]
     Stop(StopArgs),
     /// Remove routes left behind by a tunnel that was killed or crashed.
     Cleanup(cleanup::CleanupArgs),
+    /// Ask an instance's ec2-agent how it is (through SSM, like a tunnel).
+    Agent(agent::AgentArgs),
     /// Run a tunnel of the config file at boot, restarted when it exits
     /// (systemd on Linux, launchd on macOS).
     Service(service::ServiceArgs),
@@ -226,6 +229,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Forward(args) => rt.block_on(forward::run(args)),
+        Command::Agent(args) => rt.block_on(agent::run(args)),
         Command::Cleanup(args) => cleanup::run(args),
         Command::Start(args) => match start::resolve(args) {
             Ok(args) if args.detach() => start::detach(&args),

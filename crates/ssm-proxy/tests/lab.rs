@@ -294,6 +294,33 @@ fn dns_auto_resolves_the_route53_private_zone_of_the_instances_vpc() {
 }
 
 #[test]
+fn agent_status_answers_through_ssm() {
+    if !require_root("agent_status_answers_through_ssm") {
+        return;
+    }
+    let lab = Lab::up(&prefix("a"), 1, &[]);
+    let ask = || {
+        let js = ok(lab.ssm_proxy(&["agent", "status", "--instance-id", "i-0123456789abcdef0", "--json"]), "agent status");
+        serde_json::from_str::<serde_json::Value>(&js).expect("status JSON")
+    };
+    let idle = ask();
+    assert!(idle["software"].as_str().unwrap_or("").starts_with("ec2-agent "), "{idle}");
+    assert_eq!(idle["sessions"], 0, "{idle}");
+    assert_eq!(idle["vpc"], "vpc-0a1b2c3d4e5f60718", "{idle}");
+    assert_eq!(idle["resolvers"], serde_json::json!(["10.10.0.2"]), "{idle}");
+    assert!(idle["deny"].as_array().is_some_and(|d| d.iter().any(|x| x == "169.254.0.0/16")), "{idle}");
+
+    let mut daemon = lab.start(&[]);
+    let busy = ask();
+    assert_eq!(busy["sessions"], 1, "the tunnel's session: {busy}");
+    assert_eq!(busy["resumable_sessions"], 1, "{busy}");
+    let text = ok(lab.ssm_proxy(&["agent", "status", "--instance-id", "i-0123456789abcdef0"]), "agent status");
+    assert!(text.contains("sessions   1 now"), "{text}");
+    assert!(lab.log("agent.log").contains("status query"), "{}", lab.log("agent.log"));
+    lab.stop(&mut daemon, "lab");
+}
+
+#[test]
 fn a_tunnel_named_in_the_config_file_starts_by_name() {
     if !require_root("a_tunnel_named_in_the_config_file_starts_by_name") {
         return;

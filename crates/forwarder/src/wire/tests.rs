@@ -24,6 +24,7 @@ fn all_frames() -> Vec<Frame> {
         Frame::Pong(u64::MAX),
         Frame::Ack(1 << 40),
         Frame::Goodbye { reason: Reason::Shutdown, message: "agent stopping".into() },
+        Frame::Status(r#"{"software":"ec2-agent 0.1.0","sessions":2}"#.into()),
         Frame::Packet(Bytes::from(vec![0x60; 1400])),
     ]
 }
