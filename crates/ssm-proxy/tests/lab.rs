@@ -300,7 +300,8 @@ fn agent_status_answers_through_ssm() {
     }
     let lab = Lab::up(&prefix("a"), 1, &[]);
     let ask = || {
-        let js = ok(lab.ssm_proxy(&["agent", "status", "--instance-id", "i-0123456789abcdef0", "--json"]), "agent status");
+        let js =
+            ok(lab.ssm_proxy(&["agent", "status", "--instance-id", "i-0123456789abcdef0", "--json"]), "agent status");
         serde_json::from_str::<serde_json::Value>(&js).expect("status JSON")
     };
     let idle = ask();
