@@ -37,6 +37,9 @@ pub const DEFAULT_AGENT_PORT: u16 = 7301;
 
   sudo ssm-proxy start --instance-id i-0abc123def4567890 --cidr 10.0.0.0/16 \\
        --dns-domain corp.internal --dns-auto
+  sudo ssm-proxy start --instance-tag Role=ssm-proxy --cidr 10.0.0.0/16 --rotate-after 55m
+                                     # any online instance with the tag; fails over between
+                                     # them; a new session every 55 minutes, made before break
   sudo ssm-proxy start prod          # [tunnel.prod] from /etc/ssm-proxy/config.toml or
                                      # ~/.config/ssm-proxy/config.toml (see `ssm-proxy list`)
 
