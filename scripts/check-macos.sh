@@ -18,11 +18,9 @@ if ! /usr/bin/rustc -V 2>/dev/null | grep -qE '^rustc 1\.(9[4-9]|1[0-9][0-9])\.'
     rustc-web cargo-web rust-web-src rust-web-clippy >/dev/null
 fi
 ZIGENV=${ZIGENV:-/opt/ssm-proxy-zigbuild}
-if [ ! -x "$ZIGENV/bin/cargo-zigbuild" ]; then
-  echo "check-macos: installing zig and cargo-zigbuild into $ZIGENV" >&2
-  python3 -m venv "$ZIGENV"
-  "$ZIGENV/bin/pip" install -q ziglang==0.17.1 cargo-zigbuild==0.24.0
-fi
+# shellcheck source=scripts/zig-env.sh
+. scripts/zig-env.sh
+ensure_zig check-macos
 # Debian's cargo and clippy first, so they match Debian's rustc and its std source.
 export PATH="$ZIGENV/bin:/usr/bin:$PATH" RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 MACOSX_DEPLOYMENT_TARGET=11.0
 export CARGO_TARGET_DIR=${MACOS_TARGET_DIR:-$PWD/target/macos-cross}

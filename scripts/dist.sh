@@ -15,11 +15,9 @@ TARGETS=${DIST_TARGETS:-"x86_64-unknown-linux-musl aarch64-unknown-linux-musl"}
 OUT=${DIST_DIR:-dist}
 # The same zig as check-macos.sh when root; a user cache otherwise (CI runners).
 if [ "$(id -u)" = 0 ]; then ZIGENV=${ZIGENV:-/opt/ssm-proxy-zigbuild}; else ZIGENV=${ZIGENV:-$HOME/.cache/ssm-proxy-zigbuild}; fi
-if [ ! -x "$ZIGENV/bin/cargo-zigbuild" ]; then
-  echo "dist: installing zig and cargo-zigbuild into $ZIGENV" >&2
-  python3 -m venv "$ZIGENV"
-  "$ZIGENV/bin/pip" install -q ziglang==0.17.1 cargo-zigbuild==0.24.0
-fi
+# shellcheck source=scripts/zig-env.sh
+. scripts/zig-env.sh
+ensure_zig dist
 # The venv first: cargo-zigbuild finds zig through its python (ziglang).
 export PATH="$ZIGENV/bin:$PATH"
 command -v rustup >/dev/null || { echo "dist: needs rustup (for the musl standard libraries)" >&2; exit 1; }
