@@ -379,13 +379,18 @@ impl Session {
         false
     }
 
+    /// DNS to the client's tunnel resolver address (HELLO option 3).
+    fn is_tunnel_resolver(&self, dst: SocketAddr) -> bool {
+        dst.port() == 53 && self.dns.contains(&dst.ip())
+    }
+
     /// Where a new flow to `dst` really goes. DNS sent to the client's tunnel
     /// resolver address goes to the instance's own resolver, whatever the policy
     /// says about that address (it is often link-local, 169.254.169.253); anything
     /// else goes where it is addressed if the policy allows. `None`: refused and
     /// answered.
     fn target(&mut self, raw: &[u8], p: &packet::Parsed<'_>, dst: SocketAddr, what: &str) -> Option<SocketAddr> {
-        if dst.port() == 53 && self.dns.contains(&dst.ip()) {
+        if self.is_tunnel_resolver(dst) {
             if let Some(&resolver) = self.config.resolvers.first() {
                 self.dns_queries += 1;
                 return Some(SocketAddr::new(resolver, 53));
@@ -475,7 +480,7 @@ impl Session {
         self.connecting.remove(&key);
         match result {
             Ok(stream) => {
-                let to_resolver = key.1.port() == 53 && self.dns.contains(&key.1.ip());
+                let to_resolver = self.is_tunnel_resolver(key.1);
                 let filter = (to_resolver && !self.dns_domains.is_empty()).then(|| self.dns_domains.clone());
                 self.stack.accept(key, stream, syn, filter)
             }

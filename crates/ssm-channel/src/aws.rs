@@ -211,10 +211,7 @@ impl SsmApi {
 
     /// DescribeInstanceInformation for one instance; `None` if SSM does not know it.
     pub async fn instance_status(&self, instance: &str) -> Result<Option<InstanceStatus>, ApiError> {
-        let filter =
-            InstanceInformationStringFilter::builder().key("InstanceIds").values(instance).build().map_err(|e| {
-                ApiError::Other { action: "DescribeInstanceInformation", detail: e.to_string(), hint: "" }
-            })?;
+        let filter = string_filter("InstanceIds", instance)?;
         let out = self
             .client()
             .describe_instance_information()
@@ -235,18 +232,11 @@ impl SsmApi {
     /// whose SSM agent is online, sorted by id: DescribeInstanceInformation
     /// with `tag:KEY` and `PingStatus` filters, all pages.
     pub async fn online_instances_tagged(&self, tags: &[(String, String)]) -> Result<Vec<String>, ApiError> {
-        let filter = |key: String, value: &str| {
-            InstanceInformationStringFilter::builder().key(key).values(value).build().map_err(|e| ApiError::Other {
-                action: "DescribeInstanceInformation",
-                detail: e.to_string(),
-                hint: "",
-            })
-        };
         let mut req = self.client().describe_instance_information().max_results(50);
         for (k, v) in tags {
-            req = req.filters(filter(format!("tag:{k}"), v)?);
+            req = req.filters(string_filter(format!("tag:{k}"), v)?);
         }
-        req = req.filters(filter("PingStatus".into(), "Online")?);
+        req = req.filters(string_filter("PingStatus", "Online")?);
         let mut pages = req.into_paginator().send();
         let mut ids = Vec::new();
         while let Some(page) = pages.next().await {
@@ -290,6 +280,15 @@ impl SsmApi {
         names.dedup();
         Ok(names)
     }
+}
+
+/// One DescribeInstanceInformation filter: `key` with the single `value`.
+fn string_filter(key: impl Into<String>, value: &str) -> Result<InstanceInformationStringFilter, ApiError> {
+    InstanceInformationStringFilter::builder().key(key).values(value).build().map_err(|e| ApiError::Other {
+        action: "DescribeInstanceInformation",
+        detail: e.to_string(),
+        hint: "",
+    })
 }
 
 /// Maps an SDK error to a message naming the action and what to do.

@@ -401,12 +401,12 @@ pub async fn run(
                 core.session.set_connected(true, Instant::now().into_std());
             }
             alive = changed(&mut network_changed) => {
-                if alive {
-                    resume.network_changed();
-                }
                 if !alive {
                     network_changed = None;
-                } else if reconnect.is_some() {
+                    continue;
+                }
+                resume.network_changed();
+                if reconnect.is_some() {
                     info!("the network changed; trying to reconnect now");
                     reconnect = Some(reconnect_loop(resume.clone(), tls.clone(), config.reconnect_for));
                 } else if ws_rx.is_some() && drain_until.is_none() && probe_deadline.is_none() {

@@ -12,7 +12,7 @@ use ssm_channel::aws::{AwsOptions, SsmApi};
 use ssm_channel::port::{Conn, PortConfig};
 use ssm_channel::transport::Trust;
 
-use crate::ssm::{open_port_session, parse_instance_id};
+use crate::ssm::{agent_stream, open_port_session, parse_instance_id};
 use crate::start::DEFAULT_AGENT_PORT;
 
 /// An agent that does not answer the query within this long is too old to know it.
@@ -86,13 +86,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
 /// HELLO with QUERY through a new connection of the session; the STATUS answer.
 async fn ask(conns: &tokio::sync::mpsc::Sender<Conn>) -> anyhow::Result<String> {
-    let (local, remote) = tokio::io::duplex(64 << 10);
-    let (remote_r, remote_w) = tokio::io::split(remote);
-    conns
-        .send(Conn { reader: Box::new(remote_r), writer: Box::new(remote_w), label: "ec2-agent".into() })
-        .await
-        .map_err(|_| anyhow::anyhow!("the session ended before the query went out"))?;
-    let (mut reader, mut writer) = tokio::io::split(local);
+    let (mut reader, mut writer) = agent_stream(conns).await?;
     let config = ClientConfig { caps: caps::QUERY, hello_timeout: ANSWER_TIMEOUT, ..ClientConfig::default() };
     let (_agent, mut deframer) = client::handshake(&mut reader, &mut writer, &config, 1280).await?;
     match tokio::time::timeout(ANSWER_TIMEOUT, link::read_frame(&mut reader, &mut deframer)).await {

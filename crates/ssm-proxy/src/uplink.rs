@@ -12,7 +12,7 @@ use std::time::Duration;
 use forwarder::client::{self, ClientConfig, ClientHandle, Stop};
 use forwarder::wire::{Deframer, Hello};
 use ssm_channel::aws::SsmApi;
-use ssm_channel::port::{Conn, Live, PortConfig};
+use ssm_channel::port::{Live, PortConfig};
 use ssm_channel::session::SessionConfig;
 use ssm_channel::transport::Trust;
 use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use tunnel::TunDevice;
 
-use crate::ssm::{finish, open_port_session, PortSession};
+use crate::ssm::{agent_stream, finish, open_port_session, PortSession};
 
 /// The agent unheard for this long while the service's websocket is up: the
 /// agent (or its instance) is gone, whatever the channel says.
@@ -92,6 +92,13 @@ pub struct Target<'a> {
     pub network_changed: watch::Receiver<u64>,
 }
 
+impl Target<'_> {
+    /// The same, with the short HELLO timeout of replacement sessions.
+    fn quick(&self) -> Self {
+        Target { client: ClientConfig { hello_timeout: RENEW_HELLO_TIMEOUT, ..self.client.clone() }, ..self.clone() }
+    }
+}
+
 /// What `status` shows about the link beyond the counters.
 #[derive(Debug, Default, Clone)]
 pub struct LinkState {
@@ -136,15 +143,17 @@ pub async fn connect(t: &Target<'_>, instance: &str) -> anyhow::Result<Uplink> {
     let config = port_config(live.clone(), t.network_changed.clone());
     let session =
         open_port_session(t.api, instance, t.port, None, t.trust, config, 4, Box::pin(std::future::pending())).await?;
-    let (local, remote) = tokio::io::duplex(64 << 10);
-    let (remote_r, remote_w) = tokio::io::split(remote);
-    let _ = session
-        .conns
-        .send(Conn { reader: Box::new(remote_r), writer: Box::new(remote_w), label: "ec2-agent".into() })
-        .await;
-    let (mut reader, mut writer) = tokio::io::split(local);
-    match client::handshake(&mut reader, &mut writer, &t.client, t.mtu).await {
-        Ok(agent) => Ok(Uplink { instance: instance.to_string(), session, live, reader, writer, agent }),
+    let linked = match agent_stream(&session.conns).await {
+        Ok((mut reader, mut writer)) => client::handshake(&mut reader, &mut writer, &t.client, t.mtu)
+            .await
+            .map(|agent| (reader, writer, agent))
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    match linked {
+        Ok((reader, writer, agent)) => {
+            Ok(Uplink { instance: instance.to_string(), session, live, reader, writer, agent })
+        }
         Err(e) => {
             let _ = session.close(t.api).await;
             anyhow::bail!("{e} (instance {instance}, port {})", t.port)
@@ -276,7 +285,7 @@ pub async fn supervise(
 async fn rotate(t: &Target<'_>, instance: &str) -> Uplink {
     let Some(every) = t.rotate_after else { return std::future::pending().await };
     tokio::time::sleep(every).await;
-    let quick = Target { client: ClientConfig { hello_timeout: RENEW_HELLO_TIMEOUT, ..t.client.clone() }, ..t.clone() };
+    let quick = t.quick();
     loop {
         match connect(&quick, instance).await {
             Ok(up) => return up,
@@ -299,7 +308,7 @@ async fn renew(
     mut stop: watch::Receiver<bool>,
 ) -> Option<Uplink> {
     let update = |f: &dyn Fn(&mut LinkState)| f(&mut state.lock().unwrap_or_else(|p| p.into_inner()));
-    let quick = Target { client: ClientConfig { hello_timeout: RENEW_HELLO_TIMEOUT, ..t.client.clone() }, ..t.clone() };
+    let quick = t.quick();
     let t = &quick;
     let mut last_error = why;
     for attempt in 1u32.. {

@@ -8,7 +8,7 @@ mod netns;
 
 use labkit::*;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -216,12 +216,7 @@ fn split_dns_resolves_private_names_through_the_tunnel_and_nothing_else() {
     let server = s["dns_server"].as_str().expect("a DNS server in status").to_string();
     assert_eq!(s["dns_domains"], serde_json::json!(["corp.internal"]));
 
-    // The laptop resolves through the tunnel resolver, as a resolv.conf line would
-    // make it (this lab has no systemd-resolved to route by domain).
-    let etc = PathBuf::from(format!("/etc/netns/{}", lab.ns("laptop")));
-    std::fs::create_dir_all(&etc).expect("/etc/netns dir");
-    std::fs::write(etc.join("resolv.conf"), format!("nameserver {server}\noptions timeout:2 attempts:1\n"))
-        .expect("resolv.conf");
+    lab.resolve_through(&server);
 
     let hosts = ok(lab.laptop_out("getent", &["hosts", "db.corp.internal"]), "getent");
     assert!(hosts.starts_with("10.10.0.2"), "{hosts}");
@@ -276,10 +271,7 @@ fn dns_auto_resolves_the_route53_private_zone_of_the_instances_vpc() {
     let server = s["dns_server"].as_str().expect("a DNS server in status").to_string();
     let domains: Vec<&str> = s["dns_domains"].as_array().expect("domains").iter().filter_map(|d| d.as_str()).collect();
     assert_eq!(domains, ["ec2.internal", "eks.amazonaws.com", "private.lab"], "{s}");
-    let etc = PathBuf::from(format!("/etc/netns/{}", lab.ns("laptop")));
-    std::fs::create_dir_all(&etc).expect("/etc/netns dir");
-    std::fs::write(etc.join("resolv.conf"), format!("nameserver {server}\noptions timeout:2 attempts:1\n"))
-        .expect("resolv.conf");
+    lab.resolve_through(&server);
     let answer = ok(
         lab.laptop_out("psql", &["-h", "db.private.lab", "-U", "postgres", "-tAc", "select 'private zone'"]),
         "psql",

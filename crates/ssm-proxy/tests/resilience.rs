@@ -141,10 +141,7 @@ fn traffic_moves_to_the_second_instance_when_the_first_agent_dies() {
     assert_eq!(tunnel_status(&lab)["instance_id"], first);
 
     // The first instance's ec2-agent dies.
-    let pid = lab.log("agent.pid").trim().to_string();
-    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    assert!(cmdline.contains("ec2-agent"), "agent.pid names {cmdline:?}");
-    ok(Command::new("kill").args(["-9", &pid]).output().expect("kill"), "kill");
+    lab.kill_first_agent();
     let killed = Instant::now();
     let mut answered = None;
     while killed.elapsed() < Duration::from_secs(60) {
@@ -255,8 +252,7 @@ fn instances_found_by_tag_carry_the_tunnel_and_take_over_from_each_other() {
     ok(get(), "curl through the first instance");
 
     // The first instance's agent dies: the tunnel moves to the other tagged one.
-    let pid = lab.log("agent.pid");
-    ok(Command::new("kill").args(["-9", pid.trim()]).output().expect("kill"), "kill the first agent");
+    lab.kill_first_agent();
     let s = wait_status(&lab, Duration::from_secs(30), |s| s["instance_id"] == second && s["state"] == "connected");
     assert_eq!(s["instance_id"], second, "{s}");
     assert_eq!(s["failovers"], 1, "{s}");

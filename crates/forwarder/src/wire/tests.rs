@@ -16,6 +16,11 @@ fn hello() -> Hello {
     }
 }
 
+/// The fixed part of [`hello`] only: no options at all.
+fn bare_hello() -> Hello {
+    Hello { software: String::new(), resolvers: vec![], dns: vec![], vpc: None, dns_domains: vec![], ..hello() }
+}
+
 fn all_frames() -> Vec<Frame> {
     vec![
         Frame::Hello(hello()),
@@ -52,7 +57,7 @@ fn every_frame_round_trips() {
 #[test]
 fn the_vpc_option_is_vpc_space_region() {
     let mut out = BytesMut::new();
-    let h = Hello { software: String::new(), resolvers: vec![], dns: vec![], dns_domains: vec![], ..hello() };
+    let h = Hello { vpc: hello().vpc, ..bare_hello() };
     encode(&Frame::Hello(h.clone()), &mut out);
     let option = [&[tlv::VPC, 18][..], b"vpc-0abc eu-west-1"].concat();
     assert!(out.ends_with(&option), "{out:?}");
@@ -108,17 +113,7 @@ fn ack_frame_bytes_are_as_specified() {
 #[test]
 fn unknown_hello_options_are_skipped() {
     let mut out = BytesMut::new();
-    encode(
-        &Frame::Hello(Hello {
-            software: String::new(),
-            resolvers: vec![],
-            dns: vec![],
-            vpc: None,
-            dns_domains: vec![],
-            ..hello()
-        }),
-        &mut out,
-    );
+    encode(&Frame::Hello(bare_hello()), &mut out);
     // Append an unknown option (type 99) and fix the length.
     out.extend_from_slice(&[99, 2, 0xaa, 0xbb]);
     let len = (out.len() - HEADER_LEN) as u16;
@@ -147,16 +142,7 @@ fn bad_streams_are_named_errors() {
         (
             {
                 let mut out = BytesMut::new();
-                encode(
-                    &Frame::Hello(Hello {
-                        software: String::new(),
-                        resolvers: vec![],
-                        dns: vec![],
-                        vpc: None,
-                        ..hello()
-                    }),
-                    &mut out,
-                );
+                encode(&Frame::Hello(bare_hello()), &mut out);
                 out.extend_from_slice(&[tlv::SOFTWARE, 5, b'a']);
                 let len = (out.len() - HEADER_LEN) as u16;
                 out[1..3].copy_from_slice(&len.to_be_bytes());

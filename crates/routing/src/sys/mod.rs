@@ -44,6 +44,19 @@ pub fn system_table() -> Result<Box<dyn RouteTable>, RouteError> {
     });
 }
 
+/// Whether `fd` has something to read within `timeout` (a signal counts as
+/// nothing yet): how both network watchers wait for the kernel.
+#[cfg(any(target_os = "linux", target_os = "macos"))]
+fn readable(fd: std::os::fd::BorrowedFd<'_>, timeout: std::time::Duration) -> std::io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX)) {
+        Ok(0) | Err(nix::errno::Errno::EINTR) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Interface name for an index, or `ifN` when the OS no longer knows it.
 pub(crate) fn ifname(index: u32) -> String {
     nix::net::if_::if_indextoname(index).ok().and_then(|c| c.into_string().ok()).unwrap_or_else(|| format!("if{index}"))

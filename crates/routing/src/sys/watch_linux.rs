@@ -8,7 +8,6 @@ use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::route::RouteAttribute;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::watch::{ChangeKind, NetChange};
 
@@ -35,11 +34,8 @@ impl Watcher {
     }
 
     pub(crate) fn wait(&mut self, timeout: Duration) -> io::Result<Vec<NetChange>> {
-        let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX)) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => return Ok(Vec::new()),
-            Ok(_) => {}
-            Err(e) => return Err(e.into()),
+        if !super::readable(self.socket.as_fd(), timeout)? {
+            return Ok(Vec::new());
         }
         let mut out = Vec::new();
         loop {

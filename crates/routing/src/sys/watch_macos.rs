@@ -4,8 +4,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-
 use crate::darwin::classify_change;
 use crate::watch::NetChange;
 
@@ -32,11 +30,8 @@ impl Watcher {
     }
 
     pub(crate) fn wait(&mut self, timeout: Duration) -> io::Result<Vec<NetChange>> {
-        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX)) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => return Ok(Vec::new()),
-            Ok(_) => {}
-            Err(e) => return Err(e.into()),
+        if !super::readable(self.fd.as_fd(), timeout)? {
+            return Ok(Vec::new());
         }
         let mut out = Vec::new();
         // One message per read; the largest routing message is far below this.

@@ -165,6 +165,23 @@ impl Lab {
         assert!(wait_exit(daemon, Duration::from_secs(20)).success(), "{}", self.log(&log));
     }
 
+    /// Point the laptop's resolv.conf at `server` (the tunnel resolver), as a
+    /// `nameserver` line would (the lab has no systemd-resolved to route by domain).
+    pub fn resolve_through(&self, server: &str) {
+        let etc = PathBuf::from(format!("/etc/netns/{}", self.ns("laptop")));
+        std::fs::create_dir_all(&etc).expect("/etc/netns dir");
+        std::fs::write(etc.join("resolv.conf"), format!("nameserver {server}\noptions timeout:2 attempts:1\n"))
+            .expect("resolv.conf");
+    }
+
+    /// `kill -9` the first instance's ec2-agent (after checking the pid is it).
+    pub fn kill_first_agent(&self) {
+        let pid = self.log("agent.pid").trim().to_string();
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(cmdline.contains("ec2-agent"), "agent.pid names {cmdline:?}");
+        ok(Command::new("kill").args(["-9", &pid]).output().expect("kill"), "kill the first agent");
+    }
+
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir().join(name)).unwrap_or_default()
     }
