@@ -12,6 +12,8 @@ use crate::transport::{Endpoint, Trust};
 /// Document names for Port sessions.
 pub const PORT_DOCUMENT: &str = "AWS-StartPortForwardingSession";
 pub const REMOTE_HOST_DOCUMENT: &str = "AWS-StartPortForwardingSessionToRemoteHost";
+/// The document a StartSession without DocumentName runs: a shell.
+pub const SHELL_DOCUMENT: &str = "SSM-SessionManagerRunShell";
 
 /// Connecting to the API endpoint; a new network is up within this or not at all.
 const API_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -146,16 +148,32 @@ impl SsmApi {
         client_id: uuid::Uuid,
     ) -> Result<StartedSession, ApiError> {
         let document = if host.is_some() { REMOTE_HOST_DOCUMENT } else { PORT_DOCUMENT };
-        let mut req = self
-            .client()
-            .start_session()
-            .target(instance)
-            .document_name(document)
-            .parameters("portNumber", vec![remote_port.to_string()])
-            .parameters("localPortNumber", vec!["0".to_owned()])
-            .reason("ssm-proxy");
+        let mut params = vec![("portNumber", remote_port.to_string()), ("localPortNumber", "0".to_owned())];
         if let Some(h) = host {
-            req = req.parameters("host", vec![h.to_owned()]);
+            params.push(("host", h.to_owned()));
+        }
+        self.start_session(instance, Some(document), &params, client_id).await
+    }
+
+    /// StartSession with the account's default shell document
+    /// ([`SHELL_DOCUMENT`]): a shell as the SSM agent's session user.
+    pub async fn start_shell_session(&self, instance: &str, client_id: uuid::Uuid) -> Result<StartedSession, ApiError> {
+        self.start_session(instance, None, &[], client_id).await
+    }
+
+    async fn start_session(
+        &self,
+        instance: &str,
+        document: Option<&str>,
+        params: &[(&str, String)],
+        client_id: uuid::Uuid,
+    ) -> Result<StartedSession, ApiError> {
+        let mut req = self.client().start_session().target(instance).reason("ssm-proxy");
+        if let Some(d) = document {
+            req = req.document_name(d);
+        }
+        for (k, v) in params {
+            req = req.parameters(*k, vec![v.clone()]);
         }
         let out = match req.send().await {
             Ok(o) => o,
@@ -163,6 +181,7 @@ impl SsmApi {
                 if e.as_service_error().is_some_and(|s| s.is_target_not_connected()) {
                     return Err(self.explain_not_connected(instance).await);
                 }
+                let document = document.unwrap_or(SHELL_DOCUMENT);
                 return Err(classify("ssm:StartSession", format!(" on {instance} with {document}"), e));
             }
         };

@@ -7,7 +7,8 @@
 //! - [`version`]: the version rules that pick basic or mux mode.
 //!
 //! With the default `driver` feature: [`transport`] (the websocket), [`aws`]
-//! (StartSession and friends) and [`port`] (the tokio driver of a Port session).
+//! (StartSession and friends), [`port`] (the tokio driver of a Port session) and
+//! [`shell`] (the driver of a shell session).
 
 #[cfg(feature = "driver")]
 pub mod aws;
@@ -16,6 +17,8 @@ pub mod payloads;
 #[cfg(feature = "driver")]
 pub mod port;
 pub mod session;
+#[cfg(feature = "driver")]
+pub mod shell;
 pub mod smux;
 #[cfg(feature = "driver")]
 pub mod transport;

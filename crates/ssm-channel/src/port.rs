@@ -30,7 +30,7 @@ use crate::smux::{Mux, MuxEvent, Role, StreamId};
 use crate::transport::{self, Endpoint, TransportError, WsStream, PING_INTERVAL};
 use crate::version::{client_port_mode, PortMode};
 
-mod util;
+pub(crate) mod util;
 
 use util::{await_opt, changed, next_ws, reconnect_loop, reserve, sleep_until, trace_frame};
 

@@ -81,7 +81,16 @@ pub struct SessionConfig {
     pub receive_buffer_bytes: usize,
     /// With data outstanding and the link up, this long without any ack ends the session.
     pub ack_timeout: Duration,
+    /// Session types the handshake accepts: [`PORT_SESSION`] for tunnels,
+    /// [`SHELL_SESSIONS`] for a shell.
+    pub session_types: &'static [&'static str],
 }
+
+/// The session type of Port sessions.
+pub const PORT_SESSION: &[&str] = &["Port"];
+/// The session types of shell sessions: the default shell document
+/// (SSM-SessionManagerRunShell) and AWS-StartInteractiveCommand.
+pub const SHELL_SESSIONS: &[&str] = &["Standard_Stream", "InteractiveCommands"];
 
 impl Default for SessionConfig {
     fn default() -> Self {
@@ -93,6 +102,7 @@ impl Default for SessionConfig {
             reorder_capacity: 32_768,
             receive_buffer_bytes: 16 << 20,
             ack_timeout: Duration::from_secs(300),
+            session_types: PORT_SESSION,
         }
     }
 }
@@ -669,7 +679,7 @@ impl Session {
             let (status, error) = match action.action_type.as_str() {
                 action_type::SESSION_TYPE => {
                     match serde_json::from_value::<SessionTypeRequest>(action.action_parameters.clone()) {
-                        Ok(p) if p.session_type == "Port" => {
+                        Ok(p) if self.config.session_types.contains(&p.session_type.as_str()) => {
                             info.session_type = p.session_type;
                             info.properties = p
                                 .properties
@@ -678,9 +688,14 @@ impl Session {
                                 .collect();
                             (ActionStatus::SUCCESS, String::new())
                         }
-                        Ok(p) => {
-                            (ActionStatus::FAILED, format!("session type {:?} is not a Port session", p.session_type))
-                        }
+                        Ok(p) => (
+                            ActionStatus::FAILED,
+                            format!(
+                                "session type {:?} is not one this client asked for ({})",
+                                p.session_type,
+                                self.config.session_types.join(", ")
+                            ),
+                        ),
                         Err(e) => (ActionStatus::FAILED, format!("malformed SessionType parameters: {e}")),
                     }
                 }

@@ -26,7 +26,7 @@ pub(super) fn trace_frame(dir: &str, frame: &[u8]) {
     }
 }
 
-pub(super) async fn next_ws(
+pub(crate) async fn next_ws(
     rx: &mut Option<WsSource>,
 ) -> Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>> {
     match rx {
@@ -35,7 +35,7 @@ pub(super) async fn next_ws(
     }
 }
 
-pub(super) async fn await_opt<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {
+pub(crate) async fn await_opt<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {
     match f {
         Some(f) => f.await,
         None => std::future::pending().await,
@@ -49,7 +49,7 @@ pub(super) async fn reserve(tx: Option<mpsc::Sender<Vec<u8>>>) -> Result<mpsc::O
     }
 }
 
-pub(super) async fn sleep_until(t: Option<Instant>) {
+pub(crate) async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
@@ -58,7 +58,7 @@ pub(super) async fn sleep_until(t: Option<Instant>) {
 
 /// ResumeSession then redial, with jittered exponential backoff (100-200 ms,
 /// doubling to 5 s) for as long as `give_up_after` allows.
-pub(super) fn reconnect_loop(
+pub(crate) fn reconnect_loop(
     resume: Arc<dyn Resume>,
     tls: Option<Arc<rustls::ClientConfig>>,
     give_up_after: Duration,

@@ -1,0 +1,209 @@
+//! Runs a shell session (the default shell document, `Standard_Stream`, or
+//! AWS-StartInteractiveCommand, `InteractiveCommands`): websocket <->
+//! [`Session`] <-> the caller's byte channels.
+//!
+//! The instance agent runs the shell in a pseudo terminal
+//! (`agent/session/shell/shell_unix.go`): what we send is typed at it
+//! (payload type Output), what the terminal prints comes back, in reads of
+//! at most 1024 bytes. Like the session-manager-plugin we tell it a terminal
+//! size first (payload type Size, `{"cols":..,"rows":..}`). The session ends
+//! when the shell exits (the service closes the channel) or when the caller
+//! drops its input sender (we send TerminateSession).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tracing::{debug, info};
+
+use crate::codec::PayloadType;
+use crate::port::util::{await_opt, next_ws, reconnect_loop, sleep_until};
+use crate::port::{BoxFuture, PortError, Resume, SessionEnd, Summary};
+use crate::session::{CloseReason, Event, HandshakeInfo, Session, SessionConfig, MAX_PAYLOAD, SHELL_SESSIONS};
+use crate::transport::{self, Endpoint, WsStream, PING_INTERVAL};
+
+/// The terminal size announced to the agent's pseudo terminal.
+const COLUMNS: u16 = 200;
+const ROWS: u16 = 50;
+/// How long a TerminateSession flag may wait for its ack.
+const TERMINATE_WAIT: Duration = Duration::from_secs(2);
+
+/// What the caller holds while the driver runs.
+#[derive(Debug)]
+pub struct ShellIo {
+    /// Bytes to type at the shell; dropping it ends the session.
+    pub input: mpsc::Sender<Vec<u8>>,
+    /// What the terminal prints, in order; ends with the session.
+    pub output: mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+/// The driver's ends of [`ShellIo`].
+#[derive(Debug)]
+pub struct ShellPipes {
+    input: mpsc::Receiver<Vec<u8>>,
+    output: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+/// A connected pair: give [`ShellIo`] to the caller, [`ShellPipes`] to [`run`].
+pub fn pipes() -> (ShellIo, ShellPipes) {
+    let (in_tx, in_rx) = mpsc::channel(16);
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    (ShellIo { input: in_tx, output: out_rx }, ShellPipes { input: in_rx, output: out_tx })
+}
+
+/// A [`SessionConfig`] for shell sessions.
+pub fn session_config() -> SessionConfig {
+    SessionConfig { session_types: SHELL_SESSIONS, ..SessionConfig::default() }
+}
+
+/// Drives a shell session until the shell exits or the caller hangs up.
+/// `ready` gets the handshake once data may flow. A dropped websocket is
+/// resumed for up to `reconnect_for`.
+pub async fn run(
+    config: SessionConfig,
+    endpoint: Endpoint,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    resume: Arc<dyn Resume>,
+    reconnect_for: Duration,
+    pipes: ShellPipes,
+    ready: oneshot::Sender<HandshakeInfo>,
+) -> Result<Summary, PortError> {
+    let ShellPipes { mut input, output } = pipes;
+    let mut session = Session::new(config, Box::new(crate::session::SystemEnvironment));
+    let ws = transport::connect(&endpoint, tls.clone()).await?;
+    let (mut ws_tx, ws_rx) = ws.split();
+    let mut ws_rx = Some(ws_rx);
+    let mut reconnect: Option<BoxFuture<'static, Result<WsStream, PortError>>> = None;
+    let mut reconnects = 0u64;
+    let mut received_any = false;
+    session.set_connected(true, std::time::Instant::now());
+    let mut next_ping = Instant::now() + PING_INTERVAL;
+    let mut ready = Some(ready);
+    let mut handshake: Option<HandshakeInfo> = None;
+    let mut pending: VecDeque<u8> = VecDeque::new();
+    let mut input_open = true;
+    let mut terminate_deadline: Option<Instant> = None;
+
+    loop {
+        let now = Instant::now();
+        // Typed input, a message at a time, as the window allows.
+        while !pending.is_empty() && session.can_send() {
+            let n = pending.len().min(MAX_PAYLOAD);
+            let chunk: Vec<u8> = pending.drain(..n).collect();
+            if session.send(&chunk).is_err() {
+                break;
+            }
+        }
+        if !input_open && pending.is_empty() && terminate_deadline.is_none() {
+            session.terminate();
+            terminate_deadline = Some(now + TERMINATE_WAIT);
+        }
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                Event::Handshake(info) => handshake = Some(info),
+                Event::Established { customer_message } => {
+                    if !customer_message.is_empty() {
+                        info!("{customer_message}");
+                    }
+                    let size = format!("{{\"cols\":{COLUMNS},\"rows\":{ROWS}}}");
+                    let _ = session.send_typed(PayloadType::SIZE, size.as_bytes());
+                    if let (Some(tx), Some(info)) = (ready.take(), handshake.clone()) {
+                        let _ = tx.send(info);
+                    }
+                }
+                Event::Data(d) => {
+                    let _ = output.send(d);
+                }
+                Event::Flag(f) => debug!(?f, "flag from the agent"),
+                Event::Closed(reason) => {
+                    let _ = ws_tx.close().await;
+                    let end = match reason {
+                        CloseReason::ChannelClosed { output } => SessionEnd::ChannelClosed(output),
+                        CloseReason::Terminated => SessionEnd::Terminated { acked: true },
+                        CloseReason::HandshakeFailed(e) => return Err(PortError::Handshake(e)),
+                        CloseReason::AckTimeout => return Err(PortError::AckTimeout),
+                    };
+                    return Ok(Summary { end, stats: session.stats(), reconnects });
+                }
+            }
+        }
+        if terminate_deadline.is_some_and(|t| now >= t) {
+            let _ = ws_tx.close().await;
+            return Ok(Summary { end: SessionEnd::Terminated { acked: false }, stats: session.stats(), reconnects });
+        }
+        if ws_rx.is_some() {
+            let mut ok = true;
+            if now >= next_ping {
+                ok &= ws_tx.feed(WsMessage::Ping("keepalive".into())).await.is_ok();
+                next_ping = now + PING_INTERVAL;
+            }
+            while let Some(frame) = session.poll_transmit(now.into_std()) {
+                if ws_tx.feed(WsMessage::Binary(frame.into())).await.is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            if !(ok && ws_tx.flush().await.is_ok()) {
+                ws_rx = None;
+            }
+        }
+        if ws_rx.is_none() && reconnect.is_none() {
+            session.set_connected(false, now.into_std());
+            reconnect = Some(reconnect_loop(resume.clone(), tls.clone(), reconnect_for));
+        }
+        let timer = [session.poll_timeout().map(Instant::from_std), Some(next_ping), terminate_deadline]
+            .into_iter()
+            .flatten()
+            .min();
+        let take_input = input_open && pending.is_empty() && session.can_send();
+        tokio::select! {
+            msg = next_ws(&mut ws_rx) => match msg {
+                Some(Ok(WsMessage::Binary(b))) => {
+                    received_any = true;
+                    if let Err(e) = session.handle_frame(Instant::now().into_std(), &b) {
+                        debug!("dropped frame: {e}");
+                    }
+                }
+                Some(Ok(WsMessage::Text(t))) => {
+                    received_any = true;
+                    if let Err(e) = session.handle_frame(Instant::now().into_std(), t.as_bytes()) {
+                        debug!("dropped text frame: {e}");
+                    }
+                }
+                Some(Ok(WsMessage::Close(frame))) => {
+                    let (code, reason) =
+                        frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+                    if reconnects == 0 && !received_any && code == u16::from(CloseCode::Unsupported) {
+                        return Err(PortError::TokenRejected { code, reason });
+                    }
+                    info!(code, %reason, "service closed the websocket; reconnecting");
+                    ws_rx = None;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    info!("websocket error: {e}; reconnecting");
+                    ws_rx = None;
+                }
+                None => ws_rx = None,
+            },
+            res = await_opt(&mut reconnect) => {
+                reconnect = None;
+                let (tx, rx) = res?.split();
+                reconnects += 1;
+                ws_tx = tx;
+                ws_rx = Some(rx);
+                session.set_connected(true, Instant::now().into_std());
+            }
+            data = input.recv(), if take_input => match data {
+                Some(d) => pending.extend(d),
+                None => input_open = false,
+            },
+            _ = sleep_until(timer) => session.handle_timeout(Instant::now().into_std()),
+        }
+    }
+}
