@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tracing::info;
 
-use crate::agent::{self, AgentInput, AgentSpec, Target};
+use crate::agent::{self, AgentInput, AgentSpec, Plugin, Target};
 use crate::server::{SessionEntry, Shared};
 
 /// An error body as AWS sends it for awsJson1_1 (HTTP 400).
@@ -98,37 +98,49 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
         return Err(err("TargetNotConnected", format!("{} is not connected.", req.target)));
     }
     let one = |k: &str| req.parameters.get(k).and_then(|v| v.first()).cloned();
-    let (remote_host, doc_type) = match document.as_str() {
-        "AWS-StartPortForwardingSession" => (None, "LocalPortForwarding"),
-        "AWS-StartPortForwardingSessionToRemoteHost" => {
-            let h = one("host").ok_or_else(|| err("ValidationException", "parameter host is required"))?;
-            (Some(h), "LocalPortForwarding")
+    let (plugin, properties) = match document.as_str() {
+        "AWS-StartPortForwardingSession" | "AWS-StartPortForwardingSessionToRemoteHost" => {
+            let remote_host = match document.as_str() {
+                "AWS-StartPortForwardingSession" => None,
+                _ => Some(one("host").ok_or_else(|| err("ValidationException", "parameter host is required"))?),
+            };
+            let port: u16 = one("portNumber")
+                .ok_or_else(|| err("ValidationException", "parameter portNumber is required"))?
+                .parse()
+                .map_err(|_| err("ValidationException", "portNumber must be a port number"))?;
+            let local_port = one("localPortNumber").unwrap_or_else(|| "0".into());
+            // The document's properties as the agent fills them in.
+            let mut properties = BTreeMap::from([
+                ("portNumber".to_owned(), json!(port.to_string())),
+                ("type".to_owned(), json!("LocalPortForwarding")),
+                ("localPortNumber".to_owned(), json!(local_port)),
+            ]);
+            if let Some(h) = &remote_host {
+                properties.insert("host".into(), json!(h));
+            }
+            let target = Target { host: remote_host.unwrap_or_else(|| instance.host.clone()), port };
+            (Plugin::Port(target), properties)
+        }
+        // The default shell document: sessionType Standard_Stream, no properties.
+        "SSM-SessionManagerRunShell" => (Plugin::Shell { command: None }, BTreeMap::new()),
+        "AWS-StartInteractiveCommand" => {
+            let command = one("command").ok_or_else(|| err("ValidationException", "parameter command is required"))?;
+            let shell = json!({"commands": command, "runAsElevated": false});
+            let properties = BTreeMap::from([("linux".to_owned(), shell.clone()), ("macos".to_owned(), shell)]);
+            (Plugin::Shell { command: Some(command) }, properties)
         }
         other => return Err(err("InvalidDocument", format!("Document {other} is not supported by this emulator"))),
     };
-    let port: u16 = one("portNumber")
-        .ok_or_else(|| err("ValidationException", "parameter portNumber is required"))?
-        .parse()
-        .map_err(|_| err("ValidationException", "portNumber must be a port number"))?;
-    let local_port = one("localPortNumber").unwrap_or_else(|| "0".into());
 
     let session_id = format!("emulator-{:017x}", rand::random::<u64>() >> 4);
     let token = new_token();
-    // The document's properties as the agent fills them in.
-    let mut properties = BTreeMap::from([
-        ("portNumber".to_owned(), json!(port.to_string())),
-        ("type".to_owned(), json!(doc_type)),
-        ("localPortNumber".to_owned(), json!(local_port)),
-    ]);
-    if let Some(h) = &remote_host {
-        properties.insert("host".into(), json!(h));
-    }
     let spec = AgentSpec {
         session_id: session_id.clone(),
         instance_id: req.target.clone(),
         agent_version: shared.config.agent_version.clone(),
         properties,
-        target: Target { host: remote_host.unwrap_or_else(|| instance.host.clone()), port },
+        plugin,
+        netns: instance.netns.clone(),
         profile: shared.config.profile,
         buffer_detached: !shared.config.faults.lossy_reconnect,
     };

@@ -46,6 +46,9 @@ pub struct Instance {
     /// The address that stands for the instance's own "localhost": Port
     /// sessions without a `host` parameter dial this host at `portNumber`.
     pub host: String,
+    /// The instance's network namespace (a file such as /run/netns/NAME):
+    /// Port sessions dial from it and shell sessions run in it.
+    pub netns: Option<std::path::PathBuf>,
     /// `Online`, `ConnectionLost` or `Inactive`.
     pub ping_status: String,
     /// The instance's tags, as DescribeInstanceInformation's `tag:KEY` filters see them.
@@ -91,7 +94,8 @@ impl Default for Config {
 
 impl Config {
     pub fn with_instance(mut self, id: &str, host: &str) -> Self {
-        let instance = Instance { host: host.to_owned(), ping_status: "Online".into(), tags: BTreeMap::new() };
+        let instance =
+            Instance { host: host.to_owned(), netns: None, ping_status: "Online".into(), tags: BTreeMap::new() };
         self.instances.insert(id.to_owned(), instance);
         self
     }

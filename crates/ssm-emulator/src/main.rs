@@ -12,6 +12,7 @@ use ssm_emulator::{Config, Emulator, Faults, Profile};
 ///
 /// Example:
 ///   ssm-emulator --listen 127.0.0.1:4566 --instance i-0123456789abcdef0=127.0.0.1
+///   (add --netns i-0123456789abcdef0=NAME to put that instance in network namespace NAME)
 ///   AWS_ENDPOINT_URL=http://127.0.0.1:4566 AWS_REGION=us-east-1 \
 ///   AWS_ACCESS_KEY_ID=AKIAEMULATOR00000001 \
 ///   AWS_SECRET_ACCESS_KEY=emulator/secret/key/000000000000000000000 \
@@ -25,6 +26,11 @@ struct Args {
     /// An instance: ID=HOST, where HOST stands for the instance's localhost. Repeatable.
     #[arg(long = "instance", value_name = "ID=HOST", required = true)]
     instances: Vec<String>,
+    /// The network namespace an instance lives in: ID=NAME (in /run/netns) or
+    /// ID=PATH. Its Port sessions dial HOST from there and its shell sessions
+    /// (the default shell document, AWS-StartInteractiveCommand) run there. Root only.
+    #[arg(long = "netns", value_name = "ID=NAME")]
+    netns: Vec<String>,
     /// A tag of an instance: ID=KEY=VALUE. Repeatable.
     #[arg(long = "tag", value_name = "ID=KEY=VALUE")]
     tags: Vec<String>,
@@ -110,6 +116,14 @@ async fn main() -> anyhow::Result<()> {
         let (id, key, value) = parsed.with_context(|| format!("--tag {spec:?}: expected ID=KEY=VALUE"))?;
         let instance = config.instances.get_mut(id).with_context(|| format!("--tag {spec:?}: no --instance {id}"))?;
         instance.tags.insert(key.to_owned(), value.to_owned());
+    }
+    for spec in &args.netns {
+        let (id, ns) = spec.split_once('=').with_context(|| format!("--netns {spec:?}: expected ID=NAME"))?;
+        let path =
+            if ns.contains('/') { std::path::PathBuf::from(ns) } else { std::path::Path::new("/run/netns").join(ns) };
+        std::fs::File::open(&path).with_context(|| format!("--netns {spec:?}: cannot open {}", path.display()))?;
+        let instance = config.instances.get_mut(id).with_context(|| format!("--netns {spec:?}: no --instance {id}"))?;
+        instance.netns = Some(path);
     }
     for spec in &args.hosted_zones {
         let (vpc, zone) = spec.split_once('=').with_context(|| format!("--hosted-zone {spec:?}: expected VPC=ZONE"))?;

@@ -114,6 +114,7 @@ fn run_pair(seed: u64, bytes_each_way: usize, faults: LinkFaults) -> Outcome {
     let mut agent = AgentChannel::new(
         Box::new(SimEnv { ms: 1_700_000_000_000, rng: StdRng::seed_from_u64(seed ^ 2) }),
         "3.3.987.0",
+        "Port",
         props,
     );
     let mut link = Link {
@@ -190,7 +191,7 @@ fn run_pair(seed: u64, bytes_each_way: usize, faults: LinkFaults) -> Outcome {
                     agent.consumed_input(now, d.len());
                 }
                 AgentEvent::Failed(e) => panic!("agent failed: {e}"),
-                AgentEvent::Flag(_) => {}
+                AgentEvent::Flag(_) | AgentEvent::Size { .. } => {}
             }
         }
         // Advance the clock to the next thing that can happen.

@@ -42,6 +42,8 @@ pub enum AgentEvent {
     HandshakeDone { client_version: String, mode: PortMode },
     /// Output bytes from the client, in order.
     Input(Vec<u8>),
+    /// A terminal size (payload type Size) for a shell session.
+    Size { cols: u16, rows: u16 },
     /// A Flag from the client (DisconnectToPort, TerminateSession).
     Flag(Flag),
     /// The session failed (handshake refused or timed out).
@@ -66,6 +68,7 @@ struct Outgoing {
 pub struct AgentChannel {
     env: Box<dyn Environment>,
     agent_version: String,
+    session_type: String,
     properties: BTreeMap<String, serde_json::Value>,
     handshake: Handshake,
     paused: bool,
@@ -101,11 +104,13 @@ impl AgentChannel {
     pub fn new(
         env: Box<dyn Environment>,
         agent_version: impl Into<String>,
+        session_type: impl Into<String>,
         properties: BTreeMap<String, serde_json::Value>,
     ) -> Self {
         AgentChannel {
             env,
             agent_version: agent_version.into(),
+            session_type: session_type.into(),
             properties,
             handshake: Handshake::NotStarted,
             paused: false,
@@ -135,7 +140,7 @@ impl AgentChannel {
             requested_client_actions: vec![RequestedClientAction {
                 action_type: action_type::SESSION_TYPE.into(),
                 action_parameters: serde_json::to_value(SessionTypeRequest {
-                    session_type: "Port".into(),
+                    session_type: self.session_type.clone(),
                     properties: self.properties.clone(),
                 })
                 .unwrap_or_default(),
@@ -336,6 +341,18 @@ impl AgentChannel {
                     PayloadType::FLAG => {
                         if let Some(f) = Flag::parse(&msg.payload) {
                             self.events.push_back(AgentEvent::Flag(f));
+                        }
+                    }
+                    // The shell plugin's SetSize; a malformed one is logged and dropped there.
+                    PayloadType::SIZE => {
+                        #[derive(serde::Deserialize)]
+                        struct SizeData {
+                            cols: u32,
+                            rows: u32,
+                        }
+                        if let Ok(s) = serde_json::from_slice::<SizeData>(&msg.payload) {
+                            let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+                            self.events.push_back(AgentEvent::Size { cols: clamp(s.cols), rows: clamp(s.rows) });
                         }
                     }
                     _ => {}

@@ -1,6 +1,7 @@
-//! The instance side of a Port session: the data channel as the SSM agent runs
-//! it ([`channel`]) and the port plugin that dials targets, modelled on
-//! `agent/session/plugins/port/port_basic.go` and `port_mux.go`.
+//! The instance side of a session: the data channel as the SSM agent runs it
+//! ([`channel`]), the port plugin that dials targets, modelled on
+//! `agent/session/plugins/port/port_basic.go` and `port_mux.go`, and the shell
+//! plugin ([`instance`], `agent/session/shell/shell.go`).
 //!
 //! One task per session owns everything. It starts when StartSession is
 //! called (the real agent starts its plugin on the service's start_session
@@ -8,6 +9,7 @@
 //! attach and detach as the client reconnects.
 
 pub mod channel;
+mod instance;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -58,13 +60,37 @@ pub struct Target {
     pub port: u16,
 }
 
+/// Which session plugin runs.
+#[derive(Debug, Clone)]
+pub enum Plugin {
+    /// Port forwarding to `target`.
+    Port(Target),
+    /// A shell in a pseudo terminal: `Standard_Stream` (`command: None`) or
+    /// `InteractiveCommands` (`sh -c command`).
+    Shell { command: Option<String> },
+}
+
+impl Plugin {
+    /// The SessionType of the handshake.
+    pub fn session_type(&self) -> &'static str {
+        match self {
+            Plugin::Port(_) => "Port",
+            Plugin::Shell { command: None } => "Standard_Stream",
+            Plugin::Shell { command: Some(_) } => "InteractiveCommands",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
     pub session_id: String,
     pub instance_id: String,
     pub agent_version: String,
     pub properties: BTreeMap<String, serde_json::Value>,
-    pub target: Target,
+    pub plugin: Plugin,
+    /// The instance's network namespace (a file such as /run/netns/NAME): where
+    /// targets are dialled from and shells run. `None`: the emulator's own.
+    pub netns: Option<std::path::PathBuf>,
     pub profile: Profile,
     /// Hold frames for a detached client and deliver them when it reattaches.
     pub buffer_detached: bool,
@@ -79,7 +105,14 @@ enum TargetEvent {
     Data(u32, Vec<u8>),
     Eof(u32),
     Written(usize),
+    ShellOutput(Vec<u8>),
+    /// The shell ended, with its exit status.
+    ShellExited(String),
 }
+
+/// How long a shell session that ended waits for the client to ack what is
+/// still outstanding (the agent's PrepareToCloseChannel) before it closes.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 enum Stream {
     Dialing(Vec<Vec<u8>>),
@@ -113,12 +146,20 @@ struct Runtime {
     out: VecDeque<u8>,
     events_tx: mpsc::Sender<TargetEvent>,
     done: Option<String>,
+    shell: Option<instance::Shell>,
+    /// The shell exited: the session closes once its output is acked, or at this time.
+    closing: Option<Instant>,
 }
 
 /// Runs one session's agent until it ends; returns why.
 pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> String {
     let (events_tx, mut events_rx) = mpsc::channel(16);
-    let chan = AgentChannel::new(Box::new(SystemEnvironment), spec.agent_version.clone(), spec.properties.clone());
+    let chan = AgentChannel::new(
+        Box::new(SystemEnvironment),
+        spec.agent_version.clone(),
+        spec.plugin.session_type(),
+        spec.properties.clone(),
+    );
     let mut rt = Runtime {
         spec,
         chan,
@@ -131,12 +172,20 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
         out: VecDeque::new(),
         events_tx,
         done: None,
+        shell: None,
+        closing: None,
     };
     let start = Instant::now();
     rt.chan.start(start.into_std());
     let mut next_send = start;
     loop {
         rt.flush();
+        if let Some(t) = rt.closing {
+            // SendAgentSessionStateMessage(Terminating) after PrepareToCloseChannel.
+            if (rt.out.is_empty() && rt.chan.unacked() == 0) || Instant::now() >= t {
+                rt.done = Some(String::new());
+            }
+        }
         if let Some(why) = rt.done.take() {
             rt.close_client(&why);
             return why;
@@ -152,7 +201,7 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
             continue;
         }
         // From here on `out` holds data only with the stock profile.
-        let timer = rt.chan.poll_timeout().map(Instant::from_std);
+        let timer = [rt.chan.poll_timeout().map(Instant::from_std), rt.closing].into_iter().flatten().min();
         let pace = (!rt.out.is_empty()).then_some(next_send);
         let read_targets = rt.out.len() < MAX_OUT;
         tokio::select! {
@@ -275,6 +324,22 @@ impl Runtime {
     async fn handle_events(&mut self) {
         while let Some(ev) = self.chan.poll_event() {
             match ev {
+                AgentEvent::HandshakeDone { client_version, .. }
+                    if matches!(self.spec.plugin, Plugin::Shell { .. }) =>
+                {
+                    info!(session = %self.spec.session_id, %client_version, "handshake complete; starting the shell");
+                    let Plugin::Shell { command } = &self.spec.plugin else { continue };
+                    match instance::Shell::spawn(command.as_deref(), self.spec.netns.as_deref(), self.events_tx.clone())
+                    {
+                        Ok(sh) => self.shell = Some(sh),
+                        Err(e) => self.done = Some(format!("Unable to start command: {e}")),
+                    }
+                }
+                AgentEvent::Size { cols, rows } => {
+                    if let Some(Err(e)) = self.shell.as_ref().map(|sh| sh.resize(cols, rows)) {
+                        warn!("Unable to set pty size: {e}");
+                    }
+                }
                 AgentEvent::HandshakeDone { client_version, mode } => {
                     info!(session = %self.spec.session_id, %client_version, ?mode, "handshake complete");
                     self.mode = Some(mode);
@@ -308,8 +373,17 @@ impl Runtime {
         }
     }
 
+    fn target(&self) -> Target {
+        match &self.spec.plugin {
+            Plugin::Port(t) => t.clone(),
+            // Never dialled: shell sessions have no port mode.
+            Plugin::Shell { .. } => Target { host: String::new(), port: 0 },
+        }
+    }
+
     async fn dial_basic(&mut self) -> std::io::Result<()> {
-        let stream = TcpStream::connect((self.spec.target.host.as_str(), self.spec.target.port)).await?;
+        let t = self.target();
+        let stream = instance::dial(&t.host, t.port, self.spec.netns.as_deref()).await?;
         self.basic_id += 1;
         let id = self.basic_id;
         self.streams.insert(id, Stream::Dialing(Vec::new()));
@@ -318,6 +392,13 @@ impl Runtime {
     }
 
     async fn handle_input(&mut self, d: Vec<u8>) {
+        if let Some(sh) = &self.shell {
+            let n = d.len();
+            if !sh.write(d) {
+                self.chan.consumed_input(Instant::now().into_std(), n);
+            }
+            return;
+        }
         match self.mode {
             Some(PortMode::Basic) => {
                 let n = d.len();
@@ -361,9 +442,10 @@ impl Runtime {
     fn dial_mux(&mut self, sid: StreamId) {
         self.streams.insert(sid.0, Stream::Dialing(Vec::new()));
         let tx = self.events_tx.clone();
-        let (host, port) = (self.spec.target.host.clone(), self.spec.target.port);
+        let t = self.target();
+        let netns = self.spec.netns.clone();
         tokio::spawn(async move {
-            let r = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect((host.as_str(), port)))
+            let r = tokio::time::timeout(Duration::from_secs(10), instance::dial(&t.host, t.port, netns.as_deref()))
                 .await
                 .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "dial timed out")));
             let _ = tx.send(TargetEvent::Dialed(sid.0, r)).await;
@@ -467,9 +549,14 @@ impl Runtime {
             }
             // In mux mode input counts as consumed when smux takes it (above).
             TargetEvent::Written(n) => {
-                if self.mode == Some(PortMode::Basic) {
+                if self.mode == Some(PortMode::Basic) || self.shell.is_some() {
                     self.chan.consumed_input(now, n);
                 }
+            }
+            TargetEvent::ShellOutput(d) => self.out.extend(d),
+            TargetEvent::ShellExited(status) => {
+                info!(session = %self.spec.session_id, %status, "the shell exited");
+                self.closing = Some(Instant::now() + CLOSE_WAIT);
             }
         }
     }
