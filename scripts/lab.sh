@@ -5,8 +5,10 @@
 #   (ssm-proxy)      (router; netem-lite)    (ssm-emulator :4566)  (ec2-agent :7301, nobody)   (postgres, http, dns)
 #   (addresses in 192.168.0.0/16; the laptop's default gateway is wan)
 #
-# The emulator plays the AWS side and the instance's SSM agent: it dials the
-# ec2-agent at 192.168.101.2:7301 where the real SSM agent would dial 127.0.0.1.
+# The emulator plays the AWS side and the instance's SSM agent: for the
+# instance it dials from the instance namespace (--netns), so the ec2-agent
+# listens on that namespace's 127.0.0.1:7301 as on a real instance, and shell
+# sessions (`ssm-proxy agent install`) run there.
 #
 #   scripts/lab.sh up     BIN_DIR   start everything (BIN_DIR holds ssm-emulator and ec2-agent)
 #   scripts/lab.sh down             stop everything, delete the namespaces and files
@@ -18,7 +20,8 @@
 # IMPAIR="DELAY_MS LOSS" (say "20 0.005") makes the laptop<->aws link slow and
 # lossy both ways through netem-lite in the wan namespace (this kernel has no netem).
 # SECOND_INSTANCE=1 adds a second instance, $INSTANCE2, whose ec2-agent listens
-# at 192.168.101.3:7301 in the same namespace (pid in $DIR/agent2.pid).
+# at 192.168.101.3:7301 in the same namespace (pid in $DIR/agent2.pid); the
+# emulator takes that address for its localhost.
 set -euo pipefail
 LAB=${LAB:-lab}
 DIR=/tmp/ssm-proxy-$LAB
@@ -132,14 +135,14 @@ up() {
   local second=()
   if [ -n "${SECOND_INSTANCE:-}" ]; then
     in_ns instance ip addr add 192.168.101.3/24 dev "$LAB-i0"
-    second=(--instance "$INSTANCE2=192.168.101.3")
+    second=(--instance "$INSTANCE2=192.168.101.3" --netns "$INSTANCE2=$(ns instance)")
   fi
   # shellcheck disable=SC2086
   spawn aws "$DIR/emulator.log" "$bin/ssm-emulator" --listen 192.168.102.2:4566 \
-    --instance "$INSTANCE=192.168.101.2" "${second[@]}" --profile "${PROFILE:-fast}" \
+    --instance "$INSTANCE=127.0.0.1" --netns "$INSTANCE=$(ns instance)" "${second[@]}" --profile "${PROFILE:-fast}" \
     --hosted-zone "$VPC=private.lab" ${EMULATOR_ARGS:-}
   spawn instance "$DIR/agent.log" setpriv --reuid=nobody --regid=nogroup --clear-groups \
-    "$bin/ec2-agent" --listen 192.168.101.2:7301 --vpc "$VPC us-east-1"
+    "$bin/ec2-agent" --listen 127.0.0.1:7301 --vpc "$VPC us-east-1"
   echo $! > "$DIR/agent.pid"
   if [ -n "${SECOND_INSTANCE:-}" ]; then
     spawn instance "$DIR/agent2.log" setpriv --reuid=nobody --regid=nogroup --clear-groups \
@@ -148,7 +151,7 @@ up() {
     wait_port instance 192.168.101.3 7301
   fi
   wait_port laptop 192.168.102.2 4566
-  wait_port instance 192.168.101.2 7301
+  wait_port instance 127.0.0.1 7301
   wait_port vpc 10.10.0.2 8080
   wait_port vpc 10.10.0.2 5432
   trap - ERR

@@ -1,0 +1,106 @@
+//! `ssm-proxy agent install` / `uninstall` in the namespace lab: the emulator
+//! runs the shell sessions in the `instance` namespace, as the SSM agent runs
+//! them on an instance, and the installed ec2-agent then carries a tunnel.
+//! Root only. The lab has no systemd, so the agent is installed with
+//! `--no-systemd` under a prefix inside the lab's directory.
+
+mod labkit;
+mod netns;
+
+use labkit::*;
+
+use std::path::Path;
+use std::process::Output;
+
+const INSTANCE: &str = "i-0123456789abcdef0";
+
+/// The agent's pid from its pid file, if that process is an ec2-agent.
+fn installed_pid(root: &Path) -> Option<u32> {
+    let pid = std::fs::read_to_string(root.join("var/ec2-agent/ec2-agent.pid")).ok()?;
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", pid.trim())).ok()?;
+    cmdline.contains("ec2-agent").then(|| pid.trim().parse().ok())?
+}
+
+fn uid_of(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or("").split_whitespace().next().unwrap_or("").into()
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn agent_install_puts_a_working_agent_on_the_instance_through_ssm() {
+    if !require_root("agent_install_puts_a_working_agent_on_the_instance_through_ssm") {
+        return;
+    }
+    let lab = Lab::up(&prefix("n"), 2, &[]);
+    let root = lab.dir().join("instance-root");
+    let root_s = root.to_str().expect("path").to_owned();
+    let install = |extra: &[&str]| {
+        let mut args = vec!["agent", "install", "--instance-id", INSTANCE, "--agent-port", "7302", "--prefix", &root_s];
+        args.extend_from_slice(extra);
+        lab.ssm_proxy(&args)
+    };
+
+    // The lab's instance has no systemd: refused with the way out, nothing sent.
+    if !Path::new("/run/systemd/system").exists() {
+        let out = install(&[]);
+        assert!(!out.status.success());
+        let t = text(&out);
+        assert!(t.contains("has no systemd") && t.contains("--no-systemd"), "{t}");
+        assert!(!root.join("bin/ec2-agent").exists());
+    }
+
+    // Installed (found next to ssm-proxy, as the native build), started as nobody, answering.
+    let out = install(&["--no-systemd"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("Installing") && t.contains("sending the ec2-agent: done"), "{t}");
+    assert!(t.contains(&format!("answers on {INSTANCE} port 7302")), "{t}");
+    let pid = installed_pid(&root).expect("the installed agent runs");
+    assert_eq!(uid_of(pid), "65534", "runs as nobody");
+    let sent = std::fs::read(root.join("bin/ec2-agent")).expect("installed binary");
+    assert_eq!(sent, std::fs::read(bin_dir().join("ec2-agent")).expect("local agent"), "sent byte for byte");
+
+    // Again: nothing to do, same process.
+    let t = text(&install(&["--no-systemd"]));
+    assert!(t.contains("already runs this ec2-agent") && t.contains("nothing to do"), "{t}");
+    assert_eq!(installed_pid(&root), Some(pid));
+
+    // Another build replaces it only with --upgrade.
+    let other = lab.dir().join("ec2-agent-other");
+    let mut bytes = sent.clone();
+    bytes.extend_from_slice(b"another build");
+    std::fs::write(&other, &bytes).expect("other build");
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let other_s = other.to_str().expect("path");
+    let out = install(&["--no-systemd", "--agent-binary", other_s]);
+    assert!(!out.status.success() && text(&out).contains("pass --upgrade"), "{}", text(&out));
+    assert_eq!(installed_pid(&root), Some(pid), "left alone");
+    let out = install(&["--no-systemd", "--agent-binary", other_s, "--upgrade"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let upgraded = installed_pid(&root).expect("the upgraded agent runs");
+    assert_ne!(upgraded, pid);
+    assert_eq!(std::fs::read(root.join("bin/ec2-agent")).expect("binary"), bytes);
+
+    // A tunnel through the installed agent (the lab's own agent is stopped first).
+    lab.kill_first_agent();
+    let mut daemon = lab.start(&["--agent-port", "7302"]);
+    let answer = ok(lab.laptop_out("psql", &["-h", "10.10.0.2", "-U", "postgres", "-tAc", "select 6 * 7"]), "psql");
+    assert_eq!(answer, "42");
+    lab.fetch_blob(60);
+    lab.stop(&mut daemon, "lab");
+
+    // Uninstall: stopped and removed; a second one finds nothing.
+    let out = lab.ssm_proxy(&["agent", "uninstall", "--instance-id", INSTANCE, "--prefix", &root_s]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains(&format!("stopped pid {upgraded}")) && t.contains("removed"), "{t}");
+    assert!(!root.join("bin/ec2-agent").exists() && installed_pid(&root).is_none());
+    let t = text(&lab.ssm_proxy(&["agent", "uninstall", "--instance-id", INSTANCE, "--prefix", &root_s]));
+    assert!(t.contains("nothing removed"), "{t}");
+    // The emulator ran each of those as a shell session in the instance namespace.
+    assert!(lab.log("emulator.log").contains("starting the shell"), "{}", lab.log("emulator.log"));
+}
