@@ -23,7 +23,7 @@ export PATH="$ZIGENV/bin:$PATH"
 command -v rustup >/dev/null || { echo "dist: needs rustup (for the musl standard libraries)" >&2; exit 1; }
 version=$(cargo metadata --no-deps --format-version 1 --locked |
   python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "ssm-proxy"))')
-mkdir -p "$OUT"
+mkdir -p "$OUT/agents"
 for t in $TARGETS; do
   echo "dist: $t" >&2
   rustup target add "$t" >/dev/null
@@ -36,9 +36,16 @@ for t in $TARGETS; do
       exit 1
     fi
   done
-  tar -czf "$OUT/ssm-proxy-$version-$t.tar.gz" -C "$bin" ssm-proxy ec2-agent -C "$PWD" LICENSE README.md \
-    packaging/ec2-agent.service
+  # `ssm-proxy agent install` sends ec2-agent-linux-ARCH found next to itself.
+  cp "$bin/ec2-agent" "$OUT/agents/ec2-agent-linux-${t%%-*}"
   ls -l "$bin/ssm-proxy" "$bin/ec2-agent" | awk '{printf "dist:   %s %.1f MiB\n", $NF, $5 / 1048576}' >&2
+done
+# Each archive: its ssm-proxy and ec2-agent, and the agents of every built
+# architecture for installing on instances of another one.
+agents=$(cd "$OUT/agents" && pwd)
+for t in $TARGETS; do
+  tar -czf "$OUT/ssm-proxy-$version-$t.tar.gz" -C "target/$t/release" ssm-proxy ec2-agent \
+    -C "$agents" . -C "$PWD" LICENSE README.md packaging/ec2-agent.service
 done
 # The one this machine can run, run.
 host="$(uname -m)-unknown-linux-musl"
