@@ -91,6 +91,17 @@ fn stream_url(shared: &Shared, host: &str, session_id: &str) -> String {
 
 fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> Result<Value, ApiError> {
     let document = req.document_name.unwrap_or_else(|| "SSM-SessionManagerRunShell".into());
+    if shared.config.denied_documents.contains(&document) {
+        // IAM evaluates the document as a resource of ssm:StartSession.
+        return Err(err(
+            "AccessDeniedException",
+            format!(
+                "User: arn:aws:iam::123456789012:user/emulator is not authorized to perform: ssm:StartSession \
+                 on resource: arn:aws:ssm:us-east-1::document/{document} because no identity-based policy \
+                 allows the ssm:StartSession action"
+            ),
+        ));
+    }
     let Some(instance) = shared.config.instances.get(&req.target) else {
         return Err(err("TargetNotConnected", format!("{} is not connected.", req.target)));
     };

@@ -71,6 +71,9 @@ pub struct Config {
     /// Scheme of the StreamUrl handed out: `ws`, or `wss` when a TLS front
     /// end sits before the emulator.
     pub stream_url_scheme: String,
+    /// Session documents the caller's IAM policy does not allow:
+    /// StartSession with one of them is AccessDeniedException.
+    pub denied_documents: Vec<String>,
 }
 
 /// The credentials tests and the demo use.
@@ -87,6 +90,7 @@ impl Default for Config {
             profile: Profile::Fast,
             faults: Faults::default(),
             seed: 1,
+            denied_documents: Vec::new(),
             stream_url_scheme: "ws".into(),
         }
     }

@@ -40,6 +40,10 @@ struct Args {
     /// An instance's PingStatus (default Online): ID=STATUS. Repeatable.
     #[arg(long = "ping-status", value_name = "ID=STATUS")]
     ping_statuses: Vec<String>,
+    /// A session document the caller may not use (AccessDeniedException), as an
+    /// IAM policy without it would. Repeatable.
+    #[arg(long = "deny-document", value_name = "DOCUMENT")]
+    deny_documents: Vec<String>,
     /// Accepted credentials as ACCESS_KEY:SECRET (default: the built-in test pair). Repeatable.
     #[arg(long = "credentials", value_name = "KEY:SECRET")]
     credentials: Vec<String>,
@@ -96,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
         profile: args.profile,
         seed: args.seed,
         stream_url_scheme: args.stream_url_scheme,
+        denied_documents: args.deny_documents,
         faults: Faults {
             drop: probability("drop", args.drop)?,
             duplicate: probability("duplicate", args.duplicate)?,

@@ -104,3 +104,38 @@ fn agent_install_puts_a_working_agent_on_the_instance_through_ssm() {
     // The emulator ran each of those as a shell session in the instance namespace.
     assert!(lab.log("emulator.log").contains("starting the shell"), "{}", lab.log("emulator.log"));
 }
+
+/// A user whose IAM policy lacks the shell document learns which permission to add.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_install_without_the_shell_document_names_the_permission() {
+    use ssm_emulator::config::{TEST_ACCESS_KEY, TEST_SECRET_KEY};
+    let config = ssm_emulator::Config {
+        denied_documents: vec!["SSM-SessionManagerRunShell".into()],
+        ..ssm_emulator::Config::default()
+    }
+    .with_instance(INSTANCE, "127.0.0.1");
+    let emulator = ssm_emulator::Emulator::start(config, "127.0.0.1:0".parse().expect("addr")).await.expect("emulator");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ssm-proxy"))
+        // A binary that does not exist: should the refusal ever fail to come,
+        // nothing could be installed on this machine.
+        .args(["agent", "install", "--instance-id", INSTANCE, "--agent-binary", "/nonexistent/ec2-agent"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AWS_ENDPOINT_URL", emulator.endpoint_url())
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .await
+        .expect("run ssm-proxy");
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains(&format!(
+            "not authorized to perform ssm:StartSession on {INSTANCE} with SSM-SessionManagerRunShell"
+        )),
+        "{t}"
+    );
+    assert!(t.contains("allow ssm:StartSession on arn:aws:ssm:*:*:document/SSM-SessionManagerRunShell"), "{t}");
+}
