@@ -87,7 +87,8 @@ fn probability(name: &str, p: f64) -> anyhow::Result<f64> {
     Ok(p)
 }
 
-#[tokio::main]
+// One thread, like the daemon and the agent: fewer cross-core wake-ups per frame.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))

@@ -225,7 +225,12 @@ fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
     tokio::spawn(async move {
         match hyper::upgrade::on(&mut req).await {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ssm_channel::transport::ws_config()),
+                )
+                .await;
                 relay(shared, session_id, ws).await;
             }
             Err(e) => debug!("upgrade failed: {e}"),
