@@ -213,6 +213,10 @@ def main():
                     else:
                         p = start_tunnel(bin_dir)
                         r = measure(a.seconds)
+                        # The tunnel's own counters (drops, queue, retransmissions) explain odd rows.
+                        st = subprocess.run(inn("laptop", [f"{bin_dir}/ssm-proxy", "status"]), capture_output=True,
+                                            text=True, env={**os.environ, **lab_env()})
+                        print(f"bench: {what} on the {link} link, tunnel status:\n{st.stdout}{st.stderr}", file=sys.stderr)
                         stop_tunnel(p)
                     rows.append((link, what, r))
                 finally:

@@ -174,3 +174,31 @@ fn base64_lines_are_short_and_decode_to_the_input() {
     assert_eq!(base64::engine::general_purpose::STANDARD.decode(joined).expect("base64"), data);
     assert_eq!(base64_lines(b""), "");
 }
+
+#[test]
+fn the_generated_unit_passes_systemd_analyze_verify() {
+    use std::process::Command;
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        assert!(
+            std::env::var("SSM_PROXY_ROOT_TESTS").as_deref() != Ok("require"),
+            "systemd-analyze is missing (scripts/ensure-deps.sh installs it)"
+        );
+        eprintln!("skipped: no systemd-analyze");
+        return;
+    }
+    // verify checks that ExecStart's program exists: a stand-in under a prefix of our own.
+    let dir = std::env::temp_dir().join(format!("ssm-proxy-agent-unit-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("bin")).expect("dir");
+    std::fs::copy("/bin/true", dir.join("bin/ec2-agent")).expect("stand-in");
+    let unit = systemd_unit(&Layout { prefix: dir.to_str().expect("path").into(), port: 7302 });
+    let path = dir.join("ec2-agent.service");
+    std::fs::write(&path, unit).expect("unit");
+    let verify = Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("systemd-analyze");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
