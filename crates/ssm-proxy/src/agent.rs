@@ -153,7 +153,11 @@ async fn open_shell(args: &InstallArgs) -> anyhow::Result<(SsmApi, Trust, remote
 
 async fn install(args: InstallArgs) -> anyhow::Result<()> {
     let (api, trust, mut sh, layout) = open_shell(&args).await?;
-    let result = install_through(&mut sh, &args, &layout).await;
+    // Ctrl-C still ends the shell session (and its temporary files) properly.
+    let result = tokio::select! {
+        r = install_through(&mut sh, &args, &layout) => r,
+        _ = crate::ssm::shutdown_signal() => Err(anyhow::anyhow!("interrupted; nothing was started")),
+    };
     let closed = sh.close(&api).await;
     let plan = result?;
     if let Err(e) = closed {
@@ -236,12 +240,14 @@ async fn install_through(
 
 async fn uninstall(args: InstallArgs) -> anyhow::Result<()> {
     let (api, _trust, mut sh, layout) = open_shell(&args).await?;
-    let result = async {
-        let probe = install::probe(&mut sh, &layout).await?;
-        let s = probe.root_prefix(&args.instance_id)?;
-        sh.run_ok("removing the ec2-agent", &install::uninstall_script(&layout, s)).await
-    }
-    .await;
+    let result = tokio::select! {
+        r = async {
+            let probe = install::probe(&mut sh, &layout).await?;
+            let s = probe.root_prefix(&args.instance_id)?;
+            sh.run_ok("removing the ec2-agent", &install::uninstall_script(&layout, s)).await
+        } => r,
+        _ = crate::ssm::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+    };
     let closed = sh.close(&api).await;
     let out = result?;
     if let Err(e) = closed {

@@ -26,6 +26,16 @@ fn uid_of(pid: u32) -> String {
     status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or("").split_whitespace().next().unwrap_or("").into()
 }
 
+/// The temporary files `agent install` makes on the instance (/tmp/ssm-proxy.XXXXXXXX).
+fn sent_files() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/tmp")
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .unwrap_or_default();
+    v.retain(|n| n.starts_with("ssm-proxy.") && n.len() == "ssm-proxy.".len() + 8);
+    v.sort();
+    v
+}
+
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -54,6 +64,7 @@ fn agent_install_puts_a_working_agent_on_the_instance_through_ssm() {
     }
 
     // Installed (found next to ssm-proxy, as the native build), started as nobody, answering.
+    let temps_before = sent_files();
     let out = install(&["--no-systemd"]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
@@ -63,6 +74,7 @@ fn agent_install_puts_a_working_agent_on_the_instance_through_ssm() {
     assert_eq!(uid_of(pid), "65534", "runs as nobody");
     let sent = std::fs::read(root.join("bin/ec2-agent")).expect("installed binary");
     assert_eq!(sent, std::fs::read(bin_dir().join("ec2-agent")).expect("local agent"), "sent byte for byte");
+    assert_eq!(sent_files(), temps_before, "the sent file was removed from /tmp");
 
     // Again: nothing to do, same process.
     let t = text(&install(&["--no-systemd"]));

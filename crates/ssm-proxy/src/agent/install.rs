@@ -216,6 +216,11 @@ pub fn systemd_unit(l: &Layout) -> String {
 pub fn install_script(l: &Layout, s: &str, tmp: Option<&str>, unit_tmp: Option<&str>) -> String {
     let bin = quote(&l.bin());
     let mut script = String::from("set -e\n");
+    // The sent files go whatever happens.
+    let temps: Vec<String> = tmp.iter().chain(unit_tmp.iter()).map(|t| quote(t)).collect();
+    if !temps.is_empty() {
+        let _ = writeln!(script, "trap 'rm -f {}' EXIT", temps.join(" ").replace('\'', "'\\''"));
+    }
     if let Some(tmp) = tmp {
         let _ = write!(
             script,

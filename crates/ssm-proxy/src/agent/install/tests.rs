@@ -96,6 +96,8 @@ fn scripts_quote_paths_and_use_the_root_prefix() {
     assert!(s.starts_with("set -e\n"));
     assert!(s.contains("sudo -n install -m 0755 '/tmp/ssm-proxy.AB' '/opt/it'\\''s here/bin/ec2-agent'.new"), "{s}");
     assert!(s.contains("--reuid=nobody") && s.contains("127.0.0.1:7302"), "{s}");
+    // The sent file is removed on every exit of the script.
+    assert!(s.contains("trap 'rm -f '\\''/tmp/ssm-proxy.AB'\\''' EXIT\n"), "{s}");
     // With a unit: systemctl, no background process.
     let s = install_script(&layout(), "", None, Some("/tmp/u"));
     assert!(s.contains("install -m 0644 '/tmp/u' /etc/systemd/system/ec2-agent.service"), "{s}");
