@@ -2,7 +2,8 @@
 # The demo (Linux, root): the whole tunnel against the local AWS emulator, in the
 # four-namespace lab of scripts/lab.sh. `ssm-proxy start` runs in "laptop" and routes
 # 10.10.0.0/16 through the emulated Session Manager to the real ec2-agent in
-# "instance"; plain psql, curl, dig and ping then reach the servers in "vpc".
+# "instance", which `ssm-proxy agent install` first puts there through a shell
+# session; plain psql, curl, dig and ping then reach the servers in "vpc".
 # Everything is torn down on exit, whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +26,12 @@ envs=$(bash scripts/lab.sh env | xargs)
 laptop() { ip netns exec demo-laptop env $envs "$@"; }
 DIR=/tmp/ssm-proxy-demo
 
-echo "==> [laptop] sudo ssm-proxy start --instance-id i-0123456789abcdef0 --cidr 10.10.0.0/16"
-laptop "$BIN/ssm-proxy" start --instance-id i-0123456789abcdef0 --cidr 10.10.0.0/16 --name demo \
+echo "==> [laptop] ssm-proxy agent install --instance-id i-0123456789abcdef0 --agent-port 7302 (through SSM;"
+echo "    the lab has no systemd, hence --no-systemd, and a prefix of its own)"
+laptop "$BIN/ssm-proxy" agent install --instance-id i-0123456789abcdef0 --agent-port 7302 \
+  --no-systemd --prefix "$DIR/instance-root" 2>&1 | sed 's/^/    /'
+echo "==> [laptop] sudo ssm-proxy start --instance-id i-0123456789abcdef0 --cidr 10.10.0.0/16 --agent-port 7302"
+laptop "$BIN/ssm-proxy" start --instance-id i-0123456789abcdef0 --cidr 10.10.0.0/16 --agent-port 7302 --name demo \
   > "$DIR/daemon.out" 2> "$DIR/daemon.log" &
 daemon=$!
 for _ in $(seq 300); do grep -q ' up: ' "$DIR/daemon.out" 2>/dev/null && break; sleep 0.1; done

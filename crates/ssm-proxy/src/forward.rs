@@ -107,5 +107,7 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     });
     let done = (&mut session.task).await;
     accept.abort();
-    finish(&api, &session_id, done).await
+    finish(&api, &session_id, done).await?;
+    eprintln!("Session {session_id} ended.");
+    Ok(())
 }

@@ -200,8 +200,10 @@ fn man(dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, quiet: bool) {
     let default = match verbose {
+        // `agent` commands print their own progress; their sessions' logs are for -v.
+        0 if quiet => "warn,aws_config=error",
         // The SDK warns about every provider it tries (IMDS...); our errors say what matters.
         0 => "warn,aws_config=error,ssm_proxy=info,ssm_channel=info",
         1 => "info,ssm_proxy=debug,ssm_channel=debug",
@@ -219,7 +221,7 @@ fn init_logging(verbose: u8) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, matches!(cli.command, Command::Agent(_)));
     // One thread: every packet crosses several tasks (device or socket, queue,
     // stream), and on a multi-threaded runtime each crossing could wake another
     // core. Measured in the lab (bench_tunnel.py, clean link): 290-305 -> 430-446

@@ -194,7 +194,7 @@ pub async fn finish(
     );
     match summary.end {
         SessionEnd::Terminated { .. } => {
-            eprintln!("Session {session_id} ended.");
+            info!(session = %session_id, "session ended");
             Ok(())
         }
         SessionEnd::ChannelClosed(reason) if reason.is_empty() => bail!("the service closed session {session_id}"),
