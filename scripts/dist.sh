@@ -45,7 +45,7 @@ done
 agents=$(cd "$OUT/agents" && pwd)
 for t in $TARGETS; do
   tar -czf "$OUT/ssm-proxy-$version-$t.tar.gz" -C "target/$t/release" ssm-proxy ec2-agent \
-    -C "$agents" . -C "$PWD" LICENSE README.md packaging/ec2-agent.service
+    -C "$agents" $(cd "$agents" && ls) -C "$PWD" LICENSE README.md packaging/ec2-agent.service
 done
 # The one this machine can run, run.
 host="$(uname -m)-unknown-linux-musl"
