@@ -133,12 +133,14 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
             (Plugin::Port(target), properties)
         }
         // The default shell document: sessionType Standard_Stream, no properties.
-        "SSM-SessionManagerRunShell" => (Plugin::Shell { command: None }, BTreeMap::new()),
+        "SSM-SessionManagerRunShell" => {
+            (Plugin::Shell { command: None, program: instance.shell.clone() }, BTreeMap::new())
+        }
         "AWS-StartInteractiveCommand" => {
             let command = one("command").ok_or_else(|| err("ValidationException", "parameter command is required"))?;
             let shell = json!({"commands": command, "runAsElevated": false});
             let properties = BTreeMap::from([("linux".to_owned(), shell.clone()), ("macos".to_owned(), shell)]);
-            (Plugin::Shell { command: Some(command) }, properties)
+            (Plugin::Shell { command: Some(command), program: instance.shell.clone() }, properties)
         }
         other => return Err(err("InvalidDocument", format!("Document {other} is not supported by this emulator"))),
     };

@@ -49,6 +49,8 @@ pub struct Instance {
     /// The instance's network namespace (a file such as /run/netns/NAME):
     /// Port sessions dial from it and shell sessions run in it.
     pub netns: Option<std::path::PathBuf>,
+    /// What the instance's `sh` is: shell sessions run it (default `sh`).
+    pub shell: String,
     /// `Online`, `ConnectionLost` or `Inactive`.
     pub ping_status: String,
     /// The instance's tags, as DescribeInstanceInformation's `tag:KEY` filters see them.
@@ -98,8 +100,13 @@ impl Default for Config {
 
 impl Config {
     pub fn with_instance(mut self, id: &str, host: &str) -> Self {
-        let instance =
-            Instance { host: host.to_owned(), netns: None, ping_status: "Online".into(), tags: BTreeMap::new() };
+        let instance = Instance {
+            host: host.to_owned(),
+            netns: None,
+            shell: "sh".into(),
+            ping_status: "Online".into(),
+            tags: BTreeMap::new(),
+        };
         self.instances.insert(id.to_owned(), instance);
         self
     }

@@ -31,6 +31,10 @@ struct Args {
     /// (the default shell document, AWS-StartInteractiveCommand) run there. Root only.
     #[arg(long = "netns", value_name = "ID=NAME")]
     netns: Vec<String>,
+    /// What an instance's `sh` is, for its shell sessions: ID=PROGRAM (default
+    /// sh; bash is what Amazon Linux's sh is). Repeatable.
+    #[arg(long = "shell", value_name = "ID=PROGRAM")]
+    shells: Vec<String>,
     /// A tag of an instance: ID=KEY=VALUE. Repeatable.
     #[arg(long = "tag", value_name = "ID=KEY=VALUE")]
     tags: Vec<String>,
@@ -130,6 +134,11 @@ async fn main() -> anyhow::Result<()> {
         std::fs::File::open(&path).with_context(|| format!("--netns {spec:?}: cannot open {}", path.display()))?;
         let instance = config.instances.get_mut(id).with_context(|| format!("--netns {spec:?}: no --instance {id}"))?;
         instance.netns = Some(path);
+    }
+    for spec in &args.shells {
+        let (id, program) = spec.split_once('=').with_context(|| format!("--shell {spec:?}: expected ID=PROGRAM"))?;
+        let instance = config.instances.get_mut(id).with_context(|| format!("--shell {spec:?}: no --instance {id}"))?;
+        instance.shell = program.to_owned();
     }
     for spec in &args.hosted_zones {
         let (vpc, zone) = spec.split_once('=').with_context(|| format!("--hosted-zone {spec:?}: expected VPC=ZONE"))?;

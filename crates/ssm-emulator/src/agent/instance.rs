@@ -74,17 +74,22 @@ pub struct Shell {
 }
 
 impl Shell {
-    /// Starts `sh` in a new pseudo terminal. Its output arrives as
+    /// Starts `program` (the instance's `sh`) in a new pseudo terminal. Its output arrives as
     /// [`TargetEvent::ShellOutput`], bytes written to it as
     /// [`TargetEvent::Written`], its end as [`TargetEvent::ShellExited`].
-    pub fn spawn(command: Option<&str>, netns: Option<&Path>, events: mpsc::Sender<TargetEvent>) -> io::Result<Shell> {
+    pub fn spawn(
+        program: &str,
+        command: Option<&str>,
+        netns: Option<&Path>,
+        events: mpsc::Sender<TargetEvent>,
+    ) -> io::Result<Shell> {
         let pty = nix::pty::openpty(None, None).map_err(io::Error::from)?;
         // Neither end may leak into the shell's children (the agent it starts in
         // the background, say): a leaked terminal would outlive the shell.
         for fd in [&pty.master, &pty.slave] {
             set_cloexec(fd)?;
         }
-        let mut cmd = Command::new("sh");
+        let mut cmd = Command::new(program);
         if let Some(c) = command {
             cmd.args(["-c", c]);
         }

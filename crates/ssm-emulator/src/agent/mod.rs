@@ -66,8 +66,9 @@ pub enum Plugin {
     /// Port forwarding to `target`.
     Port(Target),
     /// A shell in a pseudo terminal: `Standard_Stream` (`command: None`) or
-    /// `InteractiveCommands` (`sh -c command`).
-    Shell { command: Option<String> },
+    /// `InteractiveCommands` (`sh -c command`). `program` is what the
+    /// instance's `sh` is (bash on Amazon Linux, dash on Debian).
+    Shell { command: Option<String>, program: String },
 }
 
 impl Plugin {
@@ -75,8 +76,8 @@ impl Plugin {
     pub fn session_type(&self) -> &'static str {
         match self {
             Plugin::Port(_) => "Port",
-            Plugin::Shell { command: None } => "Standard_Stream",
-            Plugin::Shell { command: Some(_) } => "InteractiveCommands",
+            Plugin::Shell { command: None, .. } => "Standard_Stream",
+            Plugin::Shell { command: Some(_), .. } => "InteractiveCommands",
         }
     }
 }
@@ -327,10 +328,10 @@ impl Runtime {
                 AgentEvent::HandshakeDone { client_version, .. }
                     if matches!(self.spec.plugin, Plugin::Shell { .. }) =>
                 {
-                    info!(session = %self.spec.session_id, %client_version, "handshake complete; starting the shell");
-                    let Plugin::Shell { command } = &self.spec.plugin else { continue };
-                    match instance::Shell::spawn(command.as_deref(), self.spec.netns.as_deref(), self.events_tx.clone())
-                    {
+                    let Plugin::Shell { command, program } = &self.spec.plugin else { continue };
+                    info!(session = %self.spec.session_id, %client_version, %program, "handshake complete; starting the shell");
+                    let netns = self.spec.netns.as_deref();
+                    match instance::Shell::spawn(program, command.as_deref(), netns, self.events_tx.clone()) {
                         Ok(sh) => self.shell = Some(sh),
                         Err(e) => self.done = Some(format!("Unable to start command: {e}")),
                     }
