@@ -20,7 +20,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, info, warn};
 
@@ -32,7 +31,7 @@ use crate::version::{client_port_mode, PortMode};
 
 pub(crate) mod util;
 
-use util::{await_opt, changed, next_ws, reconnect_loop, reserve, sleep_until, trace_frame};
+use util::{await_opt, changed, next_ws, on_ws_message, reconnect_loop, reserve, sleep_until, trace_frame, WsOutcome};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -369,7 +368,7 @@ pub async fn run(
                 // Any message, a Pong included, shows the websocket still works.
                 probe_deadline = None;
                 for taken in 1.. {
-                    match on_ws_message(&mut core, msg, first_connection, &mut received_any) {
+                    match on_ws_message(&mut core.session, msg, first_connection, &mut received_any) {
                         WsOutcome::Handled => {}
                         WsOutcome::Lost => {
                             ws_rx = None;
@@ -455,58 +454,6 @@ pub async fn run(
 
 /// Most websocket messages handled in one turn of the driver loop.
 const WS_BURST: usize = 64;
-
-enum WsOutcome {
-    Handled,
-    /// The websocket is gone: reconnect.
-    Lost,
-    Rejected(PortError),
-}
-
-fn on_ws_message(
-    core: &mut Core,
-    msg: Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
-    first_connection: bool,
-    received_any: &mut bool,
-) -> WsOutcome {
-    let now = Instant::now();
-    match msg {
-        Some(Ok(WsMessage::Binary(b))) => {
-            *received_any = true;
-            if tracing::enabled!(tracing::Level::TRACE) {
-                trace_frame("in", &b);
-            }
-            if let Err(e) = core.session.handle_frame(now.into_std(), &b) {
-                debug!("dropped frame: {e}");
-            }
-        }
-        Some(Ok(WsMessage::Text(t))) => {
-            *received_any = true;
-            if let Err(e) = core.session.handle_frame(now.into_std(), t.as_bytes()) {
-                debug!("dropped text frame: {e}");
-            }
-        }
-        Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
-        Some(Ok(WsMessage::Close(frame))) => {
-            let (code, reason) =
-                frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
-            if first_connection && !*received_any && code == u16::from(CloseCode::Unsupported) {
-                return WsOutcome::Rejected(PortError::TokenRejected { code, reason });
-            }
-            info!(code, %reason, "service closed the websocket; reconnecting");
-            return WsOutcome::Lost;
-        }
-        Some(Err(e)) => {
-            info!("websocket error: {e}; reconnecting");
-            return WsOutcome::Lost;
-        }
-        None => {
-            info!("websocket ended; reconnecting");
-            return WsOutcome::Lost;
-        }
-    }
-    WsOutcome::Handled
-}
 
 impl Core {
     fn mux_timeout(&self) -> Option<std::time::Instant> {

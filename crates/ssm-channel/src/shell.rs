@@ -17,12 +17,11 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, info};
 
 use crate::codec::PayloadType;
-use crate::port::util::{await_opt, next_ws, reconnect_loop, sleep_until};
+use crate::port::util::{await_opt, next_ws, on_ws_message, reconnect_loop, sleep_until, WsOutcome};
 use crate::port::{BoxFuture, PortError, Resume, SessionEnd, Summary};
 use crate::session::{CloseReason, Event, HandshakeInfo, Session, SessionConfig, MAX_PAYLOAD, SHELL_SESSIONS};
 use crate::transport::{self, Endpoint, WsStream, PING_INTERVAL};
@@ -162,34 +161,10 @@ pub async fn run(
             .min();
         let take_input = input_open && pending.is_empty() && session.can_send();
         tokio::select! {
-            msg = next_ws(&mut ws_rx) => match msg {
-                Some(Ok(WsMessage::Binary(b))) => {
-                    received_any = true;
-                    if let Err(e) = session.handle_frame(Instant::now().into_std(), &b) {
-                        debug!("dropped frame: {e}");
-                    }
-                }
-                Some(Ok(WsMessage::Text(t))) => {
-                    received_any = true;
-                    if let Err(e) = session.handle_frame(Instant::now().into_std(), t.as_bytes()) {
-                        debug!("dropped text frame: {e}");
-                    }
-                }
-                Some(Ok(WsMessage::Close(frame))) => {
-                    let (code, reason) =
-                        frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
-                    if reconnects == 0 && !received_any && code == u16::from(CloseCode::Unsupported) {
-                        return Err(PortError::TokenRejected { code, reason });
-                    }
-                    info!(code, %reason, "service closed the websocket; reconnecting");
-                    ws_rx = None;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    info!("websocket error: {e}; reconnecting");
-                    ws_rx = None;
-                }
-                None => ws_rx = None,
+            msg = next_ws(&mut ws_rx) => match on_ws_message(&mut session, msg, reconnects == 0, &mut received_any) {
+                WsOutcome::Handled => {}
+                WsOutcome::Lost => ws_rx = None,
+                WsOutcome::Rejected(e) => return Err(e),
             },
             res = await_opt(&mut reconnect) => {
                 reconnect = None;

@@ -111,9 +111,10 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
     let one = |k: &str| req.parameters.get(k).and_then(|v| v.first()).cloned();
     let (plugin, properties) = match document.as_str() {
         "AWS-StartPortForwardingSession" | "AWS-StartPortForwardingSessionToRemoteHost" => {
-            let remote_host = match document.as_str() {
-                "AWS-StartPortForwardingSession" => None,
-                _ => Some(one("host").ok_or_else(|| err("ValidationException", "parameter host is required"))?),
+            let remote_host = if document == "AWS-StartPortForwardingSessionToRemoteHost" {
+                Some(one("host").ok_or_else(|| err("ValidationException", "parameter host is required"))?)
+            } else {
+                None
             };
             let port: u16 = one("portNumber")
                 .ok_or_else(|| err("ValidationException", "parameter portNumber is required"))?

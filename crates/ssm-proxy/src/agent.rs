@@ -253,16 +253,15 @@ async fn uninstall(args: InstallArgs) -> anyhow::Result<()> {
     if let Err(e) = closed {
         tracing::warn!("closing the shell session: {e:#}");
     }
-    let done: Vec<&str> = out.lines().filter_map(|l| l.split_once('=').map(|(_, v)| v)).collect();
+    let done: Vec<(&str, &str)> = out.lines().filter_map(|l| l.split_once('=')).collect();
     if done.is_empty() {
         println!(
             "No ec2-agent from `agent install` on {} (prefix {}); nothing removed.",
             args.instance_id, args.prefix
         );
-    } else {
-        for line in out.lines().filter_map(|l| l.split_once('=')) {
-            println!("{} {}", line.0, line.1);
-        }
+    }
+    for (what, which) in done {
+        println!("{what} {which}");
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! The driver loop's small helpers: optional futures, frame tracing, and the
-//! resume-and-redial loop.
+//! The driver loops' small helpers: optional futures, frame tracing, incoming
+//! websocket messages, and the resume-and-redial loop.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,10 +7,12 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tracing::{trace, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::{BoxFuture, PortError, Resume, WsSource};
+use crate::session::Session;
 use crate::transport::{self, WsStream};
 
 pub(super) fn trace_frame(dir: &str, frame: &[u8]) {
@@ -93,4 +95,60 @@ pub(super) async fn changed(rx: &mut Option<watch::Receiver<u64>>) -> bool {
         Some(r) => r.changed().await.is_ok(),
         None => std::future::pending().await,
     }
+}
+
+/// What one websocket message did to the session.
+pub(crate) enum WsOutcome {
+    Handled,
+    /// The websocket is gone: reconnect.
+    Lost,
+    Rejected(PortError),
+}
+
+/// Feeds one websocket message to `session`. A close 1003 before any frame on
+/// the first connection is a rejected token; any other close, error or end
+/// means reconnect.
+pub(crate) fn on_ws_message(
+    session: &mut Session,
+    msg: Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
+    first_connection: bool,
+    received_any: &mut bool,
+) -> WsOutcome {
+    let now = Instant::now();
+    match msg {
+        Some(Ok(WsMessage::Binary(b))) => {
+            *received_any = true;
+            if tracing::enabled!(tracing::Level::TRACE) {
+                trace_frame("in", &b);
+            }
+            if let Err(e) = session.handle_frame(now.into_std(), &b) {
+                debug!("dropped frame: {e}");
+            }
+        }
+        Some(Ok(WsMessage::Text(t))) => {
+            *received_any = true;
+            if let Err(e) = session.handle_frame(now.into_std(), t.as_bytes()) {
+                debug!("dropped text frame: {e}");
+            }
+        }
+        Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
+        Some(Ok(WsMessage::Close(frame))) => {
+            let (code, reason) =
+                frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+            if first_connection && !*received_any && code == u16::from(CloseCode::Unsupported) {
+                return WsOutcome::Rejected(PortError::TokenRejected { code, reason });
+            }
+            info!(code, %reason, "service closed the websocket; reconnecting");
+            return WsOutcome::Lost;
+        }
+        Some(Err(e)) => {
+            info!("websocket error: {e}; reconnecting");
+            return WsOutcome::Lost;
+        }
+        None => {
+            info!("websocket ended; reconnecting");
+            return WsOutcome::Lost;
+        }
+    }
+    WsOutcome::Handled
 }

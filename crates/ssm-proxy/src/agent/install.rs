@@ -224,7 +224,7 @@ pub fn install_script(l: &Layout, s: &str, tmp: Option<&str>, unit_tmp: Option<&
     if let Some(tmp) = tmp {
         let _ = write!(
             script,
-            "{s}install -d -m 0755 {dir}\n{s}install -m 0755 {tmp} {bin}.new\n{s}mv -f {bin}.new {bin}\nrm -f {tmp}\n",
+            "{s}install -d -m 0755 {dir}\n{s}install -m 0755 {tmp} {bin}.new\n{s}mv -f {bin}.new {bin}\n",
             dir = quote(&format!("{}/bin", l.prefix)),
             tmp = quote(tmp),
         );
@@ -233,7 +233,7 @@ pub fn install_script(l: &Layout, s: &str, tmp: Option<&str>, unit_tmp: Option<&
         Some(unit) => {
             let _ = write!(
                 script,
-                "{s}install -m 0644 {u} {UNIT_PATH}\nrm -f {u}\n{s}systemctl daemon-reload\n\
+                "{s}install -m 0644 {u} {UNIT_PATH}\n{s}systemctl daemon-reload\n\
                  {s}systemctl enable ec2-agent.service\n{s}systemctl restart ec2-agent.service\n\
                  sleep 1\nsystemctl is-active ec2-agent.service\n",
                 u = quote(unit),

@@ -207,6 +207,11 @@ impl RemoteShell {
     /// Runs `script`; its exit code and output.
     pub async fn run(&mut self, script: &str) -> anyhow::Result<Done> {
         self.type_text(self.markers.command(script)).await?;
+        self.wait_done().await
+    }
+
+    /// Reads until the running command's `done` marker.
+    async fn wait_done(&mut self) -> anyhow::Result<Done> {
         loop {
             if let Some(done) = self.markers.take_done(&mut self.buf) {
                 return Ok(done);
@@ -253,12 +258,7 @@ impl RemoteShell {
         }
         // End of file for `base64 -d`: ^D at the start of a line.
         self.type_text("\u{4}".into()).await?;
-        let done = loop {
-            if let Some(done) = self.markers.take_done(&mut self.buf) {
-                break done;
-            }
-            self.read_some(Instant::now() + QUIET_TIMEOUT).await?;
-        };
+        let done = self.wait_done().await?;
         if done.code != 0 {
             bail!("decoding the file on the instance failed (exit {}): {}", done.code, done.output.trim());
         }
