@@ -49,7 +49,7 @@ impl phy::TxToken for TxTok<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut buf = vec![0u8; len];
         let r = f(&mut buf);
-        self.0.push(Bytes::from(buf));
+        self.0.push_held(Bytes::from(buf));
         r
     }
 }
@@ -64,9 +64,12 @@ impl phy::Device for LinkDevice {
     }
 
     fn transmit(&mut self, _t: smoltcp::time::Instant) -> Option<TxTok<'_>> {
-        // Back-pressure instead of CoDel drops: the data waits in the socket
-        // buffers and smoltcp sends when the link's queue has room again.
-        self.tx.has_room().then_some(TxTok(&self.tx))
+        // Never "exhausted": smoltcp 0.14 forgets a fast retransmission that the
+        // device refuses (and leaves no timer to try again), which wedged a
+        // flow whose receiver's window was full of out-of-order data. The
+        // back-pressure is in `Stack::poll`, which runs the egress only while
+        // the link's queue has room.
+        Some(TxTok(&self.tx))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -242,15 +245,39 @@ impl Stack {
         self.poll();
     }
 
-    /// Run smoltcp and move data until nothing changes; returns when to poll again.
+    /// Run smoltcp and move data until nothing changes; returns when to poll
+    /// again (`None`: on the next packet, or once the link's queue has room).
+    ///
+    /// Back-pressure instead of CoDel drops: each egress pass emits at most one
+    /// segment per socket, and passes run only while the link's queue wants
+    /// more; otherwise the data waits in the socket buffers until
+    /// [`TxQueue::room`].
     pub fn poll(&mut self) -> Option<Duration> {
+        use smoltcp::iface::{PollIngressSingleResult, PollResult};
+        let mut room = true;
         for _ in 0..64 {
             let t = now(self.epoch);
-            let polled = self.iface.poll(t, &mut self.device, &mut self.sockets);
-            let moved = self.service();
-            if polled == smoltcp::iface::PollResult::None && !moved && self.device.rx.is_empty() {
+            let mut changed = false;
+            self.iface.poll_maintenance(t);
+            while self.iface.poll_ingress_single(t, &mut self.device, &mut self.sockets)
+                != PollIngressSingleResult::None
+            {
+                changed = true;
+            }
+            changed |= self.service();
+            room = self.device.tx.has_room();
+            while room && self.iface.poll_egress(t, &mut self.device, &mut self.sockets) != PollResult::None {
+                changed = true;
+                room = self.device.tx.has_room();
+            }
+            if !changed && self.device.rx.is_empty() {
                 break;
             }
+        }
+        if !room {
+            // Whatever smoltcp wants to send (retransmissions included) waits
+            // for the room; polling on its timers meanwhile would spin.
+            return None;
         }
         self.iface.poll_delay(now(self.epoch), &self.sockets).map(|d| Duration::from_micros(d.total_micros()))
     }
@@ -348,3 +375,6 @@ impl Stack {
 pub fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> FlowKey {
     (SocketAddr::new(src, sport), SocketAddr::new(dst, dport))
 }
+
+#[cfg(test)]
+mod tests;

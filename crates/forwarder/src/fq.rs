@@ -68,7 +68,8 @@ struct Codel {
 
 #[derive(Debug, Default)]
 struct Bucket {
-    packets: VecDeque<(Instant, Bytes)>,
+    /// Arrival time, packet, and whether CoDel may drop it.
+    packets: VecDeque<(Instant, Bytes, bool)>,
     bytes: usize,
     deficit: i64,
     list: Option<List>,
@@ -149,10 +150,22 @@ impl FqCodel {
 
     /// Queue a packet that arrived at `now`.
     pub fn enqueue(&mut self, now: Instant, packet: Bytes) {
+        self.push(now, packet, true);
+    }
+
+    /// Queue a packet that CoDel must not drop: it comes from a sender that
+    /// already holds back while the queue is full (the agent's own TCP stack),
+    /// so its standing queue is bounded without drops, and a drop would only
+    /// cost that sender a retransmission. Overflow drops still apply.
+    pub fn enqueue_held(&mut self, now: Instant, packet: Bytes) {
+        self.push(now, packet, false);
+    }
+
+    fn push(&mut self, now: Instant, packet: Bytes, droppable: bool) {
         let idx = self.bucket_of(&packet);
         let len = packet.len();
         let b = &mut self.buckets[idx];
-        b.packets.push_back((now, packet));
+        b.packets.push_back((now, packet, droppable));
         b.bytes += len;
         if b.list.is_none() {
             b.list = Some(List::New);
@@ -170,7 +183,7 @@ impl FqCodel {
     fn drop_from_fattest(&mut self) {
         let Some((idx, _)) = self.buckets.iter().enumerate().max_by_key(|(_, b)| b.bytes) else { return };
         let b = &mut self.buckets[idx];
-        if let Some((_, p)) = b.packets.pop_front() {
+        if let Some((_, p, _)) = b.packets.pop_front() {
             b.bytes -= p.len();
             self.bytes -= p.len();
             self.packets -= 1;
@@ -224,7 +237,7 @@ impl FqCodel {
     fn take(&mut self, idx: usize, now: Instant) -> Option<(Bytes, bool)> {
         let (target, interval, mtu) = (self.config.target, self.config.interval, self.config.quantum);
         let b = &mut self.buckets[idx];
-        let (ts, p) = b.packets.pop_front()?;
+        let (ts, p, droppable) = b.packets.pop_front()?;
         b.bytes -= p.len();
         self.bytes -= p.len();
         self.packets -= 1;
@@ -232,7 +245,7 @@ impl FqCodel {
         self.stats.last_delay = delay;
         self.stats.max_delay = self.stats.max_delay.max(delay);
         let c = &mut b.codel;
-        let ok_to_drop = if delay < target || b.bytes <= mtu {
+        let ok_to_drop = if delay < target || b.bytes <= mtu || !droppable {
             c.first_above = None;
             false
         } else {

@@ -103,6 +103,12 @@ impl TxQueue {
         false
     }
 
+    /// Queued bytes above which [`TxQueue::has_room`] says no (the writer sets
+    /// it from its rate estimate; `usize::MAX` until then, and without acks).
+    pub fn set_limit(&self, bytes: usize) {
+        self.limit.store(bytes, Ordering::Relaxed);
+    }
+
     /// Completes once the writer has taken packets after [`TxQueue::has_room`]
     /// said no.
     pub async fn room(&self) {
@@ -136,6 +142,13 @@ impl TxQueue {
 
     pub fn push(&self, packet: Bytes) {
         self.lock().enqueue(Instant::now(), packet);
+        self.ready.notify_one();
+    }
+
+    /// [`TxQueue::push`] for a producer that holds back when [`TxQueue::has_room`]
+    /// says no: CoDel does not drop its packets (see [`FqCodel::enqueue_held`]).
+    pub fn push_held(&self, packet: Bytes) {
+        self.lock().enqueue_held(Instant::now(), packet);
         self.ready.notify_one();
     }
 
@@ -214,7 +227,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             window.on_send(packet_bytes, now);
             // Let producers that can wait keep about HOLD of sending queued.
             let hold = (window.rate() * HOLD.as_secs_f64()) as usize;
-            queue.limit.store(hold.clamp(MIN_HOLD, MAX_HOLD), Ordering::Relaxed);
+            queue.set_limit(hold.clamp(MIN_HOLD, MAX_HOLD));
             stats.window.store(window.cwnd() as u64, Ordering::Relaxed);
             stats.in_flight.store(window.in_flight(), Ordering::Relaxed);
             if now.duration_since(logged) >= Duration::from_secs(1) && packet_bytes > 0 {

@@ -95,6 +95,40 @@ fn codel_starts_dropping_one_interval_after_the_delay_passes_target() {
 }
 
 #[test]
+fn held_packets_wait_out_a_stall_without_codel_drops() {
+    // A 300 ms stall of the link behind a bounded backlog (a stalled SSM path
+    // with the agent's TCP stack holding back): the same arrivals are dropped
+    // when queued normally, and all delivered when held.
+    let run = |held: bool| {
+        let t0 = Instant::now();
+        let mut q = FqCodel::new(FqConfig::default());
+        let mut delivered = 0;
+        for ms in 0..1000u64 {
+            let now = t0 + Duration::from_millis(ms);
+            // The producer keeps about 20 packets queued (its back-pressure limit).
+            while q.len() < 20 {
+                let p = pkt(1, 1400);
+                if held {
+                    q.enqueue_held(now, p);
+                } else {
+                    q.enqueue(now, p);
+                }
+            }
+            if !(100..400).contains(&ms) {
+                // One packet per ms, except during the stall.
+                delivered += usize::from(q.dequeue(now).is_some());
+            }
+        }
+        (q.stats().dropped_codel, delivered)
+    };
+    let (dropped, _) = run(false);
+    assert!(dropped > 0, "the control case must drop, or this test proves nothing");
+    let (dropped, delivered) = run(true);
+    assert_eq!(dropped, 0);
+    assert_eq!(delivered, 700);
+}
+
+#[test]
 fn a_responsive_sender_is_held_near_target() {
     // An AIMD sender (like TCP: +0.5 packets/ms per second, halve on a drop, at most once
     // per 100 ms) into a 1 packet/ms link. CoDel keeps its queueing delay low.
