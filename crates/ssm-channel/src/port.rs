@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures_util::stream::SplitStream;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -195,7 +196,7 @@ enum Mode {
 struct Basic {
     active: Option<ConnId>,
     waiting: VecDeque<Conn>,
-    out: VecDeque<u8>,
+    out: BytesMut,
     disconnect_pending: bool,
 }
 
@@ -508,7 +509,7 @@ impl Core {
             Mode::Basic(b) => {
                 while self.session.can_send() && !b.out.is_empty() {
                     let n = b.out.len().min(MAX_PAYLOAD);
-                    let chunk: Vec<u8> = b.out.drain(..n).collect();
+                    let chunk = b.out.split_to(n);
                     if self.session.send(&chunk).is_err() {
                         break;
                     }
@@ -697,7 +698,7 @@ impl Core {
                     Some(Mode::Mux(m)) => {
                         m.write(StreamId(id), &d);
                     }
-                    Some(Mode::Basic(b)) => b.out.extend(d),
+                    Some(Mode::Basic(b)) => b.out.extend_from_slice(&d),
                     None => {}
                 }
             }

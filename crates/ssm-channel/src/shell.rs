@@ -10,10 +10,10 @@
 //! when the shell exits (the service closes the channel) or when the caller
 //! drops its input sender (we send TerminateSession).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -84,7 +84,7 @@ pub async fn run(
     let mut next_ping = Instant::now() + PING_INTERVAL;
     let mut ready = Some(ready);
     let mut handshake: Option<HandshakeInfo> = None;
-    let mut pending: VecDeque<u8> = VecDeque::new();
+    let mut pending = BytesMut::new();
     let mut input_open = true;
     let mut terminate_deadline: Option<Instant> = None;
 
@@ -93,7 +93,7 @@ pub async fn run(
         // Typed input, a message at a time, as the window allows.
         while !pending.is_empty() && session.can_send() {
             let n = pending.len().min(MAX_PAYLOAD);
-            let chunk: Vec<u8> = pending.drain(..n).collect();
+            let chunk = pending.split_to(n);
             if session.send(&chunk).is_err() {
                 break;
             }
@@ -175,7 +175,7 @@ pub async fn run(
                 session.set_connected(true, Instant::now().into_std());
             }
             data = input.recv(), if take_input => match data {
-                Some(d) => pending.extend(d),
+                Some(d) => pending.extend_from_slice(&d),
                 None => input_open = false,
             },
             _ = sleep_until(timer) => session.handle_timeout(Instant::now().into_std()),

@@ -11,6 +11,8 @@
 //! half-close: FIN closes a stream both ways.
 
 use std::collections::{HashMap, VecDeque};
+
+use bytes::BytesMut;
 use std::time::{Duration, Instant};
 
 pub const VERSION: u8 = 1;
@@ -91,7 +93,7 @@ pub struct Mux {
     streams: HashMap<StreamId, ()>,
     /// Bytes received but not yet forming a whole frame.
     inbuf: Vec<u8>,
-    out: VecDeque<u8>,
+    out: BytesMut,
     events: VecDeque<MuxEvent>,
 }
 
@@ -108,7 +110,7 @@ impl Mux {
             next_nop: None,
             streams: HashMap::new(),
             inbuf: Vec::new(),
-            out: VecDeque::new(),
+            out: BytesMut::new(),
             events: VecDeque::new(),
         }
     }
@@ -161,8 +163,8 @@ impl Mux {
     fn push_frame(&mut self, cmd: Cmd, sid: StreamId, data: &[u8]) {
         let mut h = Vec::with_capacity(HEADER_LEN);
         encode_header(cmd, data.len() as u16, sid, &mut h);
-        self.out.extend(h);
-        self.out.extend(data);
+        self.out.extend_from_slice(&h);
+        self.out.extend_from_slice(data);
     }
 
     /// Bytes waiting to go to the peer.
@@ -173,7 +175,7 @@ impl Mux {
     /// Takes up to `max` bytes of output (frames are not aligned to these chunks).
     pub fn take_output(&mut self, max: usize) -> Vec<u8> {
         let n = max.min(self.out.len());
-        self.out.drain(..n).collect()
+        self.out.split_to(n).to_vec()
     }
 
     /// Feeds bytes from the peer, in order, split anywhere.

@@ -14,6 +14,7 @@ mod instance;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use ssm_channel::codec::{emit_short_header, message_type};
 use ssm_channel::payloads::{ChannelClosed, Flag};
 use ssm_channel::session::{Environment, SystemEnvironment};
@@ -144,7 +145,8 @@ struct Runtime {
     streams: HashMap<u32, Stream>,
     /// Basic mode: the single target connection and whether to redial on data.
     basic_id: u32,
-    out: VecDeque<u8>,
+    /// Output waiting to be sent to the client, at most PAYLOAD_SIZE per message.
+    out: BytesMut,
     events_tx: mpsc::Sender<TargetEvent>,
     done: Option<String>,
     shell: Option<instance::Shell>,
@@ -170,7 +172,7 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
         mux: None,
         streams: HashMap::new(),
         basic_id: 0,
-        out: VecDeque::new(),
+        out: BytesMut::new(),
         events_tx,
         done: None,
         shell: None,
@@ -274,7 +276,7 @@ impl Runtime {
     /// Send the next message: at most PAYLOAD_SIZE bytes of `out`.
     fn send_chunk(&mut self, now: Instant) {
         let n = self.out.len().min(PAYLOAD_SIZE);
-        let chunk: Vec<u8> = self.out.drain(..n).collect();
+        let chunk = self.out.split_to(n);
         self.chan.send_output(now.into_std(), &chunk);
     }
 
@@ -295,7 +297,7 @@ impl Runtime {
         if let Some(m) = &mut self.mux {
             let n = m.pending_output();
             if n > 0 {
-                self.out.extend(m.take_output(n));
+                self.out.extend_from_slice(&m.take_output(n));
             }
         }
     }
@@ -536,7 +538,7 @@ impl Runtime {
                 }
                 _ => {
                     if id == self.basic_id {
-                        self.out.extend(d);
+                        self.out.extend_from_slice(&d);
                     }
                 }
             },
@@ -554,7 +556,7 @@ impl Runtime {
                     self.chan.consumed_input(now, n);
                 }
             }
-            TargetEvent::ShellOutput(d) => self.out.extend(d),
+            TargetEvent::ShellOutput(d) => self.out.extend_from_slice(&d),
             TargetEvent::ShellExited(status) => {
                 info!(session = %self.spec.session_id, %status, "the shell exited");
                 self.closing = Some(Instant::now() + CLOSE_WAIT);
