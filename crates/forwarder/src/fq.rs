@@ -227,6 +227,33 @@ impl FqCodel {
         }
     }
 
+    /// The next packet of a new (sparse) flow, if one waits: a ping, a DNS
+    /// query, a keystroke. `None` when only old (backlogged) flows have packets.
+    pub fn dequeue_sparse(&mut self, now: Instant) -> Option<Bytes> {
+        while let Some(&idx) = self.new_flows.front() {
+            if self.buckets[idx].deficit <= 0 {
+                self.buckets[idx].deficit += self.config.quantum as i64;
+                self.new_flows.pop_front();
+                self.buckets[idx].list = Some(List::Old);
+                self.old_flows.push_back(idx);
+                continue;
+            }
+            match self.codel_dequeue(idx, now) {
+                Some(p) => {
+                    self.buckets[idx].deficit -= p.len() as i64;
+                    self.stats.dequeued += 1;
+                    return Some(p);
+                }
+                None => {
+                    self.new_flows.pop_front();
+                    self.buckets[idx].list = Some(List::Old);
+                    self.old_flows.push_back(idx);
+                }
+            }
+        }
+        None
+    }
+
     fn pop_list(&mut self, list: List) {
         match list {
             List::New => self.new_flows.pop_front(),

@@ -219,6 +219,16 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
                 packet_bytes += wire::HEADER_LEN + p.len();
                 wire::encode_packet(&p, &mut out);
             }
+        } else if acks && window.in_flight() < (window.cwnd() + SPARSE_EXTRA) as u64 {
+            // The window is full, but a sparse flow's packet (a ping, a DNS
+            // query, a keystroke) need not wait for the bulk's acks.
+            let mut fq = queue.lock();
+            while packet_bytes < SPARSE_EXTRA {
+                let Some(p) = fq.dequeue_sparse(now) else { break };
+                stats.sent.add(p.len());
+                packet_bytes += wire::HEADER_LEN + p.len();
+                wire::encode_packet(&p, &mut out);
+            }
         }
         if packet_bytes > 0 && queue.blocked.swap(false, Ordering::AcqRel) {
             queue.space.notify_one();
@@ -295,6 +305,9 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
 const HOLD: Duration = Duration::from_millis(3);
 const MIN_HOLD: usize = 4096;
 const MAX_HOLD: usize = 1 << 20;
+
+/// Bytes beyond a full window that sparse flows may send.
+const SPARSE_EXTRA: usize = 4096;
 
 /// Unacknowledged bytes that make an ACK go out at once.
 const ACK_EVERY: u64 = 4096;
@@ -427,3 +440,6 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -
     writer.write_all(&out).await?;
     writer.flush().await
 }
+
+#[cfg(test)]
+mod tests;

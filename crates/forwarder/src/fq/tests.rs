@@ -33,6 +33,23 @@ fn a_sparse_flow_overtakes_a_bulk_backlog() {
 }
 
 #[test]
+fn dequeue_sparse_takes_only_new_flows() {
+    let t0 = Instant::now();
+    let mut q = FqCodel::new(FqConfig::default());
+    for _ in 0..10 {
+        q.enqueue(t0, pkt(1000, 1400));
+    }
+    // The bulk flow has used its first quantum: it is an old flow now.
+    assert_eq!(port_of(&q.dequeue(t0).expect("bulk")), 1000);
+    assert_eq!(port_of(&q.dequeue(t0).expect("bulk")), 1000);
+    assert!(q.dequeue_sparse(t0).is_none(), "a backlogged flow is not sparse");
+    q.enqueue(t0, pkt(2000, 84));
+    assert_eq!(port_of(&q.dequeue_sparse(t0).expect("the ping")), 2000);
+    assert!(q.dequeue_sparse(t0).is_none());
+    assert_eq!(q.len(), 8, "the bulk flow's packets stay queued");
+}
+
+#[test]
 fn bulk_flows_share_by_bytes() {
     let t0 = Instant::now();
     let mut q = FqCodel::new(FqConfig::default());
