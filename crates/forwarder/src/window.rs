@@ -4,11 +4,13 @@
 //! The peer acknowledges the PACKET bytes it has read (cumulative ACK frames).
 //! From those acks the sender keeps two estimates, in the manner of BBR: the
 //! bottleneck rate (windowed maximum of per-ack delivery-rate samples) and the
-//! path's minimum RTT. It allows `rate * (2 * min_rtt + 2 ms)` bytes in flight plus
-//! a small allowance for ack batching, so about one extra RTT plus 2 ms of data
-//! waits in the socket buffers, the SSM agent and the service. (The 2 ms are for
-//! the processing time of a busy path, which grows with the load: without it the
-//! window, not the path, would set the rate of a fast tunnel.) Every 10 s without a new minimum
+//! path's minimum RTT. It allows `rate * (1.25 * min_rtt + 1 ms)` bytes in flight
+//! plus a small allowance for ack batching, so about a quarter RTT plus 1 ms of
+//! data waits in the socket buffers, the SSM agent and the service. (The 1 ms is
+//! for the processing time of a busy path, which grows with the load: without it
+//! the window, not the path, would set the rate of a fast tunnel. The gain of
+//! 1.25 lets the rate estimate climb when the path speeds up, as BBR's probing
+//! gain does.) Every 10 s without a new minimum
 //! the window drops to [`MIN_WINDOW`] for 200 ms so that a stale minimum (and the
 //! window built on it) cannot ratchet the standing queue upwards.
 
@@ -22,9 +24,9 @@ pub const INITIAL_WINDOW: usize = 64 * 1024;
 /// Upper bound whatever the estimates say.
 pub const MAX_WINDOW: usize = 32 << 20;
 /// Bytes in flight per byte of estimated bandwidth-delay product.
-const GAIN: f64 = 2.0;
+const GAIN: f64 = 1.25;
 /// Extra delay the window allows beyond `GAIN * min_rtt`.
-const ALLOWANCE: Duration = Duration::from_millis(2);
+const ALLOWANCE: Duration = Duration::from_millis(1);
 /// How long a rate sample counts towards the maximum.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 /// How long a minimum RTT stands before it is re-measured.

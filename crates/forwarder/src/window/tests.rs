@@ -90,7 +90,7 @@ fn a_slow_path_is_kept_full_with_about_one_rtt_of_queue() {
     for s in 2..6 {
         assert!(run.per_second[s] > 0.95e6, "second {s}: {} B/s", run.per_second[s]);
     }
-    // 2 x BDP + ALLOWANCE + slack in flight: about one RTT and 2 ms of queue,
+    // 1.25 x BDP + ALLOWANCE + slack in flight: a quarter RTT and 1 ms of queue,
     // plus what sampling at 4 KiB granularity adds (a write's 4 ms service time
     // inflates the RTT samples). Without the window it is seconds (next test).
     let worst = worst_delay_after(&run, Duration::from_secs(2));
