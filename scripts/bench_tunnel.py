@@ -91,11 +91,12 @@ def rr_rate(seconds):
 
 
 def measure(seconds):
-    idle = pings(40, 0.05)
+    # Enough samples that p99 is not simply the largest one.
+    idle = pings(150, 0.02)
     bulk = subprocess.Popen(inn("laptop", ["iperf3", "-c", "10.10.0.2", "-R", "-t", str(seconds + 4)]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(2)
-    loaded = pings(max(20, seconds * 5), 0.2)
+    loaded = pings(max(100, seconds * 20), 0.05)
     bulk.wait()
     time.sleep(1)
     down = iperf(seconds, True)
