@@ -84,6 +84,8 @@ struct Session {
     queue: Arc<TxQueue>,
     stack: Stack,
     udp: HashMap<FlowKey, UdpFlow>,
+    /// One ping socket per `ping` of the client: (its address, destination, identifier).
+    echo: HashMap<(IpAddr, IpAddr, u16), UdpFlow>,
     /// TCP SYNs waiting for the destination to answer.
     connecting: HashMap<FlowKey, ()>,
     events: mpsc::Sender<(FlowKey, std::io::Result<TcpStream>, Bytes)>,
@@ -269,6 +271,7 @@ async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: 
         config,
         queue: queue.clone(),
         udp: HashMap::new(),
+        echo: HashMap::new(),
         connecting: HashMap::new(),
         events: ev_tx,
         epoch,
@@ -462,15 +465,46 @@ impl Session {
                 if !self.permitted(&raw, &p, "ping") {
                     return;
                 }
-                let (src, dst, payload) = (p.src, p.dst, payload.to_vec());
-                let queue = self.queue.clone();
-                tokio::spawn(async move {
-                    if let Some(reply) = ping(dst, seq, &payload).await {
-                        if let Some(pkt) = packet::echo_reply(dst, src, id, seq, &reply) {
-                            queue.push(Bytes::from(pkt));
+                let key = (p.src, p.dst, id);
+                if !self.echo.contains_key(&key) {
+                    match self.open_echo(key) {
+                        Ok(flow) => {
+                            self.echo.insert(key, flow);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                            if !PING_DENIED_LOGGED.swap(true, Ordering::Relaxed) {
+                                warn!(
+                                    "ping through the tunnel is unavailable: this user may not open ping sockets \
+                                     ({e}); allow its group with sysctl net.ipv4.ping_group_range"
+                                );
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            warn!(dst = %p.dst, "cannot open a ping socket: {e}");
+                            return;
                         }
                     }
-                });
+                }
+                if let Some(flow) = self.echo.get(&key) {
+                    flow.last.store(ms_since(self.epoch), Ordering::Relaxed);
+                    // Type, code, checksum, identifier (the kernel sets both), sequence, data.
+                    let request = if p.dst.is_ipv4() { 8u8 } else { 128 };
+                    let mut msg = Vec::with_capacity(8 + payload.len());
+                    msg.extend_from_slice(&[request, 0, 0, 0, 0, 0]);
+                    msg.extend_from_slice(&seq.to_be_bytes());
+                    msg.extend_from_slice(payload);
+                    match flow.to_remote.try_send(Bytes::from(msg)) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            debug!(dst = %p.dst, "ping backlogged; echo request dropped");
+                        }
+                        // Its socket failed: the next request opens another.
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            self.echo.remove(&key);
+                        }
+                    }
+                }
             }
             L4::Other(proto) => debug!(proto, dst = %p.dst, "protocol not forwarded; dropped"),
         }
@@ -545,46 +579,64 @@ impl Session {
         Ok(UdpFlow { to_remote, last, task })
     }
 
+    /// The ping socket for one `ping` of the client: the kernel gives it its
+    /// own identifier and hands it only the replies to it; each reply goes back
+    /// with the client's identifier and the reply's sequence number.
+    fn open_echo(&self, (src, dst, id): (IpAddr, IpAddr, u16)) -> std::io::Result<UdpFlow> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let (domain, proto, reply) = match dst {
+            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 0u8),
+            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 129u8),
+        };
+        let sock = Socket::new(domain, Type::DGRAM, Some(proto))?;
+        sock.set_nonblocking(true)?;
+        sock.connect(&SocketAddr::new(dst, 0).into())?;
+        let socket = UdpSocket::from_std(std::net::UdpSocket::from(sock))?;
+        let last = Arc::new(AtomicU64::new(ms_since(self.epoch)));
+        let (to_remote, mut outgoing) = mpsc::channel::<Bytes>(64);
+        let queue = self.queue.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    out = outgoing.recv() => match out {
+                        Some(d) => {
+                            if let Err(e) = socket.send(&d).await {
+                                debug!(%dst, "echo request not sent: {e}");
+                            }
+                        }
+                        None => return,
+                    },
+                    r = socket.recv(&mut buf) => match r {
+                        Ok(n) if n >= 8 && buf[0] == reply => {
+                            let seq = u16::from_be_bytes([buf[6], buf[7]]);
+                            if let Some(pkt) = packet::echo_reply(dst, src, id, seq, &buf[8..n]) {
+                                queue.push(Bytes::from(pkt));
+                            }
+                        }
+                        Ok(_) => {}
+                        // An ICMP error for an earlier request: the next one may fare better.
+                        Err(e) if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::HostUnreachable
+                                | std::io::ErrorKind::NetworkUnreachable
+                                | std::io::ErrorKind::ConnectionRefused
+                        ) => debug!(%dst, "ping: {e}"),
+                        Err(e) => {
+                            debug!(%dst, "ping socket failed: {e}");
+                            return;
+                        }
+                    },
+                }
+            }
+        });
+        Ok(UdpFlow { to_remote, last, task })
+    }
+
     fn expire_udp(&mut self) {
         let now = ms_since(self.epoch);
         let idle = self.config.udp_idle.as_millis() as u64;
         self.udp.retain(|_, f| now.saturating_sub(f.last.load(Ordering::Relaxed)) < idle);
-    }
-}
-
-/// One echo request through an unprivileged ping socket; the reply's payload.
-async fn ping(dst: IpAddr, seq: u16, payload: &[u8]) -> Option<Vec<u8>> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let (domain, proto, request, reply) = match dst {
-        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8),
-        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128u8, 129u8),
-    };
-    let sock = match Socket::new(domain, Type::DGRAM, Some(proto)) {
-        Ok(s) => s,
-        Err(e) => {
-            if !PING_DENIED_LOGGED.swap(true, Ordering::Relaxed) {
-                warn!(
-                    "ping through the tunnel is unavailable: this user may not open ping sockets ({e}); \
-                     allow its group with sysctl net.ipv4.ping_group_range"
-                );
-            }
-            return None;
-        }
-    };
-    sock.set_nonblocking(true).ok()?;
-    let udp = UdpSocket::from_std(std::net::UdpSocket::from(sock)).ok()?;
-    udp.connect(SocketAddr::new(dst, 0)).await.ok()?;
-    // Type, code, checksum, identifier (the kernel sets both), sequence, data.
-    let mut msg = vec![request, 0, 0, 0, 0, 0];
-    msg.extend_from_slice(&seq.to_be_bytes());
-    msg.extend_from_slice(payload);
-    udp.send(&msg).await.ok()?;
-    let mut buf = vec![0u8; 65536];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = tokio::time::timeout_at(deadline, udp.recv(&mut buf)).await.ok()?.ok()?;
-        if n >= 8 && buf[0] == reply && buf[6..8] == seq.to_be_bytes() {
-            return Some(buf[8..n].to_vec());
-        }
+        self.echo.retain(|_, f| now.saturating_sub(f.last.load(Ordering::Relaxed)) < idle);
     }
 }

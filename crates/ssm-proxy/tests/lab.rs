@@ -38,9 +38,18 @@ fn real_clients_reach_the_vpc_through_the_tunnel() {
         assert_eq!(a, "10.10.0.2", "dig {transport}");
     }
 
-    // ping -c 5.
+    // ping -c 5, twice at once: each ping has its own identifier (and its own
+    // ping socket on the agent), and each must get exactly its own replies.
+    let other = lab
+        .laptop("ping")
+        .args(["-c", "5", "-i", "0.2", "-W", "3", "10.10.0.2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ping");
     let p = ok(lab.laptop_out("ping", &["-c", "5", "-i", "0.2", "-W", "3", "10.10.0.2"]), "ping");
-    assert!(p.contains("5 received"), "{p}");
+    assert!(p.contains("5 received") && !p.contains("DUP"), "{p}");
+    let q = String::from_utf8_lossy(&other.wait_with_output().expect("ping").stdout).into_owned();
+    assert!(q.contains("5 received") && !q.contains("DUP"), "{q}");
 
     // A plain TCP port with nc.
     let listener = Command::new("ip")
