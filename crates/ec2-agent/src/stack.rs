@@ -66,9 +66,9 @@ impl phy::Device for LinkDevice {
     fn transmit(&mut self, _t: smoltcp::time::Instant) -> Option<TxTok<'_>> {
         // Never "exhausted": smoltcp 0.14 forgets a fast retransmission that the
         // device refuses (and leaves no timer to try again), which wedged a
-        // flow whose receiver's window was full of out-of-order data. The
-        // back-pressure is in `Stack::poll`, which runs the egress only while
-        // the link's queue has room.
+        // flow for good once its congestion window was below the bytes in
+        // flight. The back-pressure is in `Stack::poll`, which runs the egress
+        // only while the link's queue has room.
         Some(TxTok(&self.tx))
     }
 
