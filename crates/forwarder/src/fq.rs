@@ -193,11 +193,22 @@ impl FqCodel {
 
     /// The next packet to send at `now`, after CoDel's drops.
     pub fn dequeue(&mut self, now: Instant) -> Option<Bytes> {
+        self.next(now, true)
+    }
+
+    /// The next packet of a new (sparse) flow, if one waits: a ping, a DNS
+    /// query, a keystroke. `None` when only old (backlogged) flows have packets.
+    pub fn dequeue_sparse(&mut self, now: Instant) -> Option<Bytes> {
+        self.next(now, false)
+    }
+
+    /// Deficit round robin over the new flows, then (with `old_too`) the old ones.
+    fn next(&mut self, now: Instant, old_too: bool) -> Option<Bytes> {
         loop {
             let (list, idx) = match (self.new_flows.front(), self.old_flows.front()) {
                 (Some(&i), _) => (List::New, i),
-                (None, Some(&i)) => (List::Old, i),
-                (None, None) => return None,
+                (None, Some(&i)) if old_too => (List::Old, i),
+                _ => return None,
             };
             if self.buckets[idx].deficit <= 0 {
                 self.buckets[idx].deficit += self.config.quantum as i64;
@@ -225,33 +236,6 @@ impl FqCodel {
                 }
             }
         }
-    }
-
-    /// The next packet of a new (sparse) flow, if one waits: a ping, a DNS
-    /// query, a keystroke. `None` when only old (backlogged) flows have packets.
-    pub fn dequeue_sparse(&mut self, now: Instant) -> Option<Bytes> {
-        while let Some(&idx) = self.new_flows.front() {
-            if self.buckets[idx].deficit <= 0 {
-                self.buckets[idx].deficit += self.config.quantum as i64;
-                self.new_flows.pop_front();
-                self.buckets[idx].list = Some(List::Old);
-                self.old_flows.push_back(idx);
-                continue;
-            }
-            match self.codel_dequeue(idx, now) {
-                Some(p) => {
-                    self.buckets[idx].deficit -= p.len() as i64;
-                    self.stats.dequeued += 1;
-                    return Some(p);
-                }
-                None => {
-                    self.new_flows.pop_front();
-                    self.buckets[idx].list = Some(List::Old);
-                    self.old_flows.push_back(idx);
-                }
-            }
-        }
-        None
     }
 
     fn pop_list(&mut self, list: List) {
@@ -341,4 +325,4 @@ impl FqCodel {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

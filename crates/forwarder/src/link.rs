@@ -210,21 +210,21 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
         } else {
             batch
         };
-        let mut packet_bytes = 0;
-        if room > 0 {
-            let mut fq = queue.lock();
-            while packet_bytes < room {
-                let Some(p) = fq.dequeue(now) else { break };
-                stats.sent.add(p.len());
-                packet_bytes += wire::HEADER_LEN + p.len();
-                wire::encode_packet(&p, &mut out);
-            }
+        // With the window full, a sparse flow's packet (a ping, a DNS query, a
+        // keystroke) need not wait for the bulk's acks.
+        type Take = fn(&mut FqCodel, Instant) -> Option<Bytes>;
+        let take: Option<(usize, Take)> = if room > 0 {
+            Some((room, FqCodel::dequeue))
         } else if acks && window.in_flight() < (window.cwnd() + SPARSE_EXTRA) as u64 {
-            // The window is full, but a sparse flow's packet (a ping, a DNS
-            // query, a keystroke) need not wait for the bulk's acks.
+            Some((SPARSE_EXTRA, FqCodel::dequeue_sparse))
+        } else {
+            None
+        };
+        let mut packet_bytes = 0;
+        if let Some((limit, next)) = take {
             let mut fq = queue.lock();
-            while packet_bytes < SPARSE_EXTRA {
-                let Some(p) = fq.dequeue_sparse(now) else { break };
+            while packet_bytes < limit {
+                let Some(p) = next(&mut fq, now) else { break };
                 stats.sent.add(p.len());
                 packet_bytes += wire::HEADER_LEN + p.len();
                 wire::encode_packet(&p, &mut out);
