@@ -1,7 +1,7 @@
 use super::*;
 
-/// A UDP/IPv4 packet of `len` bytes for flow `port`.
-fn pkt(port: u16, len: usize) -> Bytes {
+/// A UDP/IPv4 packet of `len` bytes for flow `port` (its source port).
+pub(crate) fn pkt(port: u16, len: usize) -> Bytes {
     let mut p = vec![0u8; len.max(28)];
     p[0] = 0x45;
     p[9] = 17;
@@ -12,7 +12,7 @@ fn pkt(port: u16, len: usize) -> Bytes {
     Bytes::from(p)
 }
 
-fn port_of(p: &Bytes) -> u16 {
+pub(crate) fn port_of(p: &Bytes) -> u16 {
     u16::from_be_bytes([p[20], p[21]])
 }
 

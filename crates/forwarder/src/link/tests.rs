@@ -1,21 +1,10 @@
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
 use super::*;
+use crate::fq::tests::{pkt, port_of};
 use crate::wire::{caps, Deframer, Frame};
-
-/// A UDP/IPv4 packet of `len` bytes from source port `port`.
-fn pkt(port: u16, len: usize) -> Bytes {
-    let mut p = vec![0u8; len.max(28)];
-    p[0] = 0x45;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&[10, 0, 0, 1]);
-    p[16..20].copy_from_slice(&[10, 0, 0, 2]);
-    p[20..22].copy_from_slice(&port.to_be_bytes());
-    Bytes::from(p)
-}
 
 /// The source ports of the packets the writer sends within `wait`.
 async fn ports_sent(link: &mut tokio::io::DuplexStream, deframer: &mut Deframer, wait: Duration) -> Vec<u16> {
@@ -26,7 +15,7 @@ async fn ports_sent(link: &mut tokio::io::DuplexStream, deframer: &mut Deframer,
         deframer.push(&buf[..n]);
         while let Some(f) = deframer.next_frame().expect("well-formed frames") {
             if let Frame::Packet(p) = f {
-                ports.push(u16::from_be_bytes([p[20], p[21]]));
+                ports.push(port_of(&p));
             }
         }
     }
