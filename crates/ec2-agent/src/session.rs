@@ -73,6 +73,44 @@ struct UdpFlow {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl UdpFlow {
+    /// The flow's task on a connected `socket`: sends what `to_remote` carries
+    /// (`what` names it in the log) and hands each receive to `on_recv` with
+    /// the flow's `last`; the flow ends when `on_recv` returns false.
+    fn start(
+        socket: UdpSocket,
+        capacity: usize,
+        epoch: Instant,
+        what: &'static str,
+        mut on_recv: impl FnMut(std::io::Result<&[u8]>, &AtomicU64) -> bool + Send + 'static,
+    ) -> UdpFlow {
+        let last = Arc::new(AtomicU64::new(ms_since(epoch)));
+        let (to_remote, mut outgoing) = mpsc::channel::<Bytes>(capacity);
+        let l = last.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    out = outgoing.recv() => match out {
+                        Some(d) => {
+                            if let Err(e) = socket.send(&d).await {
+                                debug!(peer = ?socket.peer_addr().ok(), "{what} not sent: {e}");
+                            }
+                        }
+                        None => return,
+                    },
+                    r = socket.recv(&mut buf) => {
+                        if !on_recv(r.map(|n| &buf[..n]), &l) {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        UdpFlow { to_remote, last, task }
+    }
+}
+
 impl Drop for UdpFlow {
     fn drop(&mut self) {
         self.task.abort();
@@ -538,45 +576,29 @@ impl Session {
         std_sock.connect(target)?;
         std_sock.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(std_sock)?;
-        let last = Arc::new(AtomicU64::new(ms_since(self.epoch)));
-        let (to_remote, mut outgoing) = mpsc::channel::<Bytes>(256);
-        let (l, queue, epoch) = (last.clone(), self.queue.clone(), self.epoch);
-        let task = tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            loop {
-                tokio::select! {
-                    out = outgoing.recv() => match out {
-                        Some(d) => {
-                            if let Err(e) = socket.send(&d).await {
-                                debug!(dst = %key.1, "UDP send failed: {e}");
-                            }
-                        }
-                        None => return,
-                    },
-                    r = socket.recv(&mut buf) => match r {
-                        Ok(n) => {
-                            l.store(ms_since(epoch), Ordering::Relaxed);
-                            if let Some(pkt) = packet::udp(key.1, key.0, &buf[..n]) {
-                                queue.push(Bytes::from(pkt));
-                            }
-                        }
-                        // The destination answered with ICMP port unreachable: pass it
-                        // on, quoting a datagram of this flow, so the client fails fast.
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                            let quote = packet::udp(key.0, key.1, &[]);
-                            let parsed = quote.as_deref().and_then(packet::parse);
-                            if let (Some(q), Some(p)) = (quote.as_deref(), parsed) {
-                                if let Some(err) = packet::unreachable(q, &p, Unreachable::Port) {
-                                    queue.push(Bytes::from(err));
-                                }
-                            }
-                        }
-                        Err(_) => return,
-                    },
+        let (queue, epoch) = (self.queue.clone(), self.epoch);
+        Ok(UdpFlow::start(socket, 256, epoch, "UDP datagram", move |r, last| match r {
+            Ok(d) => {
+                last.store(ms_since(epoch), Ordering::Relaxed);
+                if let Some(pkt) = packet::udp(key.1, key.0, d) {
+                    queue.push(Bytes::from(pkt));
                 }
+                true
             }
-        });
-        Ok(UdpFlow { to_remote, last, task })
+            // The destination answered with ICMP port unreachable: pass it
+            // on, quoting a datagram of this flow, so the client fails fast.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                let quote = packet::udp(key.0, key.1, &[]);
+                let parsed = quote.as_deref().and_then(packet::parse);
+                if let (Some(q), Some(p)) = (quote.as_deref(), parsed) {
+                    if let Some(err) = packet::unreachable(q, &p, Unreachable::Port) {
+                        queue.push(Bytes::from(err));
+                    }
+                }
+                true
+            }
+            Err(_) => false,
+        }))
     }
 
     /// The ping socket for one `ping` of the client: the kernel gives it its
@@ -592,45 +614,33 @@ impl Session {
         sock.set_nonblocking(true)?;
         sock.connect(&SocketAddr::new(dst, 0).into())?;
         let socket = UdpSocket::from_std(std::net::UdpSocket::from(sock))?;
-        let last = Arc::new(AtomicU64::new(ms_since(self.epoch)));
-        let (to_remote, mut outgoing) = mpsc::channel::<Bytes>(64);
         let queue = self.queue.clone();
-        let task = tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            loop {
-                tokio::select! {
-                    out = outgoing.recv() => match out {
-                        Some(d) => {
-                            if let Err(e) = socket.send(&d).await {
-                                debug!(%dst, "echo request not sent: {e}");
-                            }
-                        }
-                        None => return,
-                    },
-                    r = socket.recv(&mut buf) => match r {
-                        Ok(n) if n >= 8 && buf[0] == reply => {
-                            let seq = u16::from_be_bytes([buf[6], buf[7]]);
-                            if let Some(pkt) = packet::echo_reply(dst, src, id, seq, &buf[8..n]) {
-                                queue.push(Bytes::from(pkt));
-                            }
-                        }
-                        Ok(_) => {}
-                        // An ICMP error for an earlier request: the next one may fare better.
-                        Err(e) if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::HostUnreachable
-                                | std::io::ErrorKind::NetworkUnreachable
-                                | std::io::ErrorKind::ConnectionRefused
-                        ) => debug!(%dst, "ping: {e}"),
-                        Err(e) => {
-                            debug!(%dst, "ping socket failed: {e}");
-                            return;
-                        }
-                    },
+        Ok(UdpFlow::start(socket, 64, self.epoch, "echo request", move |r, _| match r {
+            Ok(d) if d.len() >= 8 && d[0] == reply => {
+                let seq = u16::from_be_bytes([d[6], d[7]]);
+                if let Some(pkt) = packet::echo_reply(dst, src, id, seq, &d[8..]) {
+                    queue.push(Bytes::from(pkt));
                 }
+                true
             }
-        });
-        Ok(UdpFlow { to_remote, last, task })
+            Ok(_) => true,
+            // An ICMP error for an earlier request: the next one may fare better.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::HostUnreachable
+                        | std::io::ErrorKind::NetworkUnreachable
+                        | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                debug!(%dst, "ping: {e}");
+                true
+            }
+            Err(e) => {
+                debug!(%dst, "ping socket failed: {e}");
+                false
+            }
+        }))
     }
 
     fn expire_udp(&mut self) {
