@@ -173,9 +173,9 @@ impl Mux {
     }
 
     /// Takes up to `max` bytes of output (frames are not aligned to these chunks).
-    pub fn take_output(&mut self, max: usize) -> Vec<u8> {
+    pub fn take_output(&mut self, max: usize) -> BytesMut {
         let n = max.min(self.out.len());
-        self.out.split_to(n).to_vec()
+        self.out.split_to(n)
     }
 
     /// Feeds bytes from the peer, in order, split anywhere.
