@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use forwarder::fq::FqConfig;
 use forwarder::link::{self, LinkEnd, LinkStats, TxQueue};
+use forwarder::timer::LazyTimer;
 use forwarder::wire::{self, caps, Deframer, Frame, Hello, Reason, Role};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UdpSocket};
@@ -323,9 +324,11 @@ async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: 
     let mut parked_until: Option<Instant> = None;
     let mut resumes = 0u64;
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
+    // The stack's next timer; without one, a look at it once a second.
+    let mut stack_timer = LazyTimer::new();
     let mut delay = None;
     let end = loop {
-        let sleep = tokio::time::sleep(delay.unwrap_or(Duration::from_secs(1)));
+        stack_timer.arm(Some(Instant::now() + delay.unwrap_or(Duration::from_secs(1))));
         tokio::select! {
             p = pkt_rx.recv() => {
                 if let Some(p) = p {
@@ -368,7 +371,7 @@ async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: 
             Some((key, result, syn)) = ev_rx.recv() => s.connected(key, result, syn),
             () = wake.notified() => {}
             () = queue.room() => {}
-            () = sleep => {}
+            () = stack_timer.fired() => {}
             _ = sweep.tick() => s.expire_udp(),
         }
         delay = s.stack.poll();

@@ -6,6 +6,7 @@
 //! - [`fq`]: FQ-CoDel, so interactive flows are not stuck behind bulk transfers.
 //! - [`window`]: the ack-clocked send window that keeps queues out of the SSM path.
 //! - [`link`]: queue-draining writer and frame reader shared by both ends.
+//! - [`timer`]: a loop timer that re-arms without waking tokio's driver.
 //! - [`dns`]: split DNS on the laptop end (only configured domains go through).
 //! - [`client`]: the laptop end, between a [`tunnel::Device`] and the stream.
 
@@ -14,5 +15,6 @@ pub mod dns;
 pub mod fq;
 pub mod ip;
 pub mod link;
+pub mod timer;
 pub mod window;
 pub mod wire;

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 use crate::fq::{FqCodel, FqConfig, QueueStats};
+use crate::timer::LazyTimer;
 use crate::window::Window;
 use crate::wire::{self, caps, Deframer, Frame, Reason, WireError};
 
@@ -192,6 +193,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
     // A bare ACK waits up to ACK_DELAY for data to ride on (the request/response
     // case), unless ACK_EVERY bytes are unacknowledged.
     let mut ack_due: Option<Instant> = None;
+    let mut ack_timer = LazyTimer::new();
     let mut logged = Instant::now();
     loop {
         out.clear();
@@ -275,15 +277,10 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             let _ = writer.flush().await;
             return Ok(());
         }
-        let ack_timer = async {
-            match ack_due {
-                Some(due) => tokio::time::sleep_until(due.into()).await,
-                None => std::future::pending().await,
-            }
-        };
+        ack_timer.arm(ack_due);
         tokio::select! {
             () = queue.ready.notified() => {}
-            () = ack_timer => {}
+            () = ack_timer.fired() => {}
             f = control.recv() => match f {
                 Some(f) => {
                     out.clear();
