@@ -5,6 +5,9 @@ and ping latency, idle and under a bulk download, for
   direct   plain kernel routing laptop -> wan -> aws -> instance -> vpc (the floor),
   tunnel   ssm-proxy through the emulator (`fast` and `stock` profiles),
   openvpn  OpenVPN 2.6 in TCP mode laptop -> instance, packets over one TCP stream,
+           and the same through a user-space TCP relay (socat) in the aws
+           namespace: as many user-space hops as the tunnel (daemon, emulator,
+           ec2-agent), to tell the cost of a hop from the cost of our code,
 
 on the clean link and on a 40 ms RTT link (netem-lite, 20 ms each way). Prints a
 Markdown table. Numbers, not asserts.
@@ -135,7 +138,12 @@ def route_direct(add):
         sh(inn(n, ["sysctl", "-qw", f"net.ipv4.ip_forward={1 if add else 0}"]))
 
 
-def openvpn(add):
+RELAY = "192.168.102.2"
+
+
+def openvpn(add, relayed=False):
+    """OpenVPN server on the instance, client on the laptop; `relayed`: the
+    client's TCP connection goes through socat in the aws namespace."""
     key = f"{DIR}/ovpn.key"
     if add:
         sh(["openvpn", "--genkey", "secret", key])
@@ -143,8 +151,14 @@ def openvpn(add):
                   "--auth", "SHA256", "--daemon", "--verb", "1"]
         sh(inn("instance", common + ["--proto", "tcp-server", "--local", "192.168.101.2", "--ifconfig", "10.8.0.1",
                                      "10.8.0.2", "--log", f"{DIR}/ovpn-server.log"]))
+        remote = "192.168.101.2"
+        if relayed:
+            remote = RELAY
+            subprocess.Popen(inn("aws", ["socat", f"TCP-LISTEN:1194,bind={RELAY},reuseaddr,nodelay",
+                                         "TCP:192.168.101.2:1194,nodelay"]),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(1)
-        sh(inn("laptop", common + ["--proto", "tcp-client", "--remote", "192.168.101.2", "--ifconfig", "10.8.0.2",
+        sh(inn("laptop", common + ["--proto", "tcp-client", "--remote", remote, "--ifconfig", "10.8.0.2",
                                    "10.8.0.1", "--route", "10.10.0.0", "255.255.0.0", "--log",
                                    f"{DIR}/ovpn-client.log"]))
         for _ in range(100):
@@ -156,6 +170,7 @@ def openvpn(add):
         raise RuntimeError("openvpn did not come up: " + open(f"{DIR}/ovpn-client.log").read())
     for n in ("laptop", "instance"):
         sh(inn(n, ["pkill", "-f", "openvpn --dev ovpn0"]), check=False)
+    sh(inn("aws", ["pkill", "-f", "socat TCP-LISTEN:1194"]), check=False)
     time.sleep(0.5)
 
 
@@ -172,13 +187,15 @@ def main():
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release"))
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="clean link and fast profile only")
-    ap.add_argument("--paths", help="comma-separated subset of: direct, openvpn-tcp, tunnel fast, tunnel stock")
+    ap.add_argument("--paths", help="comma-separated subset of: direct, openvpn-tcp, openvpn-tcp relayed, "
+                                    "tunnel fast, tunnel stock")
     ap.add_argument("--links", help="comma-separated subset of: clean, 40ms")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (network namespaces)")
     subprocess.run(["bash", f"{ROOT}/scripts/ensure-deps.sh"], check=True)
-    missing = [pkg for tool, pkg in (("iperf3", "iperf3"), ("openvpn", "openvpn")) if not shutil.which(tool)]
+    missing = [pkg for tool, pkg in (("iperf3", "iperf3"), ("openvpn", "openvpn"), ("socat", "socat"))
+               if not shutil.which(tool)]
     if missing:
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + missing, check=True,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
@@ -191,7 +208,7 @@ def main():
         want = a.links.replace(" ", "").split(",")
         links = [l for l in [("clean", ""), ("40 ms RTT", "20 0")] if l[0].split(" ")[0] + ("ms" if l[1] else "") in want
                  or l[0] in want]
-    paths = ["direct", "openvpn-tcp", "tunnel fast"] + ([] if a.quick else ["tunnel stock"])
+    paths = ["direct", "openvpn-tcp", "openvpn-tcp relayed", "tunnel fast"] + ([] if a.quick else ["tunnel stock"])
     if a.paths:
         paths = [p.strip() for p in a.paths.split(",")]
     rows = []
@@ -205,10 +222,10 @@ def main():
                     if what == "direct":
                         route_direct(True)
                         r = measure(a.seconds)
-                    elif what == "openvpn-tcp":
+                    elif what.startswith("openvpn-tcp"):
                         route_direct(True)
                         sh(inn("laptop", ["ip", "route", "del", "10.10.0.0/16"]))
-                        openvpn(True)
+                        openvpn(True, relayed=what.endswith("relayed"))
                         r = measure(a.seconds)
                         openvpn(False)
                     else:
