@@ -110,6 +110,11 @@ impl UdpFlow {
         });
         UdpFlow { to_remote, last, task }
     }
+
+    /// Whether the flow saw traffic within `idle` ms of `now` (ms since the epoch).
+    fn active(&self, now: u64, idle: u64) -> bool {
+        now.saturating_sub(self.last.load(Ordering::Relaxed)) < idle
+    }
 }
 
 impl Drop for UdpFlow {
@@ -649,7 +654,7 @@ impl Session {
     fn expire_udp(&mut self) {
         let now = ms_since(self.epoch);
         let idle = self.config.udp_idle.as_millis() as u64;
-        self.udp.retain(|_, f| now.saturating_sub(f.last.load(Ordering::Relaxed)) < idle);
-        self.echo.retain(|_, f| now.saturating_sub(f.last.load(Ordering::Relaxed)) < idle);
+        self.udp.retain(|_, f| f.active(now, idle));
+        self.echo.retain(|_, f| f.active(now, idle));
     }
 }

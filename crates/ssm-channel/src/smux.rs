@@ -11,9 +11,9 @@
 //! half-close: FIN closes a stream both ways.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use std::time::{Duration, Instant};
 
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 8;

@@ -16,17 +16,24 @@ pub(crate) fn port_of(p: &Bytes) -> u16 {
     u16::from_be_bytes([p[20], p[21]])
 }
 
-#[test]
-fn a_sparse_flow_overtakes_a_bulk_backlog() {
+/// `queued` packets of a bulk flow, `served` of them then taken (checked to be
+/// the bulk flow's), so that it has used its first quantum: an old flow.
+fn old_bulk_flow(queued: usize, served: usize) -> (Instant, FqCodel) {
     let t0 = Instant::now();
     let mut q = FqCodel::new(FqConfig::default());
-    for _ in 0..200 {
+    for _ in 0..queued {
         q.enqueue(t0, pkt(1000, 1400));
     }
-    // Serve a few bulk packets so the bulk flow is an old flow, then a ping arrives.
-    for _ in 0..3 {
+    for _ in 0..served {
         assert_eq!(port_of(&q.dequeue(t0).expect("bulk")), 1000);
     }
+    (t0, q)
+}
+
+#[test]
+fn a_sparse_flow_overtakes_a_bulk_backlog() {
+    // A few bulk packets served so the bulk flow is an old flow, then a ping arrives.
+    let (t0, mut q) = old_bulk_flow(200, 3);
     q.enqueue(t0, pkt(2000, 84));
     let next: Vec<u16> = (0..2).map(|_| port_of(&q.dequeue(t0).expect("packet"))).collect();
     assert!(next.contains(&2000), "the ping waited behind the backlog: {next:?}");
@@ -34,14 +41,7 @@ fn a_sparse_flow_overtakes_a_bulk_backlog() {
 
 #[test]
 fn dequeue_sparse_takes_only_new_flows() {
-    let t0 = Instant::now();
-    let mut q = FqCodel::new(FqConfig::default());
-    for _ in 0..10 {
-        q.enqueue(t0, pkt(1000, 1400));
-    }
-    // The bulk flow has used its first quantum: it is an old flow now.
-    assert_eq!(port_of(&q.dequeue(t0).expect("bulk")), 1000);
-    assert_eq!(port_of(&q.dequeue(t0).expect("bulk")), 1000);
+    let (t0, mut q) = old_bulk_flow(10, 2);
     assert!(q.dequeue_sparse(t0).is_none(), "a backlogged flow is not sparse");
     q.enqueue(t0, pkt(2000, 84));
     assert_eq!(port_of(&q.dequeue_sparse(t0).expect("the ping")), 2000);
