@@ -11,11 +11,18 @@
 //! `agent/session/datachannel/datachannel.go` in the agent): per-direction
 //! sequence numbers from 0, one ack per message matched by sequence number,
 //! ack after processing, out-of-order messages acked and buffered, duplicates
-//! re-acked, retransmission after the upstream RTO estimate (10 ms floor, 1 s
-//! cap). Differences, all compatible with both peers: a bounded window of
-//! unacknowledged messages instead of silently dropping the oldest, Karn's rule
-//! for RTT samples, and every expired message is resent rather than only the
-//! head, so one loss costs one RTO instead of a window's worth of ticks.
+//! re-acked, retransmission of the oldest unacknowledged message after the
+//! upstream RTO estimate (10 ms floor, 1 s cap). Differences, all compatible
+//! with both peers:
+//! - a window of unacknowledged messages sized from what the channel
+//!   delivers ([`estimate`]), instead of silently dropping the oldest;
+//! - the timer restarts on every ack and backs off on each expiry, so acks
+//!   that come late because the agent's target drains slowly (the agent acks
+//!   only after writing) are a queue, never a reason to resend;
+//! - Karn's rule for RTT samples;
+//! - a message that three later-sent messages overtook (their acks came
+//!   first: the agent acks messages ahead of a gap at once) is resent without
+//!   waiting for the timer, so several losses do not cost an RTO each.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -28,6 +35,10 @@ use crate::payloads::{
     HandshakeResponse, ProcessedClientAction, SessionTypeRequest,
 };
 use crate::version::CLIENT_VERSION;
+
+mod estimate;
+pub use estimate::{rto, MIN_WINDOW, QUEUE_ALLOWANCE};
+use estimate::{Rtt, Window};
 
 /// Where wall-clock time and randomness come from. Tests inject deterministic ones.
 pub trait Environment: Send {
@@ -54,26 +65,26 @@ impl Environment for SystemEnvironment {
     }
 }
 
-/// Upstream RTO constants (`agent/session/config/config.go`, `src/config/config.go`).
-pub mod rto {
-    use std::time::Duration;
-    pub const INITIAL_SRTT: Duration = Duration::from_millis(100);
-    pub const INITIAL_RTO: Duration = Duration::from_millis(200);
-    pub const CLOCK_GRANULARITY: Duration = Duration::from_millis(10);
-    pub const MAX: Duration = Duration::from_secs(1);
-}
-
 /// How many recent acks are repeated after a reconnect.
 const RECENT_ACKS: usize = 2048;
 
 /// Largest payload upstream puts in one stream message (`StreamDataPayloadSize`).
 pub const MAX_PAYLOAD: usize = 1024;
 
+/// Acks of this many later-sent messages mark an unacked one as lost...
+const OVERTAKEN_RESEND: u8 = 3;
+/// ...if they were sent at least a reorder window after it. The window starts
+/// at a quarter of the smallest RTT (at least this much) and grows by as much
+/// each time such a resend proves needless, up to the smoothed RTT (RACK,
+/// RFC 8985 §6.2, with the early ack standing in for DSACK).
+const MIN_REORDER_WINDOW: Duration = Duration::from_millis(1);
+
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Announced in the HandshakeResponse; selects the agent's port mode.
     pub client_version: String,
-    /// Unacknowledged stream messages allowed in flight: the backpressure bound.
+    /// Most unacknowledged stream messages in flight: the cap of the window,
+    /// which otherwise follows the channel's delivery rate.
     pub max_in_flight: usize,
     /// Out-of-order messages held (upstream plugin: 10 000).
     pub reorder_capacity: usize,
@@ -84,6 +95,12 @@ pub struct SessionConfig {
     /// Session types the handshake accepts: [`PORT_SESSION`] for tunnels,
     /// [`SHELL_SESSIONS`] for a shell.
     pub session_types: &'static [&'static str],
+    /// The agent may start without a handshake, with Output at sequence
+    /// number 0: a shell session without KMS (amazon-ssm-agent
+    /// `plugins/sessionplugin/sessionplugin.go` handshakes only when the plugin
+    /// requires it or KMS is on; the plugin copes in `sessionhandler.go`
+    /// `ProcessFirstMessage`).
+    pub start_on_output: bool,
 }
 
 /// The session type of Port sessions.
@@ -103,6 +120,7 @@ impl Default for SessionConfig {
             receive_buffer_bytes: 16 << 20,
             ack_timeout: Duration::from_secs(300),
             session_types: PORT_SESSION,
+            start_on_output: false,
         }
     }
 }
@@ -142,7 +160,9 @@ pub struct HandshakeInfo {
 pub enum Event {
     /// The agent's HandshakeRequest arrived; our response is already queued.
     Handshake(HandshakeInfo),
-    /// HandshakeComplete arrived: data may flow.
+    /// HandshakeComplete arrived, or the first output of a session that
+    /// needs no handshake (then without a [`Event::Handshake`] before it):
+    /// data may flow.
     Established {
         customer_message: String,
     },
@@ -184,8 +204,10 @@ pub enum FrameError {
 /// Counters for `status` and benchmarks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Distinct stream messages sent (first transmissions).
     pub messages_sent: u64,
     pub bytes_sent: u64,
+    /// Transmissions after the first, for any reason (timer, overtaken, reconnect).
     pub retransmissions: u64,
     pub messages_received: u64,
     pub bytes_received: u64,
@@ -194,7 +216,24 @@ pub struct Stats {
     pub dropped_not_ready: u64,
     pub acks_received: u64,
     pub srtt: Duration,
+    /// The retransmission timeout in force (with backoff).
     pub rto: Duration,
+    /// The smallest recent RTT sample (zero before the first).
+    pub min_rtt: Duration,
+    /// Messages the window allows in flight now.
+    pub window: usize,
+}
+
+impl Stats {
+    /// Every stream message put on the wire, resends included.
+    pub fn transmissions(&self) -> u64 {
+        self.messages_sent + self.retransmissions
+    }
+
+    /// Resends as a share of all transmissions (0 when nothing was sent).
+    pub fn resend_ratio(&self) -> f64 {
+        self.retransmissions as f64 / self.transmissions().max(1) as f64
+    }
 }
 
 #[derive(Debug)]
@@ -204,29 +243,12 @@ struct InFlight {
     /// `None` until transmitted (or after a reconnect made it due again).
     last_sent: Option<Instant>,
     transmissions: u32,
+    /// Waiting in a send queue.
     queued: bool,
-}
-
-#[derive(Debug)]
-struct Rtt {
-    srtt: f64,
-    rttvar: f64,
-    rto: Duration,
-}
-
-impl Rtt {
-    fn new() -> Self {
-        Rtt { srtt: rto::INITIAL_SRTT.as_secs_f64(), rttvar: 0.0, rto: rto::INITIAL_RTO }
-    }
-
-    /// `CalculateRetransmissionTimeout`: RTTVAR first, from the old SRTT.
-    fn sample(&mut self, rtt: Duration) {
-        let r = rtt.as_secs_f64();
-        self.rttvar = 0.75 * self.rttvar + 0.25 * (self.srtt - r).abs();
-        self.srtt = 0.875 * self.srtt + 0.125 * r;
-        let rto = self.srtt + (4.0 * self.rttvar).max(rto::CLOCK_GRANULARITY.as_secs_f64());
-        self.rto = Duration::from_secs_f64(rto).min(rto::MAX);
-    }
+    /// Acks of messages sent after this one's last transmission.
+    overtaken: u8,
+    /// Its last transmission was for being overtaken.
+    fast_resent: bool,
 }
 
 pub struct Session {
@@ -240,9 +262,17 @@ pub struct Session {
     next_seq: SequenceNumber,
     in_flight: VecDeque<InFlight>,
     send_queue: VecDeque<SequenceNumber>,
+    /// Messages to send again, served before new ones.
+    resend_queue: VecDeque<SequenceNumber>,
     control: VecDeque<Vec<u8>>,
     terminate_seq: Option<SequenceNumber>,
     rtt: Rtt,
+    window: Window,
+    /// When an ack last removed a message: the retransmission timer counts from here.
+    last_ack_at: Option<Instant>,
+    /// Quarters of the smallest RTT that a message must have been sent before
+    /// an acked one to count as overtaken (grows on needless resends).
+    reorder_quarters: u32,
     last_progress: Option<Instant>,
 
     // Receiving.
@@ -272,6 +302,7 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     pub fn new(config: SessionConfig, env: Box<dyn Environment>) -> Self {
+        let window = Window::new(config.max_in_flight);
         Session {
             config,
             env,
@@ -281,9 +312,13 @@ impl Session {
             next_seq: SequenceNumber(0),
             in_flight: VecDeque::new(),
             send_queue: VecDeque::new(),
+            resend_queue: VecDeque::new(),
             control: VecDeque::new(),
             terminate_seq: None,
             rtt: Rtt::new(),
+            window,
+            last_ack_at: None,
+            reorder_quarters: 1,
             last_progress: None,
             expected: SequenceNumber(0),
             reorder: BTreeMap::new(),
@@ -303,7 +338,13 @@ impl Session {
     }
 
     pub fn stats(&self) -> Stats {
-        Stats { srtt: Duration::from_secs_f64(self.rtt.srtt), rto: self.rtt.rto, ..self.stats.clone() }
+        Stats {
+            srtt: Duration::from_secs_f64(self.rtt.srtt),
+            rto: self.rtt.current(),
+            min_rtt: self.window.min_rtt().unwrap_or_default(),
+            window: self.window.size(),
+            ..self.stats.clone()
+        }
     }
 
     /// How long messages have been outstanding without any ack (`None`: nothing
@@ -326,7 +367,7 @@ impl Session {
 
     /// Whether [`Session::send`] would accept a message now.
     pub fn can_send(&self) -> bool {
-        self.state == State::Established && self.in_flight.len() < self.config.max_in_flight
+        self.state == State::Established && self.in_flight.len() < self.window.size()
     }
 
     /// The websocket went down (`false`) or came up again (`true`). Sequence
@@ -341,6 +382,7 @@ impl Session {
                 self.queue_ack_for(message_type::OUTPUT_STREAM_DATA, seq, id);
             }
             self.send_queue.clear();
+            self.resend_queue.clear();
             for m in self.in_flight.iter_mut() {
                 m.last_sent = None;
                 m.queued = true;
@@ -367,7 +409,7 @@ impl Session {
         if data.is_empty() || data.len() > MAX_PAYLOAD {
             return Err(SendError::BadSize(data.len()));
         }
-        if self.in_flight.len() >= self.config.max_in_flight {
+        if self.in_flight.len() >= self.window.size() {
             return Err(SendError::WindowFull(self.in_flight.len()));
         }
         Ok(self.enqueue_stream(payload_type, data))
@@ -403,7 +445,15 @@ impl Session {
         };
         // Non-empty payload and a fixed valid type: encoding cannot fail.
         let frame = msg.to_bytes().unwrap_or_default();
-        self.in_flight.push_back(InFlight { seq, frame, last_sent: None, transmissions: 0, queued: true });
+        self.in_flight.push_back(InFlight {
+            seq,
+            frame,
+            last_sent: None,
+            transmissions: 0,
+            queued: true,
+            overtaken: 0,
+            fast_resent: false,
+        });
         self.send_queue.push_back(seq);
         seq
     }
@@ -427,16 +477,18 @@ impl Session {
         if self.paused {
             return None;
         }
-        while let Some(seq) = self.send_queue.pop_front() {
+        while let Some(seq) = self.resend_queue.pop_front().or_else(|| self.send_queue.pop_front()) {
             let Some(idx) = self.find_in_flight(seq) else { continue };
             // The first transmission of the oldest outstanding message: nothing was
             // waiting for an ack before it, so the no-progress clock starts now
             // (not at the last ack, which may be an idle hour ago).
             if idx == 0 && self.in_flight[idx].transmissions == 0 {
                 self.last_progress = Some(now);
+                self.window.on_idle_restart(now);
             }
             let m = &mut self.in_flight[idx];
             m.queued = false;
+            m.overtaken = 0;
             if m.transmissions > 0 {
                 self.stats.retransmissions += 1;
             } else {
@@ -457,13 +509,22 @@ impl Session {
         self.in_flight.binary_search_by_key(&seq, |m| m.seq).ok()
     }
 
+    /// When the oldest unacknowledged message is due again: one RTO (with
+    /// backoff) after it was last sent or after the last ack, whichever is
+    /// later. Acks that keep coming, however late, keep it from firing.
+    fn retransmit_at(&self) -> Option<Instant> {
+        let head = self.in_flight.front().filter(|m| !m.queued)?;
+        let sent = head.last_sent?;
+        let since = self.last_ack_at.map_or(sent, |a| a.max(sent));
+        Some(since + self.rtt.current())
+    }
+
     /// When [`Session::handle_timeout`] next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if !self.connected || self.paused || self.is_closed() {
             return None;
         }
-        let retransmit =
-            self.in_flight.iter().filter(|m| !m.queued).filter_map(|m| m.last_sent).min().map(|t| t + self.rtt.rto);
+        let retransmit = self.retransmit_at();
         let give_up = self.stalled_since().map(|t| t + self.config.ack_timeout);
         match (retransmit, give_up) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -481,11 +542,12 @@ impl Session {
                 return;
             }
         }
-        let rto = self.rtt.rto;
-        for m in self.in_flight.iter_mut() {
-            if !m.queued && m.last_sent.is_some_and(|t| now.duration_since(t) >= rto) {
-                m.queued = true;
-                self.send_queue.push_back(m.seq);
+        if self.retransmit_at().is_some_and(|t| now >= t) {
+            if let Some(head) = self.in_flight.front_mut() {
+                head.queued = true;
+                head.fast_resent = false;
+                self.resend_queue.push_back(head.seq);
+                self.rtt.back_off();
             }
         }
     }
@@ -537,16 +599,56 @@ impl Session {
     fn handle_ack(&mut self, now: Instant, seq: SequenceNumber) {
         self.stats.acks_received += 1;
         let Some(idx) = self.find_in_flight(seq) else { return };
+        self.resend_overtaken(idx);
         let Some(m) = self.in_flight.remove(idx) else { return };
         self.last_progress = Some(now);
+        self.last_ack_at = Some(now);
+        self.window.on_delivered(now);
+        // An ack sooner after a fast resend than any round trip takes answers
+        // an earlier copy: that message was late, not lost. Wait longer.
+        let min_rtt = self.window.min_rtt().unwrap_or_default();
+        if m.fast_resent && m.last_sent.is_some_and(|t| now.duration_since(t) < min_rtt) {
+            self.reorder_quarters = (self.reorder_quarters + 1).min(4 * 64);
+        }
         // Karn: a retransmitted message gives an ambiguous sample.
         if m.transmissions == 1 {
             if let Some(sent) = m.last_sent {
-                self.rtt.sample(now.duration_since(sent));
+                let rtt = now.duration_since(sent);
+                self.rtt.sample(rtt);
+                self.window.on_rtt_sample(now, rtt);
             }
         }
         if self.terminate_seq == Some(seq) {
             self.close(CloseReason::Terminated);
+        }
+    }
+
+    /// How much earlier than an acked message another must have been sent to
+    /// count as overtaken by it (see [`MIN_REORDER_WINDOW`]).
+    fn reorder_window(&self) -> Duration {
+        let quarter = self.window.min_rtt().unwrap_or_default() / 4;
+        let srtt = Duration::from_secs_f64(self.rtt.srtt);
+        (quarter * self.reorder_quarters).min(srtt).max(MIN_REORDER_WINDOW)
+    }
+
+    /// The message at `idx` is acked: every older unacked message sent at
+    /// least a reorder window before it was overtaken once more. The agent
+    /// acks in order unless a message is missing (then it acks the later ones
+    /// at once), so a message overtaken [`OVERTAKEN_RESEND`] times is lost,
+    /// however slowly the agent drains.
+    fn resend_overtaken(&mut self, idx: usize) {
+        let Some(acked_sent) = self.in_flight[idx].last_sent else { return };
+        let window = self.reorder_window();
+        for m in self.in_flight.range_mut(..idx) {
+            if m.queued || !m.last_sent.is_some_and(|t| t + window <= acked_sent) {
+                continue;
+            }
+            m.overtaken += 1;
+            if m.overtaken >= OVERTAKEN_RESEND {
+                m.queued = true;
+                m.fast_resent = true;
+                self.resend_queue.push_back(m.seq);
+            }
         }
     }
 
@@ -609,6 +711,14 @@ impl Session {
                 true
             }
             _ => {
+                if self.state == State::AwaitHandshakeRequest
+                    && self.config.start_on_output
+                    && pt == PayloadType::OUTPUT
+                {
+                    // A shell that needs no handshake: its output is the start.
+                    self.state = State::Established;
+                    self.events.push_back(Event::Established { customer_message: String::new() });
+                }
                 let ready = matches!(self.state, State::Established | State::Terminating);
                 let data_len = if pt == PayloadType::FLAG { 0 } else { msg.payload.len() };
                 if !ready || self.buffered_bytes + data_len > self.config.receive_buffer_bytes {

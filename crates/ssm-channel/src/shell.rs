@@ -6,7 +6,10 @@
 //! (`agent/session/shell/shell_unix.go`): what we send is typed at it
 //! (payload type Output), what the terminal prints comes back, in reads of
 //! at most 1024 bytes. Like the session-manager-plugin we tell it a terminal
-//! size first (payload type Size, `{"cols":..,"rows":..}`). The session ends
+//! size first (payload type Size, `{"cols":..,"rows":..}`). A default shell
+//! session has no handshake (amazon-ssm-agent's Standard_Stream and
+//! InteractiveCommands plugins skip it unless KMS is on): it starts with the
+//! prompt at sequence number 0, and so do we. The session ends
 //! when the shell exits (the service closes the channel) or when the caller
 //! drops its input sender (we send TerminateSession).
 
@@ -57,12 +60,13 @@ pub fn pipes() -> (ShellIo, ShellPipes) {
 
 /// A [`SessionConfig`] for shell sessions.
 pub fn session_config() -> SessionConfig {
-    SessionConfig { session_types: SHELL_SESSIONS, ..SessionConfig::default() }
+    SessionConfig { session_types: SHELL_SESSIONS, start_on_output: true, ..SessionConfig::default() }
 }
 
 /// Drives a shell session until the shell exits or the caller hangs up.
-/// `ready` gets the handshake once data may flow. A dropped websocket is
-/// resumed for up to `reconnect_for`.
+/// `ready` gets the handshake once data may flow (`None`: the agent started
+/// the shell without one). A dropped websocket is resumed for up to
+/// `reconnect_for`.
 pub async fn run(
     config: SessionConfig,
     endpoint: Endpoint,
@@ -70,7 +74,7 @@ pub async fn run(
     resume: Arc<dyn Resume>,
     reconnect_for: Duration,
     pipes: ShellPipes,
-    ready: oneshot::Sender<HandshakeInfo>,
+    ready: oneshot::Sender<Option<HandshakeInfo>>,
 ) -> Result<Summary, PortError> {
     let ShellPipes { mut input, output } = pipes;
     let mut session = Session::new(config, Box::new(crate::session::SystemEnvironment));
@@ -111,8 +115,8 @@ pub async fn run(
                     }
                     let size = format!("{{\"cols\":{COLUMNS},\"rows\":{ROWS}}}");
                     let _ = session.send_typed(PayloadType::SIZE, size.as_bytes());
-                    if let (Some(tx), Some(info)) = (ready.take(), handshake.clone()) {
-                        let _ = tx.send(info);
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(handshake.clone());
                     }
                 }
                 Event::Data(d) => {

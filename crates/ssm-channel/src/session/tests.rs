@@ -162,25 +162,106 @@ fn retransmits_after_rto_with_identical_bytes() {
     s.handle_timeout(now + rto);
     assert_eq!(s.poll_transmit(now + rto), Some(first));
     assert_eq!(s.stats().retransmissions, 1);
-    // Ack of a retransmitted message gives no RTT sample (Karn).
+    // The expiry backed the timer off; the ack of a retransmitted message gives
+    // no RTT sample (Karn), so the backoff stays until a fresh one.
+    assert_eq!(s.stats().rto, rto * 2);
     s.handle_frame(now + Duration::from_millis(900), &ack_frame(1)).expect("ok");
-    assert_eq!(s.stats().rto, rto);
+    assert_eq!(s.stats().rto, rto * 2);
     assert_eq!(s.poll_timeout(), None);
+    s.send(b"fresh").expect("room");
+    let later = now + Duration::from_secs(1);
+    drain(&mut s, later);
+    s.handle_frame(later + Duration::from_millis(20), &ack_frame(2)).expect("ok");
+    assert!(s.stats().rto < rto * 2, "a fresh sample undoes the backoff");
+}
+
+/// Runs the timer to its next expiry and returns when it was and what went out.
+fn expire(s: &mut Session) -> (Instant, Vec<i64>) {
+    let t = s.poll_timeout().expect("timer armed");
+    s.handle_timeout(t);
+    (t, stream_seqs(&drain(s, t)))
 }
 
 #[test]
-fn rto_follows_upstream_estimator() {
-    let mut r = Rtt::new();
-    r.sample(Duration::from_millis(20));
-    // RTTVAR = 0.25*|100-20| = 20; SRTT = 0.875*100 + 0.125*20 = 90; RTO = 90 + 80 = 170 ms
-    assert_eq!(r.rto.as_millis(), 170);
-    for _ in 0..200 {
-        r.sample(Duration::from_millis(1));
+fn only_the_oldest_message_is_resent_per_expiry_with_the_timer_backed_off() {
+    let (mut s, now) = established(SessionConfig::default());
+    for i in 0..5 {
+        s.send(&[i]).expect("room");
     }
-    assert_eq!(r.rto, Duration::from_secs_f64(r.srtt + rto::CLOCK_GRANULARITY.as_secs_f64()).min(rto::MAX));
-    assert!(r.rto >= rto::CLOCK_GRANULARITY);
-    r.sample(Duration::from_secs(30));
-    assert_eq!(r.rto, rto::MAX);
+    assert_eq!(stream_seqs(&drain(&mut s, now)), vec![1, 2, 3, 4, 5]);
+    let rto = s.stats().rto;
+    let (t1, sent) = expire(&mut s);
+    assert_eq!((t1, sent), (now + rto, vec![1]));
+    let (t2, sent) = expire(&mut s);
+    assert_eq!((t2, sent), (t1 + rto * 2, vec![1]));
+    let (t3, _) = expire(&mut s);
+    assert_eq!(t3, t2 + rto * 4);
+    // Backed off up to the cap, never past it.
+    let mut t = t3;
+    for _ in 0..10 {
+        let (next, sent) = expire(&mut s);
+        assert_eq!(sent, vec![1]);
+        assert!(next - t <= rto::MAX);
+        t = next;
+    }
+    assert_eq!(s.stats().rto, rto::MAX);
+    assert_eq!(s.stats().retransmissions, 13);
+}
+
+/// The real agent acks a message only once its plugin wrote it on: behind a
+/// target that takes one message per 5 ms, the acks for a burst come over
+/// hundreds of milliseconds, far beyond the RTO of an idle channel. As long
+/// as acks keep coming, nothing is resent.
+#[test]
+fn acks_that_come_late_but_steadily_are_a_queue_not_a_loss() {
+    let (mut s, now) = established(SessionConfig::default());
+    let mut sent = Vec::new();
+    let mut t = now;
+    let mut acked = 0;
+    for _ in 0..600 {
+        while s.can_send() {
+            s.send(b"bulk").expect("room");
+        }
+        sent.extend(stream_seqs(&drain(&mut s, t)));
+        t += Duration::from_millis(5);
+        if s.poll_timeout().is_some_and(|d| d <= t) {
+            s.handle_timeout(t);
+        }
+        acked += 1;
+        s.handle_frame(t, &ack_frame(acked)).expect("ok");
+    }
+    assert!(t - now >= Duration::from_secs(3));
+    assert_eq!(s.stats().retransmissions, 0, "resent a queued message");
+    let unique: std::collections::BTreeSet<_> = sent.iter().collect();
+    assert_eq!(unique.len(), sent.len());
+    // The window shrank to what the channel delivers (200 messages/s).
+    assert_eq!(s.stats().window, MIN_WINDOW);
+}
+
+#[test]
+fn a_message_overtaken_by_three_later_acks_is_resent_at_once() {
+    let (mut s, now) = established(SessionConfig::default());
+    s.send(&[0]).expect("room");
+    s.send(&[1]).expect("room");
+    drain(&mut s, now);
+    // Later messages, sent more than the reorder window (1 ms here) after.
+    let later = now + Duration::from_millis(5);
+    for i in 2..6 {
+        s.send(&[i]).expect("room");
+    }
+    drain(&mut s, later);
+    let t = later + Duration::from_millis(2);
+    s.handle_frame(t, &ack_frame(1)).expect("ok");
+    // Seq 2 went missing: 3 and 4 overtake it, not yet enough.
+    s.handle_frame(t, &ack_frame(3)).expect("ok");
+    s.handle_frame(t, &ack_frame(4)).expect("ok");
+    assert!(stream_seqs(&drain(&mut s, t)).is_empty());
+    s.handle_frame(t, &ack_frame(5)).expect("ok");
+    assert_eq!(stream_seqs(&drain(&mut s, t)), vec![2]);
+    // Once resent, the count starts over: a later ack of 6 does not send it again.
+    s.handle_frame(t, &ack_frame(6)).expect("ok");
+    assert!(stream_seqs(&drain(&mut s, t)).is_empty());
+    assert_eq!(s.stats().retransmissions, 1);
 }
 
 #[test]
@@ -219,6 +300,55 @@ fn full_receive_buffer_withholds_ack_until_app_reads() {
     s.handle_frame(now, &agent_frame(3, PayloadType::OUTPUT, b"e")).expect("ok");
     assert_eq!(acked_seqs(&drain(&mut s, now)), vec![3]);
     assert_eq!(s.poll_event(), Some(Event::Data(b"e".to_vec())));
+}
+
+fn shell_session() -> Session {
+    session(SessionConfig { session_types: SHELL_SESSIONS, start_on_output: true, ..SessionConfig::default() })
+}
+
+/// amazon-ssm-agent runs a default shell session without a handshake: the
+/// prompt is the first message. It is acked and delivered, and typing works.
+#[test]
+fn a_shell_session_starts_on_its_first_output_without_a_handshake() {
+    let now = Instant::now();
+    let mut s = shell_session();
+    assert!(!s.can_send());
+    s.handle_frame(now, &agent_frame(0, PayloadType::OUTPUT, b"sh-5.2$ ")).expect("ok");
+    assert_eq!(acked_seqs(&drain(&mut s, now)), vec![0]);
+    assert_eq!(s.poll_event(), Some(Event::Established { customer_message: String::new() }));
+    assert_eq!(s.poll_event(), Some(Event::Data(b"sh-5.2$ ".to_vec())));
+    assert_eq!(s.state(), &State::Established);
+    assert_eq!(s.send(b"id\n"), Ok(SequenceNumber(0)), "with no handshake response, input starts at 0");
+    // Later output, including some that arrived early, flows in order.
+    s.handle_frame(now, &agent_frame(2, PayloadType::OUTPUT, b"b")).expect("ok");
+    s.handle_frame(now, &agent_frame(1, PayloadType::OUTPUT, b"a")).expect("ok");
+    let data: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert_eq!(data, vec![Event::Data(b"a".to_vec()), Event::Data(b"b".to_vec())]);
+}
+
+/// The same client still handshakes when the agent asks (KMS, Run As).
+#[test]
+fn a_shell_session_still_handshakes_when_the_agent_asks() {
+    let now = Instant::now();
+    let mut s = shell_session();
+    let req = r#"{"AgentVersion":"3.3.1142.0","RequestedClientActions":[{"ActionType":"SessionType","ActionParameters":{"SessionType":"Standard_Stream","Properties":{}}}]}"#;
+    s.handle_frame(now, &agent_frame(0, PayloadType::HANDSHAKE_REQUEST, req.as_bytes())).expect("ok");
+    let out = drain(&mut s, now);
+    assert_eq!(out[1].payload_type, Some(PayloadType::HANDSHAKE_RESPONSE));
+    assert!(matches!(s.poll_event(), Some(Event::Handshake(i)) if i.session_type == "Standard_Stream"));
+    assert_eq!(s.state(), &State::AwaitHandshakeComplete);
+}
+
+/// A Port session never starts without its handshake: output before it is
+/// neither acked nor delivered (the agent resends it).
+#[test]
+fn a_port_session_does_not_start_on_output() {
+    let now = Instant::now();
+    let mut s = session(SessionConfig::default());
+    s.handle_frame(now, &agent_frame(0, PayloadType::OUTPUT, b"early")).expect("ok");
+    assert!(acked_seqs(&drain(&mut s, now)).is_empty());
+    assert_eq!(s.poll_event(), None);
+    assert_eq!(s.state(), &State::AwaitHandshakeRequest);
 }
 
 #[test]
@@ -328,4 +458,48 @@ fn flag_from_agent_becomes_event() {
     let (mut s, now) = established(SessionConfig::default());
     s.handle_frame(now, &agent_frame(2, PayloadType::FLAG, &Flag::ConnectToPortError.to_bytes())).expect("ok");
     assert_eq!(s.poll_event(), Some(Event::Flag(Flag::ConnectToPortError)));
+}
+
+/// Acks that come out of order because the path reorders (not because a
+/// message was lost): once a fast resend proves needless (its ack comes back
+/// sooner than any round trip), the reorder window grows and the same late
+/// arrival no longer triggers one.
+#[test]
+fn needless_fast_resends_widen_the_reorder_window() {
+    let (mut s, now) = established(SessionConfig::default());
+    // A 10 ms path: the smallest RTT is learnt from one message (after the
+    // handshake's instant sample has aged out).
+    let start = now + Duration::from_secs(11);
+    s.send(b"a").expect("room");
+    drain(&mut s, start);
+    let mut t = start + Duration::from_millis(10);
+    s.handle_frame(t, &ack_frame(1)).expect("ok");
+    let mut needless = 0;
+    let mut next_seq = 2;
+    for round in 0..12 {
+        // Seq k leaves 3 ms before four others; the four are acked first, then k.
+        let k = next_seq;
+        s.send(b"late").expect("room");
+        drain(&mut s, t);
+        t += Duration::from_millis(3);
+        for _ in 0..4 {
+            s.send(b"x").expect("room");
+        }
+        drain(&mut s, t);
+        t += Duration::from_millis(10);
+        for seq in k + 1..=k + 4 {
+            s.handle_frame(t, &ack_frame(seq)).expect("ok");
+        }
+        let resent = stream_seqs(&drain(&mut s, t));
+        t += Duration::from_millis(1);
+        s.handle_frame(t, &ack_frame(k)).expect("ok");
+        if resent == vec![k] {
+            needless += 1;
+        } else {
+            assert!(resent.is_empty(), "round {round}: {resent:?}");
+        }
+        next_seq = k + 5;
+    }
+    assert!(needless >= 1, "the first late arrivals are taken for losses");
+    assert!(needless <= 4, "{needless} needless resends: the window never widened");
 }
