@@ -9,8 +9,15 @@
 //! The plugin is the client (stream ids 3, 5, 7, ...; the counter starts at 1
 //! and is bumped by 2 before each use), the agent the server. There is no
 //! half-close: FIN closes a stream both ways.
+//!
+//! Queued frames leave as smux's `shaperLoop` sends them (`session.go`,
+//! `stream.go` v1 `Write`: `writeFrameInternal(frame, deadline,
+//! numWritten)`): fewest frames written by its stream first, so streams share
+//! the byte stream fairly whatever order their data came in. SYN and NOP go
+//! first; a FIN goes after its stream's data.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -83,6 +90,31 @@ pub fn encode_header(cmd: Cmd, len: u16, sid: StreamId, out: &mut Vec<u8>) {
     out.extend_from_slice(&sid.0.to_le_bytes());
 }
 
+/// A frame waiting in the shaper: smaller `prio` first, then older.
+#[derive(Debug)]
+struct Queued {
+    prio: u64,
+    seq: u64,
+    frame: Vec<u8>,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.prio, self.seq) == (other.prio, other.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.prio, self.seq).cmp(&(other.prio, other.seq))
+    }
+}
+
 #[derive(Debug)]
 pub struct Mux {
     role: Role,
@@ -93,6 +125,13 @@ pub struct Mux {
     streams: HashMap<StreamId, ()>,
     /// Bytes received but not yet forming a whole frame.
     inbuf: Vec<u8>,
+    /// Frames waiting for their turn, and the bytes in them.
+    shaper: BinaryHeap<Reverse<Queued>>,
+    shaper_bytes: usize,
+    shaper_seq: u64,
+    /// Frames each open stream has queued (smux's `numWritten`).
+    written: HashMap<StreamId, u64>,
+    /// Output already taken from the shaper: the rest of a frame in progress.
     out: BytesMut,
     events: VecDeque<MuxEvent>,
 }
@@ -110,6 +149,10 @@ impl Mux {
             next_nop: None,
             streams: HashMap::new(),
             inbuf: Vec::new(),
+            shaper: BinaryHeap::new(),
+            shaper_bytes: 0,
+            shaper_seq: 0,
+            written: HashMap::new(),
             out: BytesMut::new(),
             events: VecDeque::new(),
         }
@@ -138,7 +181,7 @@ impl Mux {
         self.next_id += 2;
         let sid = StreamId(self.next_id);
         self.streams.insert(sid, ());
-        self.push_frame(Cmd::Syn, sid, &[]);
+        self.push_frame(0, Cmd::Syn, sid, &[]);
         sid
     }
 
@@ -148,7 +191,10 @@ impl Mux {
             return false;
         }
         for chunk in data.chunks(self.max_frame) {
-            self.push_frame(Cmd::Psh, sid, chunk);
+            let n = self.written.entry(sid).or_default();
+            let prio = *n;
+            *n += 1;
+            self.push_frame(prio, Cmd::Psh, sid, chunk);
         }
         true
     }
@@ -156,24 +202,32 @@ impl Mux {
     /// Closes a stream (FIN) if it is open.
     pub fn close(&mut self, sid: StreamId) {
         if self.streams.remove(&sid).is_some() {
-            self.push_frame(Cmd::Fin, sid, &[]);
+            let prio = self.written.remove(&sid).unwrap_or(0);
+            self.push_frame(prio, Cmd::Fin, sid, &[]);
         }
     }
 
-    fn push_frame(&mut self, cmd: Cmd, sid: StreamId, data: &[u8]) {
-        let mut h = Vec::with_capacity(HEADER_LEN);
-        encode_header(cmd, data.len() as u16, sid, &mut h);
-        self.out.extend_from_slice(&h);
-        self.out.extend_from_slice(data);
+    fn push_frame(&mut self, prio: u64, cmd: Cmd, sid: StreamId, data: &[u8]) {
+        let mut frame = Vec::with_capacity(HEADER_LEN + data.len());
+        encode_header(cmd, data.len() as u16, sid, &mut frame);
+        frame.extend_from_slice(data);
+        self.shaper_seq += 1;
+        self.shaper_bytes += frame.len();
+        self.shaper.push(Reverse(Queued { prio, seq: self.shaper_seq, frame }));
     }
 
     /// Bytes waiting to go to the peer.
     pub fn pending_output(&self) -> usize {
-        self.out.len()
+        self.out.len() + self.shaper_bytes
     }
 
     /// Takes up to `max` bytes of output (frames are not aligned to these chunks).
     pub fn take_output(&mut self, max: usize) -> BytesMut {
+        while self.out.len() < max {
+            let Some(Reverse(q)) = self.shaper.pop() else { break };
+            self.shaper_bytes -= q.frame.len();
+            self.out.extend_from_slice(&q.frame);
+        }
         let n = max.min(self.out.len());
         self.out.split_to(n)
     }
@@ -220,6 +274,7 @@ impl Mux {
                 }
                 Cmd::Fin => {
                     if self.streams.remove(&sid).is_some() {
+                        self.written.remove(&sid);
                         self.events.push_back(MuxEvent::Closed(sid));
                     }
                 }
@@ -253,7 +308,7 @@ impl Mux {
         }
         match self.next_nop {
             Some(t) if now >= t => {
-                self.push_frame(Cmd::Nop, StreamId(0), &[]);
+                self.push_frame(0, Cmd::Nop, StreamId(0), &[]);
                 self.next_nop = Some(now + KEEPALIVE_INTERVAL);
             }
             Some(_) => {}
@@ -367,5 +422,28 @@ mod tests {
             prop_assert_eq!(got, writes.concat());
             prop_assert!(closed);
         }
+    }
+
+    /// smux's shaper: a stream that queued much is overtaken by one that
+    /// queued little, and a FIN stays behind its stream's data.
+    #[test]
+    fn streams_share_output_by_frames_written() {
+        let mut m = Mux::new(Role::Server, false).with_max_frame(4);
+        m.handle_input(&[1, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 5, 0, 0, 0]).expect("two SYNs");
+        while m.poll_event().is_some() {}
+        m.write(StreamId(3), b"aaaaaaaaaaaa"); // three frames
+        m.close(StreamId(3));
+        m.write(StreamId(5), b"bbbbbbbb"); // two frames
+        let out = m.take_output(usize::MAX);
+        let mut order = Vec::new();
+        let mut at = 0;
+        while at < out.len() {
+            let len = u16::from_le_bytes([out[at + 2], out[at + 3]]) as usize;
+            order.push((out[at + 1], out[at + 4]));
+            at += HEADER_LEN + len;
+        }
+        let (psh, fin) = (Cmd::Psh as u8, Cmd::Fin as u8);
+        assert_eq!(order, vec![(psh, 3), (psh, 5), (psh, 3), (psh, 5), (psh, 3), (fin, 3)]);
+        assert_eq!(m.pending_output(), 0);
     }
 }
