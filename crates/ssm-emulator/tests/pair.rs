@@ -1,6 +1,8 @@
 //! Deterministic pair harness: our client [`Session`] against the emulator's
 //! upstream-faithful [`AgentChannel`], on a simulated clock, over a seeded link
-//! that drops, duplicates and reorders frames. Moves 16 MiB each way and checks
+//! that drops, duplicates and reorders frames, with a target behind the agent
+//! that takes input as fast as it likes or only at a set rate (the agent then
+//! acks late, as the real one does). Moves up to 16 MiB each way and checks
 //! every byte.
 
 use std::cmp::Reverse;
@@ -84,18 +86,63 @@ impl Link {
     }
 }
 
+/// The target behind the agent's port plugin: what the plugin's write hands
+/// on waits in a buffer of `buffer` bytes that drains at `bytes_per_ms`; a
+/// write that does not fit returns (and so is acked) only once it does.
+#[derive(Debug, Clone, Copy)]
+struct SlowTarget {
+    buffer: usize,
+    bytes_per_ms: usize,
+}
+
+#[derive(Debug, Default)]
+struct TargetState {
+    held: usize,
+    write_pending: bool,
+    drained_at: Duration,
+}
+
+impl TargetState {
+    /// Drains what the target took since the last call; true when a pending
+    /// write now returns.
+    fn drain(&mut self, target: &SlowTarget, sim: Duration) -> bool {
+        let ms = (sim - self.drained_at).as_millis() as usize;
+        if ms > 0 {
+            self.held = self.held.saturating_sub(ms * target.bytes_per_ms);
+            self.drained_at += Duration::from_millis(ms as u64);
+        }
+        if self.write_pending && self.held <= target.buffer {
+            self.write_pending = false;
+            return true;
+        }
+        false
+    }
+}
+
 struct Outcome {
     sim_time: Duration,
+    client_sent: u64,
     client_retransmissions: u64,
     agent_resends: u64,
     dropped: u64,
     duplicated: u64,
 }
 
+impl Outcome {
+    /// Resends as a share of every stream message the client put on the wire.
+    fn client_resend_ratio(&self) -> f64 {
+        self.client_retransmissions as f64 / (self.client_sent + self.client_retransmissions).max(1) as f64
+    }
+}
+
 fn run_pair(seed: u64, bytes_each_way: usize, faults: LinkFaults) -> Outcome {
+    run_pair_into(seed, bytes_each_way, bytes_each_way, faults, None)
+}
+
+fn run_pair_into(seed: u64, upload: usize, download: usize, faults: LinkFaults, target: Option<SlowTarget>) -> Outcome {
     let mut data_rng = StdRng::seed_from_u64(seed);
-    let mut up = vec![0u8; bytes_each_way];
-    let mut down = vec![0u8; bytes_each_way];
+    let mut up = vec![0u8; upload];
+    let mut down = vec![0u8; download];
     data_rng.fill_bytes(&mut up);
     data_rng.fill_bytes(&mut down);
 
@@ -131,6 +178,7 @@ fn run_pair(seed: u64, bytes_each_way: usize, faults: LinkFaults) -> Outcome {
     let (mut up_sent, mut down_sent) = (0usize, 0usize);
     let (mut up_got, mut down_got) = (Vec::new(), Vec::new());
     let mut agent_ready = false;
+    let mut target_state = TargetState::default();
     // The stock agent reads one 1024-byte chunk per millisecond.
     let mut agent_next_read = Duration::ZERO;
     let limit = Duration::from_secs(3600);
@@ -149,6 +197,11 @@ fn run_pair(seed: u64, bytes_each_way: usize, faults: LinkFaults) -> Outcome {
             agent.send_output(now, &down[down_sent..end]);
             down_sent = end;
             agent_next_read = sim + Duration::from_millis(1);
+        }
+        if let Some(t) = &target {
+            if target_state.drain(t, sim) {
+                agent.input_done(now);
+            }
         }
         // Timers.
         if client.poll_timeout().is_some_and(|t| t <= now) {
@@ -188,9 +241,19 @@ fn run_pair(seed: u64, bytes_each_way: usize, faults: LinkFaults) -> Outcome {
                 }
                 AgentEvent::Input(d) => {
                     up_got.extend_from_slice(&d);
-                    agent.consumed_input(now, d.len());
+                    match &target {
+                        Some(t) => {
+                            target_state.held += d.len();
+                            target_state.write_pending = true;
+                            if target_state.drain(t, sim) {
+                                agent.input_done(now);
+                            }
+                        }
+                        None => agent.input_done(now),
+                    }
                 }
                 AgentEvent::Failed(e) => panic!("agent failed: {e}"),
+                AgentEvent::HandshakeSkipped => panic!("a Port session skipped its handshake"),
                 AgentEvent::Flag(_) | AgentEvent::Size { .. } => {}
             }
         }
@@ -203,6 +266,7 @@ fn run_pair(seed: u64, bytes_each_way: usize, faults: LinkFaults) -> Outcome {
             client.poll_timeout().map(|t| t - t0),
             agent.poll_timeout().map(|t| t - t0),
             (agent_ready && down_sent < down.len()).then_some(agent_next_read),
+            target_state.write_pending.then(|| target_state.drained_at + Duration::from_millis(1)),
         ]
         .into_iter()
         .flatten()
@@ -221,6 +285,7 @@ fn run_pair(seed: u64, bytes_each_way: usize, faults: LinkFaults) -> Outcome {
     assert!(down_got == down, "agent -> client bytes differ");
     Outcome {
         sim_time: sim,
+        client_sent: client.stats().messages_sent,
         client_retransmissions: client.stats().retransmissions,
         agent_resends: agent.resends,
         dropped: link.dropped,
@@ -256,4 +321,35 @@ fn clean_link_needs_no_retransmission() {
     let o = run_pair(9, 1 << 20, faults);
     assert_eq!(o.client_retransmissions, 0);
     assert_eq!(o.agent_resends, 0);
+}
+
+/// A target that takes 1 KiB per millisecond behind a 64 KiB buffer: the
+/// agent acks each message only when its write returns, hundreds of
+/// milliseconds after it was sent once the client's window has filled the
+/// buffer. A late ack is a queue, not a loss: the client resends (almost)
+/// nothing, on a clean link and on one that loses 0.5% of frames.
+#[test]
+fn a_slow_target_makes_acks_late_and_the_client_does_not_resend_a_queue() {
+    let target = SlowTarget { buffer: 64 << 10, bytes_per_ms: 1024 };
+    let clean = LinkFaults { drop: 0.0, duplicate: 0.0, base_delay_ms: 5, jitter_ms: 0 };
+    let lossy = LinkFaults { drop: 0.005, ..clean };
+    for (name, faults) in [("clean", clean), ("lossy", lossy)] {
+        let o = run_pair_into(0x51, 4 << 20, 64 << 10, faults, Some(target));
+        eprintln!(
+            "{name}: 4 MiB into a 1 KiB/ms target in {:?} simulated; client sent {} messages, {} resends ({:.2}%); {} frames dropped",
+            o.sim_time,
+            o.client_sent,
+            o.client_retransmissions,
+            100.0 * o.client_resend_ratio(),
+            o.dropped
+        );
+        // The target's rate is the bound: 4096 ms for 4 MiB.
+        assert!(o.sim_time >= Duration::from_millis(4096 - 64), "{:?}", o.sim_time);
+        assert!(
+            o.client_resend_ratio() <= 0.02,
+            "{name}: {} resends for {} messages",
+            o.client_retransmissions,
+            o.client_sent
+        );
+    }
 }

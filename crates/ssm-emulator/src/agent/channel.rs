@@ -1,11 +1,23 @@
 //! The instance agent's end of a data channel, modelled on
-//! `agent/session/datachannel/datachannel.go` (amazon-ssm-agent 3.3.987.0),
-//! deliberately including its quirks, because our client must cope with them:
+//! `agent/session/datachannel/datachannel.go` (amazon-ssm-agent 3.3.987.0 to
+//! 3.3.1142.0), deliberately including its quirks, because our client must
+//! cope with them:
 //!
-//! - stream messages are acked *after* processing; a handler that is not ready
-//!   means no ack (the client resends);
-//! - messages ahead of the expected sequence number are acked and buffered
-//!   (up to 100 000); duplicates are re-acked;
+//! - one goroutine reads the websocket and handles each frame to the end
+//!   before it reads the next (`communicator/websocketchannel.go`): the
+//!   plugin's write of an input message blocks it, acks included. Here an
+//!   [`AgentEvent::Input`] is that write: the channel holds every later frame
+//!   until the runtime calls [`AgentChannel::input_done`], and only then acks
+//!   the message. The runtime decides when the write returns, with the
+//!   buffering upstream has in front of the target (`agent::mod`);
+//! - stream messages are acked *after* processing;
+//! - messages ahead of the expected sequence number are acked at once and
+//!   buffered (up to 100 000); duplicates are re-acked;
+//! - Port sessions start with a handshake; shell sessions (Standard_Stream,
+//!   InteractiveCommands) skip it unless KMS encryption is on
+//!   (`plugins/sessionplugin/sessionplugin.go`: `RequireHandshake() ||
+//!   encryptionEnabled`; `standardstream.go` and `singlecommand.go` return
+//!   false), so their shell output starts at sequence number 0;
 //! - non-handshake data arriving before HandshakeComplete is acked and thrown away;
 //! - outgoing messages are never throttled by acks: they go into a FIFO of up
 //!   to 100 000 (further ones are not retained) and a scheduler that wakes every
@@ -40,7 +52,11 @@ pub const PAYLOAD_SIZE: usize = 1024;
 pub enum AgentEvent {
     /// The client answered the handshake; the port plugin starts in `mode`.
     HandshakeDone { client_version: String, mode: PortMode },
-    /// Output bytes from the client, in order.
+    /// The session type needs no handshake (a shell without KMS): the plugin
+    /// starts at once (`SkipHandshake`).
+    HandshakeSkipped,
+    /// Output bytes from the client, in order: the plugin's write. Answer
+    /// each with exactly one [`AgentChannel::input_done`], when it returns.
     Input(Vec<u8>),
     /// A terminal size (payload type Size) for a shell session.
     Size { cols: u16, rows: u16 },
@@ -55,7 +71,13 @@ enum Handshake {
     NotStarted,
     AwaitResponse { started: Instant },
     Complete,
+    Skipped,
     Failed,
+}
+
+/// Session types whose plugin asks for no handshake (without KMS).
+pub fn skips_handshake(session_type: &str) -> bool {
+    matches!(session_type, "Standard_Stream" | "InteractiveCommands")
 }
 
 #[derive(Debug)]
@@ -82,10 +104,12 @@ pub struct AgentChannel {
     next_tick: Option<Instant>,
     tx: VecDeque<Vec<u8>>,
     events: VecDeque<AgentEvent>,
-    /// Input bytes handed to the plugin but not yet consumed by it.
-    input_backlog: usize,
-    /// Above this backlog the plugin's handler is "not ready".
-    input_limit: usize,
+    /// The plugin's write of an input message has not returned: the read
+    /// loop waits. `Some(Some(msg))`: ack `msg` when it returns; `Some(None)`:
+    /// a message from the out-of-order buffer, acked when it arrived.
+    writing: Option<Option<Message>>,
+    /// Frames that arrived while the read loop waited, in order.
+    held: VecDeque<Vec<u8>>,
     pub resends: u64,
 }
 
@@ -124,15 +148,22 @@ impl AgentChannel {
             next_tick: None,
             tx: VecDeque::new(),
             events: VecDeque::new(),
-            input_backlog: 0,
-            input_limit: 4 << 20,
+            writing: None,
+            held: VecDeque::new(),
             resends: 0,
         }
     }
 
-    /// Sends the HandshakeRequest (PerformHandshake).
+    /// Sends the HandshakeRequest (PerformHandshake), or skips it for a
+    /// session type that needs none.
     pub fn start(&mut self, now: Instant) {
         if self.handshake != Handshake::NotStarted {
+            return;
+        }
+        self.next_tick = Some(now + RESEND_TICK);
+        if skips_handshake(&self.session_type) {
+            self.handshake = Handshake::Skipped;
+            self.events.push_back(AgentEvent::HandshakeSkipped);
             return;
         }
         let req = HandshakeRequest {
@@ -149,11 +180,15 @@ impl AgentChannel {
         let payload = serde_json::to_vec(&req).unwrap_or_default();
         self.handshake = Handshake::AwaitResponse { started: now };
         self.send_stream(now, PayloadType::HANDSHAKE_REQUEST, &payload);
-        self.next_tick = Some(now + RESEND_TICK);
     }
 
     pub fn is_established(&self) -> bool {
-        self.handshake == Handshake::Complete
+        matches!(self.handshake, Handshake::Complete | Handshake::Skipped)
+    }
+
+    /// Frames waiting behind an input write that has not returned.
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 
     /// Unacknowledged output messages.
@@ -195,10 +230,19 @@ impl AgentChannel {
         self.next_seq = seq.next();
     }
 
-    /// The plugin consumed `n` input bytes (makes the handler ready again).
-    pub fn consumed_input(&mut self, now: Instant, n: usize) {
-        self.input_backlog = self.input_backlog.saturating_sub(n);
+    /// The plugin's write of the last [`AgentEvent::Input`] returned: ack it,
+    /// move on, and read the frames that waited.
+    pub fn input_done(&mut self, now: Instant) {
+        let Some(ack) = self.writing.take() else { return };
+        if let Some(msg) = ack {
+            self.ack(&msg);
+        }
+        self.expected = self.expected.next();
         self.drain_incoming(now);
+        while self.writing.is_none() {
+            let Some(frame) = self.held.pop_front() else { break };
+            self.read_frame(now, &frame);
+        }
     }
 
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
@@ -249,8 +293,17 @@ impl AgentChannel {
     }
 
     /// Feeds one frame from the client (via MGS). Invalid frames are dropped,
-    /// as the agent does after logging them.
+    /// as the agent does after logging them. While an input write has not
+    /// returned, the frame waits its turn.
     pub fn handle_frame(&mut self, now: Instant, bytes: &[u8]) {
+        if self.writing.is_some() {
+            self.held.push_back(bytes.to_vec());
+            return;
+        }
+        self.read_frame(now, bytes);
+    }
+
+    fn read_frame(&mut self, now: Instant, bytes: &[u8]) {
         let Ok(msg) = Message::parse(bytes) else { return };
         match msg.message_type.as_str() {
             message_type::INPUT_STREAM_DATA => {
@@ -290,12 +343,14 @@ impl AgentChannel {
         use std::cmp::Ordering::*;
         match msg.sequence_number.cmp(&self.expected) {
             Equal => {
-                if !self.process(now, &msg) {
-                    return; // handler not ready: no ack
+                if self.process(now, &msg) {
+                    self.ack(&msg);
+                    self.expected = self.expected.next();
+                    self.drain_incoming(now);
+                } else {
+                    // The write blocks: the ack and everything after it wait.
+                    self.writing = Some(Some(msg));
                 }
-                self.ack(&msg);
-                self.expected = self.expected.next();
-                self.drain_incoming(now);
             }
             Greater => {
                 if self.incoming.len() < BUFFER_CAPACITY {
@@ -307,19 +362,20 @@ impl AgentChannel {
         }
     }
 
-    /// processIncomingMessageBufferItems: a message the handler is not ready
-    /// for stays buffered and the expected number stays put.
+    /// processIncomingMessageBufferItems: buffered messages were acked when
+    /// they arrived; a write that blocks stops the loop until it returns.
     fn drain_incoming(&mut self, now: Instant) {
         while let Some(next) = self.incoming.remove(&self.expected) {
             if !self.process(now, &next) {
-                self.incoming.insert(next.sequence_number, next);
+                self.writing = Some(None);
                 return;
             }
             self.expected = self.expected.next();
         }
     }
 
-    /// processStreamDataMessage. Returns false when the handler is not ready.
+    /// processStreamDataMessage. Returns false when it handed input to the
+    /// plugin, whose write returns at [`AgentChannel::input_done`].
     fn process(&mut self, now: Instant, msg: &Message) -> bool {
         match msg.payload_type.unwrap_or(PayloadType::NONE) {
             PayloadType::HANDSHAKE_RESPONSE => {
@@ -327,16 +383,13 @@ impl AgentChannel {
                 true
             }
             pt => {
-                if self.handshake != Handshake::Complete {
+                if !self.is_established() {
                     return true; // "Handshake still in progress, ignore stream data message"
                 }
                 match pt {
                     PayloadType::OUTPUT => {
-                        if self.input_backlog >= self.input_limit {
-                            return false;
-                        }
-                        self.input_backlog += msg.payload.len();
                         self.events.push_back(AgentEvent::Input(msg.payload.clone()));
+                        return false;
                     }
                     PayloadType::FLAG => {
                         if let Some(f) = Flag::parse(&msg.payload) {

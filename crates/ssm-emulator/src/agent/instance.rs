@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::channel::PAYLOAD_SIZE;
-use super::TargetEvent;
+use super::{Released, TargetEvent};
 
 /// Dials `host:port` from inside the network namespace `netns` (a file such as
 /// /run/netns/NAME), or from the emulator's own namespace.
@@ -75,13 +75,14 @@ pub struct Shell {
 
 impl Shell {
     /// Starts `program` (the instance's `sh`) in a new pseudo terminal. Its output arrives as
-    /// [`TargetEvent::ShellOutput`], bytes written to it as
-    /// [`TargetEvent::Written`], its end as [`TargetEvent::ShellExited`].
+    /// [`TargetEvent::ShellOutput`], its end as [`TargetEvent::ShellExited`];
+    /// each write to its terminal, once it returned, as [`Released`].
     pub fn spawn(
         program: &str,
         command: Option<&str>,
         netns: Option<&Path>,
         events: mpsc::Sender<TargetEvent>,
+        released: mpsc::UnboundedSender<Released>,
     ) -> io::Result<Shell> {
         let pty = nix::pty::openpty(None, None).map_err(io::Error::from)?;
         // Neither end may leak into the shell's children (the agent it starts in
@@ -150,11 +151,13 @@ impl Shell {
         let mut writer = master.try_clone()?;
         let (input, typed) = std::sync::mpsc::channel::<Vec<u8>>();
         std::thread::spawn(move || {
+            // The agent's write to the terminal blocks while the terminal's input
+            // queue is full. A write that failed (the shell is gone) is released
+            // too, so the data channel never waits on a dead terminal.
+            let mut failed = false;
             for d in typed {
-                if writer.write_all(&d).is_err() {
-                    break;
-                }
-                if events.blocking_send(TargetEvent::Written(d.len())).is_err() {
+                failed = failed || writer.write_all(&d).is_err();
+                if released.send(Released(d.len())).is_err() {
                     break;
                 }
             }

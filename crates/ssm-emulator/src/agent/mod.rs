@@ -106,7 +106,6 @@ enum TargetEvent {
     Dialed(u32, std::io::Result<TcpStream>),
     Data(u32, Vec<u8>),
     Eof(u32),
-    Written(usize),
     ShellOutput(Vec<u8>),
     /// The shell ended, with its exit status.
     ShellExited(String),
@@ -131,6 +130,18 @@ impl Drop for Stream {
 
 /// Read backlog above which target sockets are not read (the agent's reads block).
 const MAX_OUT: usize = 64 << 10;
+/// Input that mux mode holds between the data channel and the targets before
+/// the data channel's write blocks: smux's session receive bucket
+/// (`MaxReceiveBuffer`, 4 MiB in `smux.DefaultConfig()`, protocol v1 has no
+/// per-stream window), which `recvLoop` waits on once it is used up, plus the
+/// Unix socket the data channel writes into (`port_mux.go` dials its
+/// `mux.sock`; about 128 KiB of 1 KiB writes fit Linux's default 208 KiB
+/// socket buffer). Tokens come back as each stream's `io.Copy` reads.
+const MUX_INPUT_BUFFER: usize = (4 << 20) + (128 << 10);
+
+/// Input bytes that left the plugin's buffer: taken by a stream's `io.Copy`
+/// (mux mode) or written to the socket or terminal (basic mode, shell).
+pub(crate) struct Released(pub usize);
 /// Bytes read from a target at once: upstream io.Copy's buffer in mux mode,
 /// StreamDataPayloadSize in basic mode.
 const MUX_READ: usize = 32 << 10;
@@ -152,11 +163,19 @@ struct Runtime {
     shell: Option<instance::Shell>,
     /// The shell exited: the session closes once its output is acked, or at this time.
     closing: Option<Instant>,
+    released_tx: mpsc::UnboundedSender<Released>,
+    /// Input handed on and not yet released (see [`MUX_INPUT_BUFFER`]).
+    input_held: usize,
+    /// An [`AgentEvent::Input`] whose write has not returned yet.
+    write_pending: bool,
 }
 
 /// Runs one session's agent until it ends; returns why.
 pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> String {
     let (events_tx, mut events_rx) = mpsc::channel(16);
+    // Separate from target events, which are not read while output backs up:
+    // the real agent's input writes do not wait for its output.
+    let (released_tx, mut released_rx) = mpsc::unbounded_channel();
     let chan = AgentChannel::new(
         Box::new(SystemEnvironment),
         spec.agent_version.clone(),
@@ -177,15 +196,19 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
         done: None,
         shell: None,
         closing: None,
+        released_tx,
+        input_held: 0,
+        write_pending: false,
     };
     let start = Instant::now();
     rt.chan.start(start.into_std());
+    rt.handle_events().await;
     let mut next_send = start;
     loop {
         rt.flush();
         if let Some(t) = rt.closing {
             // SendAgentSessionStateMessage(Terminating) after PrepareToCloseChannel.
-            if (rt.out.is_empty() && rt.chan.unacked() == 0) || Instant::now() >= t {
+            if (rt.pending_out() == 0 && rt.chan.unacked() == 0) || Instant::now() >= t {
                 rt.done = Some(String::new());
             }
         }
@@ -193,11 +216,11 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
             rt.close_client(&why);
             return why;
         }
-        if matches!(rt.spec.profile, Profile::Fast) && !rt.out.is_empty() {
+        if matches!(rt.spec.profile, Profile::Fast) && rt.pending_out() > 0 {
             // Unpaced: send now rather than through a timer, which tokio rounds up
             // to the next millisecond.
             let now = Instant::now();
-            while !rt.out.is_empty() {
+            while rt.pending_out() > 0 {
                 rt.send_chunk(now);
             }
             next_send = now;
@@ -205,8 +228,8 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
         }
         // From here on `out` holds data only with the stock profile.
         let timer = [rt.chan.poll_timeout().map(Instant::from_std), rt.closing].into_iter().flatten().min();
-        let pace = (!rt.out.is_empty()).then_some(next_send);
-        let read_targets = rt.out.len() < MAX_OUT;
+        let pace = (rt.pending_out() > 0).then_some(next_send);
+        let read_targets = rt.pending_out() < MAX_OUT;
         tokio::select! {
             msg = input.recv() => match msg {
                 None => return "service gone".into(),
@@ -245,6 +268,11 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
                     rt.handle_target(ev);
                 }
             }
+            Some(Released(n)) = released_rx.recv() => {
+                rt.input_held = rt.input_held.saturating_sub(n);
+                rt.complete_write();
+                rt.handle_events().await;
+            }
             _ = sleep_until(timer) => {
                 rt.chan.handle_timeout(Instant::now().into_std());
                 rt.handle_events().await;
@@ -265,6 +293,14 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
     }
 }
 
+/// When a target's writer releases input: as `io.Copy` takes it from the
+/// smux stream (mux mode) or once the socket write returned (basic mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Release {
+    OnTake,
+    AfterWrite,
+}
+
 async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
@@ -273,10 +309,24 @@ async fn sleep_until(t: Option<Instant>) {
 }
 
 impl Runtime {
-    /// Send the next message: at most PAYLOAD_SIZE bytes of `out`.
+    /// Output waiting for the client: the mux's (mux mode) or `out` (basic
+    /// mode, shell).
+    fn pending_out(&self) -> usize {
+        self.out.len() + self.mux.as_ref().map_or(0, Mux::pending_output)
+    }
+
+    /// Send the next message: at most PAYLOAD_SIZE bytes of output.
     fn send_chunk(&mut self, now: Instant) {
-        let n = self.out.len().min(PAYLOAD_SIZE);
-        let chunk = self.out.split_to(n);
+        // Mux output is taken a message at a time, so smux's shaper decides
+        // which stream's frame goes next (`port_mux.go` reads 1024 bytes of it
+        // per message).
+        let chunk = match &mut self.mux {
+            Some(m) => m.take_output(PAYLOAD_SIZE),
+            None => {
+                let n = self.out.len().min(PAYLOAD_SIZE);
+                self.out.split_to(n)
+            }
+        };
         self.chan.send_output(now.into_std(), &chunk);
     }
 
@@ -292,12 +342,6 @@ impl Runtime {
                     self.detached.push_back(f)
                 }
                 None => {}
-            }
-        }
-        if let Some(m) = &mut self.mux {
-            let n = m.pending_output();
-            if n > 0 {
-                self.out.extend_from_slice(&m.take_output(n));
             }
         }
     }
@@ -324,19 +368,59 @@ impl Runtime {
         let _ = tx.send(ToClient::Close(1000, "session ended".into()));
     }
 
+    /// How much input may wait between the data channel and the target
+    /// before the data channel's write blocks: none in basic mode and in a
+    /// shell (one blocking write to the socket or terminal), smux's buffers
+    /// in mux mode.
+    fn input_buffer(&self) -> usize {
+        match self.mode {
+            Some(PortMode::Mux { .. }) => MUX_INPUT_BUFFER,
+            _ => 0,
+        }
+    }
+
+    /// Input was handed on (`n` bytes of it are now buffered): the write
+    /// returns once what is held fits the buffer.
+    fn handed_on(&mut self, n: usize) {
+        self.input_held += n;
+        self.write_pending = true;
+        self.complete_write();
+    }
+
+    fn complete_write(&mut self) {
+        if self.write_pending && self.input_held <= self.input_buffer() {
+            self.write_pending = false;
+            self.chan.input_done(Instant::now().into_std());
+        }
+    }
+
+    fn start_shell(&mut self) {
+        let Plugin::Shell { command, program } = &self.spec.plugin else { return };
+        let netns = self.spec.netns.as_deref();
+        match instance::Shell::spawn(
+            program,
+            command.as_deref(),
+            netns,
+            self.events_tx.clone(),
+            self.released_tx.clone(),
+        ) {
+            Ok(sh) => self.shell = Some(sh),
+            Err(e) => self.done = Some(format!("Unable to start command: {e}")),
+        }
+    }
+
     async fn handle_events(&mut self) {
         while let Some(ev) = self.chan.poll_event() {
             match ev {
+                AgentEvent::HandshakeSkipped => {
+                    info!(session = %self.spec.session_id, "no handshake for this session type; starting the shell");
+                    self.start_shell();
+                }
                 AgentEvent::HandshakeDone { client_version, .. }
                     if matches!(self.spec.plugin, Plugin::Shell { .. }) =>
                 {
-                    let Plugin::Shell { command, program } = &self.spec.plugin else { continue };
-                    info!(session = %self.spec.session_id, %client_version, %program, "handshake complete; starting the shell");
-                    let netns = self.spec.netns.as_deref();
-                    match instance::Shell::spawn(program, command.as_deref(), netns, self.events_tx.clone()) {
-                        Ok(sh) => self.shell = Some(sh),
-                        Err(e) => self.done = Some(format!("Unable to start command: {e}")),
-                    }
+                    info!(session = %self.spec.session_id, %client_version, "handshake complete; starting the shell");
+                    self.start_shell();
                 }
                 AgentEvent::Size { cols, rows } => {
                     if let Some(Err(e)) = self.shell.as_ref().map(|sh| sh.resize(cols, rows)) {
@@ -390,16 +474,17 @@ impl Runtime {
         self.basic_id += 1;
         let id = self.basic_id;
         self.streams.insert(id, Stream::Dialing(Vec::new()));
-        self.open_stream(id, stream, PAYLOAD_SIZE);
+        self.open_stream(id, stream, PAYLOAD_SIZE, Release::AfterWrite);
         Ok(())
     }
 
+    /// The plugin's write of one input message. Whatever it hands on counts
+    /// as held until released; what goes nowhere is done at once.
     async fn handle_input(&mut self, d: Vec<u8>) {
         if let Some(sh) = &self.shell {
             let n = d.len();
-            if !sh.write(d) {
-                self.chan.consumed_input(Instant::now().into_std(), n);
-            }
+            let handed = sh.write(d);
+            self.handed_on(if handed { n } else { 0 });
             return;
         }
         match self.mode {
@@ -409,35 +494,46 @@ impl Runtime {
                     // The target went away earlier: dial again on data (port_basic.go).
                     if let Err(e) = self.dial_basic().await {
                         warn!("redial failed: {e}");
-                        self.chan.consumed_input(Instant::now().into_std(), n);
+                        self.handed_on(0);
                         return;
                     }
                 }
-                if !self.write_stream(self.basic_id, d) {
-                    self.chan.consumed_input(Instant::now().into_std(), n);
-                }
+                let handed = self.write_stream(self.basic_id, d);
+                self.handed_on(if handed { n } else { 0 });
             }
             Some(PortMode::Mux { .. }) => {
-                let n = d.len();
                 let result = self.mux.as_mut().map(|m| m.handle_input(&d));
-                self.chan.consumed_input(Instant::now().into_std(), n);
                 if let Some(Err(e)) = result {
                     self.done = Some(format!("smux session failed: {e}"));
+                    self.handed_on(0);
                     return;
                 }
+                let mut held = 0;
                 while let Some(ev) = self.mux.as_mut().and_then(Mux::poll_event) {
                     match ev {
                         MuxEvent::Opened(sid) => self.dial_mux(sid),
                         MuxEvent::Data(sid, d) => {
-                            self.write_stream(sid.0, d);
+                            let n = d.len();
+                            if self.write_stream(sid.0, d) {
+                                held += n;
+                            }
                         }
-                        MuxEvent::Closed(sid) => {
-                            self.streams.remove(&sid.0);
-                        }
+                        MuxEvent::Closed(sid) => self.remove_stream(sid.0),
                     }
                 }
+                self.handed_on(held);
             }
-            None => {}
+            None => self.handed_on(0),
+        }
+    }
+
+    /// Drops a stream; input still waiting for its dial goes back to the
+    /// buffer, as smux returns a closed stream's tokens.
+    fn remove_stream(&mut self, id: u32) {
+        if let Some(Stream::Dialing(pending)) = self.streams.remove(&id).as_mut() {
+            let n: usize = std::mem::take(pending).iter().map(Vec::len).sum();
+            self.input_held = self.input_held.saturating_sub(n);
+            self.complete_write();
         }
     }
 
@@ -467,20 +563,26 @@ impl Runtime {
         }
     }
 
-    fn open_stream(&mut self, id: u32, stream: TcpStream, read_size: usize) {
+    fn open_stream(&mut self, id: u32, stream: TcpStream, read_size: usize, release: Release) {
         // The agent dials with Go's net package, which turns Nagle off on every TCP
         // connection by default; with it on, small writes wait for delayed ACKs.
         let _ = stream.set_nodelay(true);
         let (mut r, mut w) = stream.into_split();
         let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let events = self.events_tx.clone();
+        let released = self.released_tx.clone();
         tokio::spawn(async move {
+            // Every byte handed over is released exactly once, written or not,
+            // so a dead target never holds the data channel's writes.
+            let mut failed = false;
             while let Some(d) = wrx.recv().await {
                 let n = d.len();
-                if w.write_all(&d).await.is_err() {
-                    break;
+                if release == Release::OnTake {
+                    let _ = released.send(Released(n));
                 }
-                let _ = events.send(TargetEvent::Written(n)).await;
+                failed = failed || w.write_all(&d).await.is_err();
+                if release == Release::AfterWrite {
+                    let _ = released.send(Released(n));
+                }
             }
             let _ = w.shutdown().await;
         });
@@ -518,12 +620,12 @@ impl Runtime {
         match ev {
             TargetEvent::Dialed(id, Ok(stream)) => {
                 if self.streams.contains_key(&id) {
-                    self.open_stream(id, stream, MUX_READ);
+                    self.open_stream(id, stream, MUX_READ, Release::OnTake);
                 }
             }
             TargetEvent::Dialed(id, Err(e)) => {
                 warn!(stream = id, "Unable to dial connection to server: {e}");
-                self.streams.remove(&id);
+                self.remove_stream(id);
                 // Flag first, then close the stream (FIN), as port_mux.go does.
                 self.chan.send_flag(now, Flag::ConnectToPortError);
                 if let Some(m) = &mut self.mux {
@@ -544,17 +646,11 @@ impl Runtime {
             },
             TargetEvent::Eof(id) => {
                 debug!(stream = id, "target closed");
-                self.streams.remove(&id);
+                self.remove_stream(id);
                 if let Some(m) = &mut self.mux {
                     m.close(StreamId(id));
                 }
                 // Basic mode tells the client nothing; the next Output redials.
-            }
-            // In mux mode input counts as consumed when smux takes it (above).
-            TargetEvent::Written(n) => {
-                if self.mode == Some(PortMode::Basic) || self.shell.is_some() {
-                    self.chan.consumed_input(now, n);
-                }
             }
             TargetEvent::ShellOutput(d) => self.out.extend_from_slice(&d),
             TargetEvent::ShellExited(status) => {
