@@ -1,8 +1,11 @@
 //! Throughput of `ssm-proxy forward` through the emulator on loopback, for the
-//! `fast` (no pacing) and `stock` (real agent pacing) profiles. Prints MB/s;
-//! asserts nothing about speed. Run with `cargo bench -p ssm-proxy --bench forward`.
+//! `fast` (no pacing) and `stock` (real agent pacing) profiles, one and eight
+//! connections, each row a `forward` process of its own. Prints MB/s and,
+//! from the session summary `forward` logs as it stops, the messages it sent
+//! and how many of them were resends; asserts nothing about speed. Run with
+//! `cargo bench -p ssm-proxy --bench forward`.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,15 +48,33 @@ fn forward(emulator: &Emulator, port: u16) -> (Kill, SocketAddr) {
         .env("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY)
         .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", "error,ssm_proxy=info")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ssm-proxy");
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
     let addr = line.split_whitespace().nth(1).and_then(|a| a.parse().ok()).expect("ready line names the address");
     (Kill(child), addr)
+}
+
+/// Stops `forward` as Ctrl-C would and returns (messages sent, resends) from
+/// its session summary.
+fn stop(mut child: Kill) -> (u64, u64) {
+    let _ = Command::new("kill").args(["-INT", &child.0.id().to_string()]).status();
+    let mut err = String::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let line = err.lines().find(|l| l.contains("session summary")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        let key = format!(" {name}=");
+        line.find(&key)
+            .and_then(|at| line[at + key.len()..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("messages_sent"), field("resends"))
 }
 
 /// Echoes `per_conn` bytes on each of `conns` connections; returns MB/s each way.
@@ -100,19 +121,23 @@ fn main() {
         let echo_addr = echo_server().await;
         for (profile, total) in [(Profile::Fast, 64usize << 20), (Profile::Stock, 8 << 20)] {
             let total = if quick { total / 64 } else { total };
-            let config = Config { profile, ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
-            let emulator = Emulator::start(config, "127.0.0.1:0".parse().expect("addr")).await.expect("emulator");
-            let (_child, addr) = forward(&emulator, echo_addr.port());
-            tokio::time::sleep(Duration::from_millis(100)).await;
             for conns in [1usize, 8] {
+                let config = Config { profile, ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
+                let emulator = Emulator::start(config, "127.0.0.1:0".parse().expect("addr")).await.expect("emulator");
+                let (child, addr) = forward(&emulator, echo_addr.port());
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 let mbps = echo(addr, conns, total / conns).await;
+                let (sent, resends) = tokio::task::spawn_blocking(move || stop(child)).await.expect("stop");
                 println!(
-                    "forward {:<5} {} connection{}: {:>7.2} MB/s each way ({} MiB echoed)",
+                    "forward {:<5} {} connection{}: {:>7.2} MB/s each way ({} MiB echoed); {} messages sent, {} resends ({:.2}%)",
                     format!("{profile:?}").to_lowercase(),
                     conns,
                     if conns == 1 { " " } else { "s" },
                     mbps,
-                    total >> 20
+                    total >> 20,
+                    sent,
+                    resends,
+                    100.0 * resends as f64 / sent.max(1) as f64
                 );
             }
         }

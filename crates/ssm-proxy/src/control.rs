@@ -64,7 +64,16 @@ pub struct Status {
     pub rtt_ms: Option<f64>,
     /// The data channel's smoothed RTT as its retransmission logic sees it, ms.
     pub channel_srtt_ms: f64,
+    /// Stream messages this session put on the wire towards the agent, resends
+    /// included; the distinct ones; resends (of the current session).
+    #[serde(default)]
+    pub messages_sent: u64,
+    #[serde(default)]
+    pub messages_distinct: u64,
     pub retransmissions: u64,
+    /// `retransmissions / messages_sent`.
+    #[serde(default)]
+    pub resend_ratio: f64,
     pub reconnects: u64,
     /// Packets the outgoing queue dropped (CoDel, overflow) and that the device refused.
     pub dropped_codel: u64,
@@ -235,7 +244,8 @@ pub fn render(s: &Status) -> String {
          routes     {cidrs} via {iface} ({addrs})\n  \
          sent       {sp} packets, {sb}\n  \
          received   {rp} packets, {rb}\n  \
-         rtt        {rtt} (channel srtt {srtt:.1} ms), {retx} retransmissions, {rec} reconnects\n  \
+         rtt        {rtt} (channel srtt {srtt:.1} ms), {rec} reconnects\n  \
+         messages   {msent} sent to the agent, {mdist} distinct, {retx} resent ({ratio:.2}%)\n  \
          queue      delay {qd:.1} ms (max {qm:.1} ms), dropped {dc} (CoDel) + {dov} (overflow) + {dd} (device)\n  \
          sessions   {sessions}\n  \
          window     {win}, {infl} in flight{dns}{error}",
@@ -258,6 +268,9 @@ pub fn render(s: &Status) -> String {
         rb = human_bytes(s.received.bytes),
         srtt = s.channel_srtt_ms,
         retx = s.retransmissions,
+        msent = s.messages_sent,
+        mdist = s.messages_distinct,
+        ratio = 100.0 * s.resend_ratio,
         rec = s.reconnects,
         qd = s.queue_delay_ms,
         qm = s.queue_delay_max_ms,

@@ -186,7 +186,10 @@ pub async fn finish(
     info!(
         sent = summary.stats.bytes_sent,
         received = summary.stats.bytes_received,
-        retransmissions = summary.stats.retransmissions,
+        messages_sent = summary.stats.transmissions(),
+        distinct = summary.stats.messages_sent,
+        resends = summary.stats.retransmissions,
+        resend_ratio = %format!("{:.4}", summary.stats.resend_ratio()),
         out_of_order = summary.stats.out_of_order_received,
         duplicates = summary.stats.duplicates_received,
         reconnects = summary.reconnects,

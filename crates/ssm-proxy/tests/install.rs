@@ -6,8 +6,10 @@
 
 mod labkit;
 mod netns;
+mod summary;
 
 use labkit::*;
+use summary::Summary;
 
 use std::path::Path;
 use std::process::Output;
@@ -51,10 +53,22 @@ fn agent_install_puts_a_working_agent_on_the_instance_through_ssm() {
     let lab = Lab::up(&prefix("n"), 2, &[("EMULATOR_ARGS", "--shell i-0123456789abcdef0=bash")]);
     let root = lab.dir().join("instance-root");
     let root_s = root.to_str().expect("path").to_owned();
+    // Each session's summary (at info) counts what the typed input cost.
+    let sessions = std::cell::RefCell::new(Vec::new());
+    let agent = |args: &[&str]| {
+        let out = lab
+            .laptop(env!("CARGO_BIN_EXE_ssm-proxy"))
+            .args(args)
+            .env("RUST_LOG", "warn,ssm_proxy=info")
+            .output()
+            .expect("run ssm-proxy");
+        sessions.borrow_mut().extend(Summary::all(&text(&out)));
+        out
+    };
     let install = |extra: &[&str]| {
         let mut args = vec!["agent", "install", "--instance-id", INSTANCE, "--agent-port", "7302", "--prefix", &root_s];
         args.extend_from_slice(extra);
-        lab.ssm_proxy(&args)
+        agent(&args)
     };
 
     // The lab's instance has no systemd: refused with the way out, nothing sent.
@@ -78,6 +92,10 @@ fn agent_install_puts_a_working_agent_on_the_instance_through_ssm() {
     let sent = std::fs::read(root.join("bin/ec2-agent")).expect("installed binary");
     assert_eq!(sent, std::fs::read(bin_dir().join("ec2-agent")).expect("local agent"), "sent byte for byte");
     assert_eq!(sent_files(), temps_before, "the sent file was removed from /tmp");
+
+    // Its status, through a Port session of its own.
+    let t = text(&agent(&["agent", "status", "--instance-id", INSTANCE, "--agent-port", "7302"]));
+    assert!(t.contains(&format!("on {INSTANCE} (listening on")) && t.contains(":7302)"), "{t}");
 
     // Again: nothing to do, same process.
     let t = text(&install(&["--no-systemd"]));
@@ -109,13 +127,31 @@ fn agent_install_puts_a_working_agent_on_the_instance_through_ssm() {
     lab.stop(&mut daemon, "lab");
 
     // Uninstall: stopped and removed; a second one finds nothing.
-    let out = lab.ssm_proxy(&["agent", "uninstall", "--instance-id", INSTANCE, "--prefix", &root_s]);
+    let out = agent(&["agent", "uninstall", "--instance-id", INSTANCE, "--prefix", &root_s]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(t.contains(&format!("stopped pid {upgraded}")) && t.contains("removed"), "{t}");
     assert!(!root.join("bin/ec2-agent").exists() && installed_pid(&root).is_none());
-    let t = text(&lab.ssm_proxy(&["agent", "uninstall", "--instance-id", INSTANCE, "--prefix", &root_s]));
+    let t = text(&agent(&["agent", "uninstall", "--instance-id", INSTANCE, "--prefix", &root_s]));
     assert!(t.contains("nothing removed"), "{t}");
+    // The emulator's shells start without a handshake, as amazon-ssm-agent's
+    // do, and ack typed input only once the terminal took it: the 3.8 MB
+    // binary went through as typed text, resent at most 2%.
+    let sessions = sessions.into_inner();
+    let total = sessions.iter().fold(Summary::default(), |a, s| Summary {
+        messages_sent: a.messages_sent + s.messages_sent,
+        distinct: a.distinct + s.distinct,
+        resends: a.resends + s.resends,
+    });
+    eprintln!(
+        "agent sessions: {} summaries, {total:?}, resend ratio {:.2}%",
+        sessions.len(),
+        100.0 * total.resend_ratio()
+    );
+    assert!(sessions.len() >= 5, "{sessions:?}");
+    assert!(total.distinct > 2_000, "the binary was typed: {total:?}");
+    assert!(total.resend_ratio() <= 0.02, "{total:?}");
+    assert!(lab.log("emulator.log").contains("no handshake for this session type"), "{}", lab.log("emulator.log"));
     // The emulator ran each of those as a bash session in the instance namespace.
     assert!(lab.log("emulator.log").contains("program=bash"), "{}", lab.log("emulator.log"));
 }
