@@ -1,5 +1,6 @@
 use super::*;
 use crate::codec::emit_short_header;
+use crate::payloads::{ActionStatus, HandshakeResponse};
 
 /// Deterministic clock and ids.
 struct TestEnv {
