@@ -306,6 +306,24 @@ mod tests {
         assert_eq!(human_bytes(1536), "1.5 KiB");
     }
 
+    #[test]
+    fn status_shows_what_the_channel_resent() {
+        let s = Status {
+            messages_sent: 1000,
+            messages_distinct: 990,
+            retransmissions: 10,
+            resend_ratio: 0.01,
+            ..Status::default()
+        };
+        let text = render(&s);
+        assert!(text.contains("messages   1000 sent to the agent, 990 distinct, 10 resent (1.00%)"), "{text}");
+        let json = serde_json::to_value(&s).expect("json");
+        assert_eq!(json["messages_sent"], 1000);
+        assert_eq!(json["messages_distinct"], 990);
+        assert_eq!(json["retransmissions"], 10);
+        assert_eq!(json["resend_ratio"], 0.01);
+    }
+
     #[tokio::test]
     async fn stop_needs_the_owner_and_status_does_not() {
         let dir = tempfile::tempdir().expect("tempdir");

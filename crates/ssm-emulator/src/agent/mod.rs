@@ -396,6 +396,7 @@ impl Runtime {
 
     fn start_shell(&mut self) {
         let Plugin::Shell { command, program } = &self.spec.plugin else { return };
+        info!(session = %self.spec.session_id, %program, "starting the shell");
         let netns = self.spec.netns.as_deref();
         match instance::Shell::spawn(
             program,
@@ -413,13 +414,13 @@ impl Runtime {
         while let Some(ev) = self.chan.poll_event() {
             match ev {
                 AgentEvent::HandshakeSkipped => {
-                    info!(session = %self.spec.session_id, "no handshake for this session type; starting the shell");
+                    info!(session = %self.spec.session_id, "no handshake for this session type");
                     self.start_shell();
                 }
                 AgentEvent::HandshakeDone { client_version, .. }
                     if matches!(self.spec.plugin, Plugin::Shell { .. }) =>
                 {
-                    info!(session = %self.spec.session_id, %client_version, "handshake complete; starting the shell");
+                    info!(session = %self.spec.session_id, %client_version, "handshake complete");
                     self.start_shell();
                 }
                 AgentEvent::Size { cols, rows } => {
