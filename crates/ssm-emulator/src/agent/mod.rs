@@ -138,13 +138,13 @@ const MAX_OUT: usize = 64 << 10;
 /// `mux.sock`; about 128 KiB of 1 KiB writes fit Linux's default 208 KiB
 /// socket buffer). Tokens come back as each stream's `io.Copy` reads.
 const MUX_INPUT_BUFFER: usize = (4 << 20) + (128 << 10);
+/// Bytes read from a target at once: upstream io.Copy's buffer in mux mode,
+/// StreamDataPayloadSize in basic mode.
+const MUX_READ: usize = 32 << 10;
 
 /// Input bytes that left the plugin's buffer: taken by a stream's `io.Copy`
 /// (mux mode) or written to the socket or terminal (basic mode, shell).
 pub(crate) struct Released(pub usize);
-/// Bytes read from a target at once: upstream io.Copy's buffer in mux mode,
-/// StreamDataPayloadSize in basic mode.
-const MUX_READ: usize = 32 << 10;
 
 struct Runtime {
     spec: AgentSpec,
@@ -226,7 +226,7 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
             next_send = now;
             continue;
         }
-        // From here on `out` holds data only with the stock profile.
+        // From here on output waits (in `out` or the mux) only with the stock profile.
         let timer = [rt.chan.poll_timeout().map(Instant::from_std), rt.closing].into_iter().flatten().min();
         let pace = (rt.pending_out() > 0).then_some(next_send);
         let read_targets = rt.pending_out() < MAX_OUT;
