@@ -10,6 +10,9 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/summary/mod.rs"]
+mod summary;
+
 use ssm_emulator::config::{TEST_ACCESS_KEY, TEST_SECRET_KEY};
 use ssm_emulator::{Config, Emulator, Profile};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -67,14 +70,8 @@ fn stop(mut child: Kill) -> (u64, u64) {
     if let Some(mut e) = child.0.stderr.take() {
         let _ = e.read_to_string(&mut err);
     }
-    let line = err.lines().find(|l| l.contains("session summary")).unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        let key = format!(" {name}=");
-        line.find(&key)
-            .and_then(|at| line[at + key.len()..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("messages_sent"), field("resends"))
+    let s = summary::Summary::all(&err).first().copied().unwrap_or_default();
+    (s.messages_sent, s.resends)
 }
 
 /// Echoes `per_conn` bytes on each of `conns` connections; returns MB/s each way.

@@ -186,11 +186,6 @@ impl AgentChannel {
         matches!(self.handshake, Handshake::Complete | Handshake::Skipped)
     }
 
-    /// Frames waiting behind an input write that has not returned.
-    pub fn held(&self) -> usize {
-        self.held.len()
-    }
-
     /// Unacknowledged output messages.
     pub fn unacked(&self) -> usize {
         self.outgoing.len()
