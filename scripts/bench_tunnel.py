@@ -14,6 +14,11 @@ Markdown table. Numbers, not asserts.
 
   sudo scripts/bench_tunnel.py [--seconds 10] [--bin target/release] [--quick]
                                [--paths "tunnel fast,tunnel stock"] [--links clean]
+                               [--costs]
+
+--costs adds, for tunnel paths, what one pgbench transaction costs each of the
+three processes on the way (daemon, emulator, ec2-agent): system calls and
+context switches, counted with `perf stat` during one more pgbench run.
 """
 import argparse
 import os
@@ -91,6 +96,34 @@ def rr_rate(seconds):
                             "postgres"]), check=False)
     m = re.search(r"tps = ([\d.]+)", out)
     return float(m.group(1)) if m else None
+
+
+def process_costs(seconds, daemon_pid):
+    """Syscalls and context switches per pgbench transaction, per process on the tunnel's path."""
+    pids = {"daemon": str(daemon_pid)}
+    for name, pattern in (("emulator", "ssm-emulator --listen"), ("ec2-agent", "ec2-agent --listen 127.0.0.1")):
+        found = sh(["pgrep", "-f", pattern], check=False).split()
+        if found:
+            pids[name] = found[0]
+    perfs = {name: subprocess.Popen(["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches",
+                                     "-p", pid, "--", "sleep", str(seconds + 1)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name, pid in pids.items()}
+    time.sleep(0.5)
+    tps = rr_rate(seconds)
+    out = {}
+    for name, perf in perfs.items():
+        counts = {}
+        for line in perf.communicate()[1].splitlines():
+            f = line.split(",")
+            if len(f) > 2 and f[0].replace(".", "").isdigit():
+                counts[f[2]] = float(f[0])
+        out[name] = counts
+    if not tps:
+        return None
+    tx = tps * seconds
+    return {name: (c.get("raw_syscalls:sys_enter", 0) / tx, c.get("context-switches", 0) / tx)
+            for name, c in out.items()}, tps
 
 
 def measure(seconds):
@@ -190,6 +223,8 @@ def main():
     ap.add_argument("--paths", help="comma-separated subset of: direct, openvpn-tcp, openvpn-tcp relayed, "
                                     "tunnel fast, tunnel stock")
     ap.add_argument("--links", help="comma-separated subset of: clean, 40ms")
+    ap.add_argument("--costs", action="store_true",
+                    help="per pgbench transaction: syscalls and context switches of each process (perf stat)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (network namespaces)")
@@ -212,6 +247,7 @@ def main():
     if a.paths:
         paths = [p.strip() for p in a.paths.split(",")]
     rows = []
+    costs = []
     try:
         for link, impair in links:
             for what in paths:
@@ -231,6 +267,8 @@ def main():
                     else:
                         p = start_tunnel(bin_dir)
                         r = measure(a.seconds)
+                        if a.costs:
+                            costs.append((link, what, process_costs(a.seconds, p.pid)))
                         # The tunnel's own counters (drops, queue, retransmissions) explain odd rows.
                         st = subprocess.run(inn("laptop", [f"{bin_dir}/ssm-proxy", "status"]), capture_output=True,
                                             text=True, env={**os.environ, **lab_env()})
@@ -246,6 +284,18 @@ def main():
     for link, what, r in rows:
         print(f"| {link} | {what} | {fmt(r['down'])} | {fmt(r['up'])} | {fmt(r['rr'], '{:.0f}')} | "
               f"{fmt_ping(r['idle'])} | {fmt_ping(r['loaded'])} |")
+    if costs:
+        print()
+        print("| link | path | pgbench tps (perf attached) | syscalls per transaction | context switches per transaction |")
+        print("|---|---|---|---|---|")
+        for link, what, c in costs:
+            if c is None:
+                print(f"| {link} | {what} | - | - | - |")
+                continue
+            per, tps = c
+            sc = ", ".join(f"{n} {v[0]:.1f}" for n, v in per.items())
+            cs = ", ".join(f"{n} {v[1]:.2f}" for n, v in per.items())
+            print(f"| {link} | {what} | {tps:.0f} | {sc} | {cs} |")
 
 
 if __name__ == "__main__":
