@@ -181,7 +181,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     reason: forwarder::wire::Reason::TooManyClients,
                     message: "too many clients".into(),
                 };
-                let _ = forwarder::link::write_frame(&mut w, &bye).await;
+                let _ = forwarder::link::write_frame(&mut forwarder::link::Stream::new(&mut w), &bye).await;
             });
             continue;
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use forwarder::fq::FqConfig;
-use forwarder::link::{self, LinkEnd, LinkStats, TxQueue};
+use forwarder::link::{self, LinkEnd, LinkStats, Stream, TxQueue};
 use forwarder::timer::LazyTimer;
 use forwarder::wire::{self, caps, Deframer, Frame, Hello, Reason, Role};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -156,8 +156,8 @@ pub type Registry = Arc<Mutex<HashMap<[u8; 16], mpsc::Sender<Attach>>>>;
 
 /// A client connection whose HELLO was answered, ready to carry a session.
 pub struct Attach {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: Stream<OwnedReadHalf>,
+    writer: Stream<OwnedWriteHalf>,
     deframer: Deframer,
     hello: Hello,
     peer: String,
@@ -172,7 +172,8 @@ pub async fn serve(
     registry: Registry,
 ) -> Result<(), LinkEnd> {
     let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
+    let (mut reader, mut writer) = (Stream::new(reader), Stream::new(writer));
     let (hello, deframer) = tokio::time::timeout(Duration::from_secs(30), link::read_hello(&mut reader))
         .await
         .map_err(|_| LinkEnd::Eof)??;

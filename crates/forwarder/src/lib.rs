@@ -8,9 +8,10 @@
 //! - [`link`]: queue-draining writer and frame reader shared by both ends.
 //! - [`timer`]: a loop timer that re-arms without waking tokio's driver.
 //! - [`dns`]: split DNS on the laptop end (only configured domains go through).
-//! - [`client`]: the laptop end, between a [`tunnel::Device`] and the stream.
+//!
+//! The laptop end (between the tunnel device and the stream) is `ssm-proxy`'s
+//! `daemon::link`; the agent end is the ec2-agent. Both speak this crate.
 
-pub mod client;
 pub mod dns;
 pub mod fq;
 pub mod ip;

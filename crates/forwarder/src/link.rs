@@ -3,7 +3,14 @@
 //! [`read_loop`] turning the stream back into packets. PING/PONG measure the RTT.
 //! When both ends announce [`caps::ACK`], each acknowledges the PACKET bytes it has
 //! read and each writer keeps its bytes in flight within a [`Window`].
+//!
+//! An end reads from an [`Inlet`] and writes into an [`Outlet`]: a byte stream
+//! ([`Stream`]: the agent's TCP socket) or, on the laptop, the queues into the
+//! SSM session driver of the same process ([`mpsc`] channels of chunks), so a
+//! packet goes from the tunnel device into the session without another task or
+//! an in-memory pipe between them.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -16,6 +23,75 @@ use crate::fq::{FqCodel, FqConfig, QueueStats};
 use crate::timer::LazyTimer;
 use crate::window::Window;
 use crate::wire::{self, caps, Deframer, Frame, Reason, WireError};
+
+/// Where an end's writer puts its frames.
+pub trait Outlet: Send {
+    /// Hands over `bytes` (whole frames), waiting while the other side is full.
+    fn put(&mut self, bytes: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+/// Where an end's reader gets the peer's bytes.
+pub trait Inlet: Send {
+    /// Appends the next bytes that arrive to `deframer`; `Ok(false)` when the
+    /// stream has ended.
+    fn fill(&mut self, deframer: &mut Deframer) -> impl Future<Output = std::io::Result<bool>> + Send;
+}
+
+/// A byte stream as an [`Inlet`] (reading half) or [`Outlet`] (writing half).
+#[derive(Debug)]
+pub struct Stream<T> {
+    io: T,
+    buf: Vec<u8>,
+}
+
+impl<T> Stream<T> {
+    pub fn new(io: T) -> Self {
+        Stream { io, buf: Vec::new() }
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send> Outlet for Stream<W> {
+    async fn put(&mut self, bytes: Bytes) -> std::io::Result<()> {
+        self.io.write_all(&bytes).await?;
+        self.io.flush().await
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send> Inlet for Stream<R> {
+    async fn fill(&mut self, deframer: &mut Deframer) -> std::io::Result<bool> {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; READ_CHUNK];
+        }
+        let n = self.io.read(&mut self.buf).await?;
+        deframer.push(&self.buf[..n]);
+        Ok(n > 0)
+    }
+}
+
+/// Most bytes a [`Stream`] reads at once.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Chunks for a consumer in the same process (the session driver), each
+/// handed over as is.
+impl Outlet for mpsc::Sender<Bytes> {
+    async fn put(&mut self, bytes: Bytes) -> std::io::Result<()> {
+        self.send(bytes).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the session ended"))
+    }
+}
+
+/// Chunks from a producer in the same process (the session driver); the
+/// channel's end is the stream's.
+impl Inlet for mpsc::Receiver<Vec<u8>> {
+    async fn fill(&mut self, deframer: &mut Deframer) -> std::io::Result<bool> {
+        match self.recv().await {
+            Some(chunk) => {
+                deframer.push(&chunk);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
 
 /// Counters of one direction.
 #[derive(Debug, Default)]
@@ -179,10 +255,10 @@ impl TxQueue {
 /// frames into `writer` until the queue is closed; then a GOODBYE. With acks on,
 /// an ACK goes out whenever more has been read, and packets only while the
 /// window has room.
-pub async fn write_loop<W: AsyncWrite + Unpin>(
+pub async fn write_loop(
     queue: Arc<TxQueue>,
     mut control: mpsc::Receiver<Frame>,
-    mut writer: W,
+    mut writer: impl Outlet,
     batch: usize,
     stats: Arc<LinkStats>,
 ) -> std::io::Result<()> {
@@ -263,8 +339,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             }
         }
         if !out.is_empty() {
-            writer.write_all(&out).await?;
-            writer.flush().await?;
+            writer.put(out.split().freeze()).await?;
             continue;
         }
         if queue.closed.load(Ordering::Acquire) {
@@ -273,8 +348,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             }
             out.clear();
             wire::encode(&Frame::Goodbye { reason: Reason::Normal, message: "closing".into() }, &mut out);
-            let _ = writer.write_all(&out).await;
-            let _ = writer.flush().await;
+            let _ = writer.put(out.split().freeze()).await;
             return Ok(());
         }
         ack_timer.arm(ack_due);
@@ -285,8 +359,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
                 Some(f) => {
                     out.clear();
                     wire::encode(&f, &mut out);
-                    writer.write_all(&out).await?;
-                    writer.flush().await?;
+                    writer.put(out.split().freeze()).await?;
                 }
                 None => {
                     // Control side gone: finish what is queued, then stop.
@@ -329,8 +402,8 @@ pub enum LinkEnd {
 /// Read frames until the stream ends: packets go to `on_packet`, PINGs are answered
 /// through `control`, PONGs update the RTT, ACKs open `queue`'s window, and what
 /// was read is acknowledged through `queue`'s writer.
-pub async fn read_loop<R: AsyncRead + Unpin>(
-    mut reader: R,
+pub async fn read_loop(
+    mut reader: impl Inlet,
     mut deframer: Deframer,
     mut on_packet: impl FnMut(Bytes),
     control: mpsc::Sender<Frame>,
@@ -338,7 +411,6 @@ pub async fn read_loop<R: AsyncRead + Unpin>(
     stats: Arc<LinkStats>,
     epoch: Instant,
 ) -> LinkEnd {
-    let mut buf = vec![0u8; 64 * 1024];
     let acks = queue.acks();
     loop {
         let mut read = 0u64;
@@ -372,11 +444,10 @@ pub async fn read_loop<R: AsyncRead + Unpin>(
             queue.received.fetch_add(read, Ordering::AcqRel);
             queue.ready.notify_one();
         }
-        match reader.read(&mut buf).await {
-            Ok(0) => return LinkEnd::Eof,
-            Ok(n) => {
+        match reader.fill(&mut deframer).await {
+            Ok(false) => return LinkEnd::Eof,
+            Ok(true) => {
                 stats.reads.fetch_add(1, Ordering::Relaxed);
-                deframer.push(&buf[..n]);
             }
             Err(e) => return LinkEnd::Io(e),
         }
@@ -397,9 +468,8 @@ pub async fn ping_loop(control: mpsc::Sender<Frame>, every: Duration, epoch: Ins
 
 /// Read frames until a HELLO (the first frame must be one). Returns it and the
 /// deframer holding whatever followed it.
-pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(wire::Hello, Deframer), LinkEnd> {
+pub async fn read_hello(reader: &mut impl Inlet) -> Result<(wire::Hello, Deframer), LinkEnd> {
     let mut deframer = Deframer::new();
-    let mut buf = [0u8; 4096];
     loop {
         match deframer.next_frame()? {
             Some(Frame::Hello(h)) => return Ok((h, deframer)),
@@ -407,35 +477,29 @@ pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(wire::H
             Some(_) => return Err(LinkEnd::Wire(WireError::BadHello("the first frame must be HELLO"))),
             None => {}
         }
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
+        if !reader.fill(&mut deframer).await? {
             return Err(LinkEnd::Eof);
         }
-        deframer.push(&buf[..n]);
     }
 }
 
 /// The next frame of `reader` after those already in `deframer`.
-pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, deframer: &mut Deframer) -> Result<Frame, LinkEnd> {
-    let mut buf = [0u8; 4096];
+pub async fn read_frame(reader: &mut impl Inlet, deframer: &mut Deframer) -> Result<Frame, LinkEnd> {
     loop {
         if let Some(f) = deframer.next_frame()? {
             return Ok(f);
         }
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
+        if !reader.fill(deframer).await? {
             return Err(LinkEnd::Eof);
         }
-        deframer.push(&buf[..n]);
     }
 }
 
 /// Write one frame by itself (HELLO, GOODBYE).
-pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> std::io::Result<()> {
+pub async fn write_frame(writer: &mut impl Outlet, frame: &Frame) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     wire::encode(frame, &mut out);
-    writer.write_all(&out).await?;
-    writer.flush().await
+    writer.put(out.freeze()).await
 }
 
 #[cfg(test)]

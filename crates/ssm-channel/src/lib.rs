@@ -6,12 +6,10 @@
 //! - [`smux`]: smux v1, which multiplexes TCP connections in mux-mode Port sessions.
 //! - [`version`]: the version rules that pick basic or mux mode.
 //!
-//! With the default `driver` feature: [`transport`] (the websocket), [`aws`]
-//! (StartSession and friends), [`port`] (the tokio driver of a Port session) and
-//! [`shell`] (the driver of a shell session).
+//! With the default `driver` feature: [`transport`] (the websocket), [`port`]
+//! (the tokio driver of a Port session) and [`shell`] (the driver of a shell
+//! session). The AWS API calls that start sessions live in `ssm-proxy`.
 
-#[cfg(feature = "driver")]
-pub mod aws;
 pub mod codec;
 pub mod payloads;
 #[cfg(feature = "driver")]

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::SplitStream;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -36,26 +36,70 @@ use util::{await_opt, changed, next_ws, on_ws_message, reconnect_loop, reserve, 
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// A local byte stream to carry over the session (a TCP connection, or any pipe).
+/// A local connection to carry over the session.
 pub struct Conn {
-    pub reader: Box<dyn AsyncRead + Send + Unpin>,
-    pub writer: Box<dyn AsyncWrite + Send + Unpin>,
+    pub io: ConnIo,
     /// For logs: the peer address, say.
     pub label: String,
 }
 
+/// How the driver exchanges a connection's bytes.
+pub enum ConnIo {
+    /// A byte stream (a TCP connection, any pipe): a reader and a writer task
+    /// each move its bytes to and from the driver.
+    Stream { reader: Box<dyn AsyncRead + Send + Unpin>, writer: Box<dyn AsyncWrite + Send + Unpin> },
+    /// Chunks in memory, from a producer in the same process (the tunnel's
+    /// link): the driver takes them from `from_local` itself and hands what
+    /// arrives to `to_local`, with no task or pipe in between. Either side
+    /// dropping its end closes the connection.
+    Queue { from_local: mpsc::Receiver<Bytes>, to_local: mpsc::Sender<Vec<u8>> },
+}
+
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").field("label", &self.label).finish_non_exhaustive()
+        f.debug_struct("Conn").field("label", &self.label).field("io", &self.io).finish()
     }
 }
+
+impl std::fmt::Debug for ConnIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConnIo::Stream { .. } => "Stream",
+            ConnIo::Queue { .. } => "Queue",
+        })
+    }
+}
+
+/// The local producer's ends of a [`ConnIo::Queue`] connection.
+#[derive(Debug)]
+pub struct QueueEnds {
+    /// Bytes to send through the session.
+    pub to_session: mpsc::Sender<Bytes>,
+    /// Bytes that arrived through the session, in order.
+    pub from_session: mpsc::Receiver<Vec<u8>>,
+}
+
+/// Chunks waiting between a [`ConnIo::Queue`] producer and the driver: the
+/// same bound the reader task of a stream has (about 64 KiB of 4 KiB writes).
+const QUEUE_IN: usize = 16;
+/// Chunks waiting for a local writer, stream or queue.
+const QUEUE_OUT: usize = 256;
 
 impl Conn {
     pub fn from_tcp(stream: tokio::net::TcpStream) -> Conn {
         let label = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
         let _ = stream.set_nodelay(true);
         let (r, w) = stream.into_split();
-        Conn { reader: Box::new(r), writer: Box::new(w), label }
+        Conn { io: ConnIo::Stream { reader: Box::new(r), writer: Box::new(w) }, label }
+    }
+
+    /// A connection whose bytes the caller exchanges through the returned
+    /// queues instead of a socket.
+    pub fn queue(label: impl Into<String>) -> (Conn, QueueEnds) {
+        let (to_session, from_local) = mpsc::channel(QUEUE_IN);
+        let (to_local, from_session) = mpsc::channel(QUEUE_OUT);
+        let conn = Conn { io: ConnIo::Queue { from_local, to_local }, label: label.into() };
+        (conn, QueueEnds { to_session, from_session })
     }
 }
 
@@ -169,13 +213,14 @@ type ConnId = u32;
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 enum Cmd {
-    Data(ConnId, Vec<u8>),
+    Data(ConnId, Bytes),
     Eof(ConnId),
 }
 
 struct LocalConn {
     writer: mpsc::Sender<Vec<u8>>,
-    reader: JoinHandle<()>,
+    /// The reader task of a [`ConnIo::Stream`].
+    reader: Option<JoinHandle<()>>,
     label: String,
 }
 
@@ -183,7 +228,9 @@ impl Drop for LocalConn {
     fn drop(&mut self) {
         // No half-close in either mode: dropping the writer channel lets the
         // writer flush and close; the reader stops here.
-        self.reader.abort();
+        if let Some(r) = &self.reader {
+            r.abort();
+        }
     }
 }
 
@@ -207,6 +254,8 @@ struct Core {
     session: Session,
     mode: Option<Mode>,
     conns: HashMap<ConnId, LocalConn>,
+    /// What [`ConnIo::Queue`] connections send, read by the driver itself.
+    queued: Vec<(ConnId, mpsc::Receiver<Bytes>)>,
     next_basic_id: ConnId,
     cmd_tx: mpsc::Sender<Cmd>,
     read_chunk: usize,
@@ -238,6 +287,7 @@ pub async fn run(
         session: Session::new(config.session.clone(), Box::new(crate::session::SystemEnvironment)),
         mode: None,
         conns: HashMap::new(),
+        queued: Vec::new(),
         next_basic_id: 1,
         cmd_tx,
         read_chunk: config.read_chunk,
@@ -428,6 +478,9 @@ pub async fn run(
                     core.handle_cmd(cmd);
                 }
             }
+            cmd = next_queued(&mut core.queued), if accept_local && !core.queued.is_empty() => {
+                core.handle_cmd(cmd);
+            }
             permit = reserve(blocked_tx) => {
                 if let (Ok(permit), Some((_, data, _))) = (permit, core.blocked.take()) {
                     permit.send(data);
@@ -451,6 +504,30 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The next chunk (or end) of any [`ConnIo::Queue`] connection, taking them in
+/// turn so one busy producer cannot starve the others.
+async fn next_queued(queued: &mut Vec<(ConnId, mpsc::Receiver<Bytes>)>) -> Cmd {
+    std::future::poll_fn(|cx| {
+        let n = queued.len();
+        for _ in 0..n {
+            let (id, rx) = &mut queued[0];
+            let id = *id;
+            let polled = rx.poll_recv(cx);
+            queued.rotate_left(1);
+            match polled {
+                std::task::Poll::Ready(Some(b)) => return std::task::Poll::Ready(Cmd::Data(id, b)),
+                std::task::Poll::Ready(None) => {
+                    queued.retain(|(i, _)| *i != id);
+                    return std::task::Poll::Ready(Cmd::Eof(id));
+                }
+                std::task::Poll::Pending => {}
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Most websocket messages handled in one turn of the driver loop.
@@ -597,7 +674,7 @@ impl Core {
         match ev {
             MuxEvent::Data(sid, d) => self.deliver(sid.0, d),
             MuxEvent::Closed(sid) => {
-                if let Some(c) = self.conns.remove(&sid.0) {
+                if let Some(c) = self.remove_conn(sid.0) {
                     debug!(stream = sid.0, conn = %c.label, "closed by the remote side");
                 }
             }
@@ -617,7 +694,8 @@ impl Core {
             Err(mpsc::error::TrySendError::Full(data)) => {
                 self.blocked = Some((id, data, c.writer.clone()));
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            // The local side is gone: end the connection as its writer task would.
+            Err(mpsc::error::TrySendError::Closed(_)) => self.handle_cmd(Cmd::Eof(id)),
         }
     }
 
@@ -655,8 +733,16 @@ impl Core {
     }
 
     fn spawn_conn(&mut self, id: ConnId, conn: Conn) {
-        let Conn { mut reader, mut writer, label } = conn;
-        let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(256);
+        let Conn { io, label } = conn;
+        let (mut reader, mut writer) = match io {
+            ConnIo::Stream { reader, writer } => (reader, writer),
+            ConnIo::Queue { from_local, to_local } => {
+                self.queued.push((id, from_local));
+                self.conns.insert(id, LocalConn { writer: to_local, reader: None, label });
+                return;
+            }
+        };
+        let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(QUEUE_OUT);
         let cmd = self.cmd_tx.clone();
         let chunk = self.read_chunk;
         let reader_task = tokio::spawn(async move {
@@ -668,7 +754,7 @@ impl Core {
                         return;
                     }
                     Ok(n) => {
-                        if cmd.send(Cmd::Data(id, buf[..n].to_vec())).await.is_err() {
+                        if cmd.send(Cmd::Data(id, Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
                             return;
                         }
                     }
@@ -685,7 +771,13 @@ impl Core {
             }
             let _ = writer.shutdown().await;
         });
-        self.conns.insert(id, LocalConn { writer: wtx, reader: reader_task, label });
+        self.conns.insert(id, LocalConn { writer: wtx, reader: Some(reader_task), label });
+    }
+
+    /// Forgets a local connection (its streams or queues close with it).
+    fn remove_conn(&mut self, id: ConnId) -> Option<LocalConn> {
+        self.queued.retain(|(i, _)| *i != id);
+        self.conns.remove(&id)
     }
 
     fn handle_cmd(&mut self, cmd: Cmd) {
@@ -703,7 +795,7 @@ impl Core {
                 }
             }
             Cmd::Eof(id) => {
-                let Some(c) = self.conns.remove(&id) else { return };
+                let Some(c) = self.remove_conn(id) else { return };
                 debug!(conn = %c.label, "local connection closed");
                 match &mut self.mode {
                     Some(Mode::Mux(m)) => m.close(StreamId(id)),
@@ -715,5 +807,46 @@ impl Core {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(cmd: Cmd) -> (ConnId, Option<Bytes>) {
+        match cmd {
+            Cmd::Data(id, b) => (id, Some(b)),
+            Cmd::Eof(id) => (id, None),
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_connections_take_turns_and_end_when_their_producer_goes() {
+        let (a, mut a_ends) = Conn::queue("a");
+        let (b, b_ends) = Conn::queue("b");
+        let mut queued = Vec::new();
+        for (id, conn) in [(1, a), (2, b)] {
+            let ConnIo::Queue { from_local, .. } = conn.io else { panic!("a queue connection") };
+            queued.push((id, from_local));
+        }
+        for i in 0..3u8 {
+            a_ends.to_session.send(Bytes::from(vec![i])).await.expect("the driver side is open");
+        }
+        b_ends.to_session.send(Bytes::from_static(b"b")).await.expect("the driver side is open");
+        // a has three chunks waiting, b one: b still gets its turn second.
+        assert_eq!(data(next_queued(&mut queued).await), (1, Some(Bytes::from_static(&[0]))));
+        assert_eq!(data(next_queued(&mut queued).await), (2, Some(Bytes::from_static(b"b"))));
+        assert_eq!(data(next_queued(&mut queued).await), (1, Some(Bytes::from_static(&[1]))));
+        drop(b_ends);
+        assert_eq!(data(next_queued(&mut queued).await), (2, None), "b's producer is gone");
+        assert_eq!(queued.len(), 1);
+        assert_eq!(data(next_queued(&mut queued).await), (1, Some(Bytes::from_static(&[2]))));
+        // Nothing waiting: pending, not an end.
+        let idle = tokio::time::timeout(Duration::from_millis(20), next_queued(&mut queued)).await;
+        assert!(idle.is_err());
+        a_ends.to_session.send(Bytes::from_static(b"z")).await.expect("the driver side is open");
+        assert_eq!(data(next_queued(&mut queued).await), (1, Some(Bytes::from_static(b"z"))));
+        a_ends.from_session.close();
     }
 }

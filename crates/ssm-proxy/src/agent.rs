@@ -11,11 +11,11 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::aws::{AwsOptions, SsmApi};
+use crate::daemon::link::{handshake, ClientConfig};
 use anyhow::{bail, Context};
-use forwarder::client::{self, ClientConfig};
 use forwarder::link;
 use forwarder::wire::{caps, Frame};
-use ssm_channel::aws::{AwsOptions, SsmApi};
 use ssm_channel::port::{Conn, PortConfig};
 use ssm_channel::transport::Trust;
 
@@ -316,7 +316,7 @@ impl Progress {
 async fn ask(conns: &tokio::sync::mpsc::Sender<Conn>) -> anyhow::Result<String> {
     let (mut reader, mut writer) = agent_stream(conns).await?;
     let config = ClientConfig { caps: caps::QUERY, hello_timeout: ANSWER_TIMEOUT, ..ClientConfig::default() };
-    let (_agent, mut deframer) = client::handshake(&mut reader, &mut writer, &config, 1280).await?;
+    let (_agent, mut deframer) = handshake(&mut reader, &mut writer, &config, 1280).await?;
     match tokio::time::timeout(ANSWER_TIMEOUT, link::read_frame(&mut reader, &mut deframer)).await {
         Ok(Ok(Frame::Status(json))) => Ok(json),
         Ok(Ok(Frame::Goodbye { message, .. })) => bail!("the agent said goodbye: {message}"),

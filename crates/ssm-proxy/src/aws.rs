@@ -7,7 +7,7 @@ use aws_sdk_ssm::types::InstanceInformationStringFilter;
 
 use std::sync::{Arc, RwLock};
 
-use crate::transport::{Endpoint, Trust};
+use ssm_channel::transport::{Endpoint, Trust};
 
 /// Document names for Port sessions.
 pub const PORT_DOCUMENT: &str = "AWS-StartPortForwardingSession";

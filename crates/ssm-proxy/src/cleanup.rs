@@ -31,18 +31,18 @@ pub fn run(args: CleanupArgs) -> anyhow::Result<()> {
         println!("left alone: tunnel {name:?} is running (stop it with `sudo ssm-proxy stop --name {name}`)");
     }
     for name in &report.journals {
-        let _ = std::fs::remove_file(crate::control::socket_path(&dir, name));
+        let _ = std::fs::remove_file(crate::daemon::control::socket_path(&dir, name));
         println!("cleaned up after tunnel {name:?}");
     }
-    let dns_cleaned = crate::dns::cleanup_stale(&dir, &report.running, args.name.as_deref());
+    let dns_cleaned = crate::daemon::dns::cleanup_stale(&dir, &report.running, args.name.as_deref());
     for name in &dns_cleaned {
         println!("removed the DNS settings of tunnel {name:?}");
     }
     // Control sockets whose tunnel left no journal (it had nothing to undo) are stale
     // once nobody holds the tunnel's lock.
-    for name in crate::control::tunnel_names(&dir) {
+    for name in crate::daemon::control::tunnel_names(&dir) {
         if !report.running.contains(&name) && !dir.join(format!("{name}.journal")).exists() {
-            let _ = std::fs::remove_file(crate::control::socket_path(&dir, &name));
+            let _ = std::fs::remove_file(crate::daemon::control::socket_path(&dir, &name));
         }
     }
     if report.journals.is_empty() && dns_cleaned.is_empty() && report.running.is_empty() && report.failed.is_empty() {

@@ -4,8 +4,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::aws::{AwsOptions, SsmApi};
 use anyhow::Context;
-use ssm_channel::aws::{AwsOptions, SsmApi};
 use ssm_channel::port::{Conn, PortConfig};
 use ssm_channel::transport::Trust;
 use ssm_channel::version::PortMode;
@@ -65,7 +65,7 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     // A new network or a wake from sleep: check the websocket at once (forward
     // adds no device or routes of its own, so every change counts).
     let (net_tx, net_rx) = tokio::sync::watch::channel(0u64);
-    crate::netwatch::spawn(net_tx, 0);
+    crate::daemon::netwatch::spawn(net_tx, 0);
     let mut session = open_port_session(
         &api,
         &args.instance_id,

@@ -2,16 +2,18 @@
 //! Session Manager, with no AWS CLI and no session-manager-plugin.
 
 mod agent;
+mod aws;
 mod cleanup;
 mod config;
-mod control;
-mod dns;
+mod daemon;
 mod forward;
-mod netwatch;
+mod list;
+mod man;
 mod service;
 mod ssm;
 mod start;
-mod uplink;
+mod status;
+mod stop;
 
 use std::process::ExitCode;
 
@@ -34,7 +36,7 @@ enum Command {
     /// Start a tunnel: route CIDRs through an instance running the ec2-agent (root).
     Start(start::StartArgs),
     /// Show the running tunnels (any user).
-    Status(StatusArgs),
+    Status(status::StatusArgs),
     /// List the tunnels defined in the config files, and which of them run.
     #[command(after_help = "Files: /etc/ssm-proxy/config.toml, then ~/.config/ssm-proxy/config.toml
 (the invoking user's under sudo); $SSM_PROXY_CONFIG replaces both. Example:
@@ -50,7 +52,7 @@ enum Command {
 Then: sudo ssm-proxy start prod")]
     List,
     /// Stop a running tunnel (root, or the user who started it).
-    Stop(StopArgs),
+    Stop(stop::StopArgs),
     /// Remove routes left behind by a tunnel that was killed or crashed.
     Cleanup(cleanup::CleanupArgs),
     /// Ask an instance's ec2-agent how it is (through SSM, like a tunnel).
@@ -78,126 +80,6 @@ Then: sudo ssm-proxy start prod")]
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
-}
-
-#[derive(Debug, clap::Args)]
-struct StatusArgs {
-    /// Only this tunnel.
-    #[arg(long)]
-    name: Option<String>,
-    /// Machine-readable output: a JSON array of tunnels.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug, clap::Args)]
-struct StopArgs {
-    /// The tunnel to stop (needed when several run).
-    #[arg(long)]
-    name: Option<String>,
-}
-
-async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let dir = routing::default_run_dir();
-    let names = match args.name {
-        Some(n) => vec![n],
-        None => control::tunnel_names(&dir),
-    };
-    let mut all = Vec::new();
-    let mut problems = Vec::new();
-    for n in &names {
-        match control::status_of(&dir, n).await {
-            Ok(s) => all.push(s),
-            Err(e) => problems.push(format!("{n}: not answering ({e:#}); if it crashed, run `sudo ssm-proxy cleanup`")),
-        }
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&all)?);
-    } else if all.is_empty() && problems.is_empty() {
-        println!("no tunnels running");
-    } else {
-        for s in &all {
-            println!("{}", control::render(s));
-        }
-    }
-    for p in &problems {
-        eprintln!("{p}");
-    }
-    Ok(())
-}
-
-fn list() -> anyhow::Result<()> {
-    let paths = config::default_paths();
-    let tunnels = config::load(&paths)?;
-    if tunnels.is_empty() {
-        let files = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-        println!("no tunnels defined (looked in {files}; `ssm-proxy list --help` shows the format)");
-        return Ok(());
-    }
-    let running = control::tunnel_names(&routing::default_run_dir());
-    let rows: Vec<[String; 5]> = tunnels
-        .iter()
-        .map(|t| {
-            [
-                t.name.clone(),
-                if running.contains(&t.name) { "running".into() } else { "stopped".into() },
-                t.instance_ids
-                    .iter()
-                    .cloned()
-                    .chain(t.instance_tags.iter().map(|(k, v)| format!("tag {k}={v}")))
-                    .collect::<Vec<_>>()
-                    .join(","),
-                t.cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-                t.source.clone(),
-            ]
-        })
-        .collect();
-    let head = ["NAME", "STATE", "INSTANCE", "CIDRS", "DEFINED AT"].map(String::from);
-    let widths: Vec<usize> =
-        (0..5).map(|i| rows.iter().chain(std::iter::once(&head)).map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    for r in std::iter::once(&head).chain(rows.iter()) {
-        let line: Vec<String> = (0..5).map(|i| format!("{:<w$}", r[i], w = widths[i])).collect();
-        println!("{}", line.join("  ").trim_end());
-    }
-    Ok(())
-}
-
-async fn stop(args: StopArgs) -> anyhow::Result<()> {
-    let dir = routing::default_run_dir();
-    let name = match args.name {
-        Some(n) => n,
-        None => {
-            let names = control::tunnel_names(&dir);
-            match names.as_slice() {
-                [] => anyhow::bail!("no tunnels running"),
-                [one] => one.clone(),
-                many => anyhow::bail!("several tunnels run ({}); say which with --name", many.join(", ")),
-            }
-        }
-    };
-    control::stop(&dir, &name, std::time::Duration::from_secs(20)).await?;
-    println!("tunnel {name:?} stopped");
-    Ok(())
-}
-
-/// `man`: the top-level page on standard output, or every page (ssm-proxy.1,
-/// ssm-proxy-start.1, ...) written into `dir`.
-fn man(dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    use anyhow::Context;
-    match dir {
-        None => {
-            let mut out = Vec::new();
-            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
-            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
-        }
-        Some(dir) => {
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            clap_mangen::generate_to(Cli::command(), &dir)
-                .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
-            println!("man pages written to {}", dir.display());
-        }
-    }
-    Ok(())
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -243,10 +125,10 @@ fn main() -> ExitCode {
             Ok(args) => rt.block_on(start::run(args)),
             Err(e) => Err(e),
         },
-        Command::List => list(),
+        Command::List => list::run(),
         Command::Service(args) => service::main(args),
-        Command::Status(args) => rt.block_on(status(args)),
-        Command::Stop(args) => rt.block_on(stop(args)),
+        Command::Status(args) => rt.block_on(status::run(args)),
+        Command::Stop(args) => rt.block_on(stop::run(args)),
         Command::Version => {
             println!("ssm-proxy {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -255,7 +137,7 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "ssm-proxy", &mut std::io::stdout());
             Ok(())
         }
-        Command::Man { dir } => man(dir),
+        Command::Man { dir } => man::run(Cli::command(), dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,11 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::aws::{ApiError, SsmApi};
 use anyhow::bail;
-use ssm_channel::aws::{ApiError, SsmApi};
 use ssm_channel::port::{self, BoxFuture, Conn, PortConfig, PortError, Ready, Resume, SessionEnd, Summary};
 use ssm_channel::transport::{Endpoint, Trust};
-use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -104,19 +103,20 @@ pub async fn open_port_session(
     Ok(PortSession { session_id, stream_url, ready, conns: conn_tx, task, stop: Some(stop_tx) })
 }
 
-/// A new local connection through the session (to the ec2-agent's port): the
-/// halves to talk to the agent through.
-pub async fn agent_stream(
-    conns: &mpsc::Sender<Conn>,
-) -> anyhow::Result<(ReadHalf<DuplexStream>, WriteHalf<DuplexStream>)> {
-    let (local, remote) = tokio::io::duplex(64 << 10);
-    let (remote_r, remote_w) = tokio::io::split(remote);
+/// A new connection through the session to the ec2-agent's port, exchanged
+/// as chunks with the session driver: what the agent sends arrives on the
+/// receiver, what we send goes into the sender.
+pub async fn agent_stream(conns: &mpsc::Sender<Conn>) -> anyhow::Result<AgentStream> {
+    let (conn, ends) = Conn::queue("ec2-agent");
     conns
-        .send(Conn { reader: Box::new(remote_r), writer: Box::new(remote_w), label: "ec2-agent".into() })
+        .send(conn)
         .await
         .map_err(|_| anyhow::anyhow!("the session ended before the connection to the ec2-agent was made"))?;
-    Ok(tokio::io::split(local))
+    Ok((ends.from_session, ends.to_session))
 }
+
+/// The link's [`forwarder::link::Inlet`] and [`forwarder::link::Outlet`] to the ec2-agent.
+pub type AgentStream = (mpsc::Receiver<Vec<u8>>, mpsc::Sender<bytes::Bytes>);
 
 pub fn parse_instance_id(s: &str) -> Result<String, String> {
     let hex = s.strip_prefix("i-").or_else(|| s.strip_prefix("mi-"));

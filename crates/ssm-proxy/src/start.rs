@@ -8,23 +8,23 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::aws::{AwsOptions, SsmApi};
+use crate::daemon::link::{ClientConfig, ClientHandle};
 use anyhow::{bail, Context};
-use forwarder::client::{ClientConfig, ClientHandle};
 use forwarder::dns::{Domain, SplitDns};
 use forwarder::wire;
 use ipnet::IpNet;
 use routing::{Journal, Route, RouteGuard};
-use ssm_channel::aws::{AwsOptions, SsmApi};
 use ssm_channel::transport::Trust;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 use tunnel::{Device, TunConfig, TunDevice};
 
 use crate::config;
-use crate::control::{self, Counter, Status};
-use crate::dns;
+use crate::daemon::control::{self, Counter, Status};
+use crate::daemon::dns;
+use crate::daemon::uplink::{connect_first, supervise, Candidates, LinkState, Target};
 use crate::ssm::{parse_instance_id, shutdown_signal};
-use crate::uplink::{connect_first, supervise, Candidates, LinkState, Target};
 
 /// The ec2-agent's default loopback port on the instance.
 pub const DEFAULT_AGENT_PORT: u16 = 7301;
@@ -548,7 +548,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             }
         }
     };
-    crate::netwatch::spawn(net_tx, device.index());
+    crate::daemon::netwatch::spawn(net_tx, device.index());
     let notify = stop_now.clone();
     let control_task = tokio::spawn(control::serve(listener, owner_uid(), status, move || notify.notify_one()));
 

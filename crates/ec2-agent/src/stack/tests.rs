@@ -173,7 +173,13 @@ async fn a_flow_with_a_lost_segment_and_three_duplicate_acks_finishes() {
     let mut stack = Stack::new(queue.clone(), 1400, Arc::new(Notify::new()));
     let (link_w, mut link_r) = tokio::io::duplex(4096);
     let (_control, control_rx) = mpsc::channel(1);
-    let writer = tokio::spawn(write_loop(queue.clone(), control_rx, link_w, 1024, Arc::new(LinkStats::default())));
+    let writer = tokio::spawn(write_loop(
+        queue.clone(),
+        control_rx,
+        forwarder::link::Stream::new(link_w),
+        1024,
+        Arc::new(LinkStats::default()),
+    ));
 
     // The client as the agent sees it: its address and the VPC destination it dials.
     let me = SocketAddr::from((Ipv4Addr::new(100, 64, 0, 1), 40000));

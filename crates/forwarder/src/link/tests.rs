@@ -30,7 +30,8 @@ async fn a_sparse_packet_passes_a_full_window() {
     queue.negotiate(caps::ACK, caps::ACK);
     let (writer, mut link) = tokio::io::duplex(1 << 20);
     let (_control, control_rx) = mpsc::channel(1);
-    let task = tokio::spawn(write_loop(queue.clone(), control_rx, writer, 1024, Arc::new(LinkStats::default())));
+    let task =
+        tokio::spawn(write_loop(queue.clone(), control_rx, Stream::new(writer), 1024, Arc::new(LinkStats::default())));
     for _ in 0..100 {
         queue.push(pkt(1000, 1400));
     }

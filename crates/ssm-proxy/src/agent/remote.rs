@@ -13,9 +13,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::aws::SsmApi;
 use anyhow::{bail, Context};
 use base64::Engine;
-use ssm_channel::aws::SsmApi;
 use ssm_channel::shell::{self, ShellIo};
 use ssm_channel::transport::Trust;
 use tokio::task::JoinHandle;

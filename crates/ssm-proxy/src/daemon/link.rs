@@ -8,14 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tunnel::Device;
 
-use crate::dns::{SplitDns, Verdict};
-use crate::fq::FqConfig;
-use crate::link::{self, LinkEnd, LinkStats, TxQueue};
-use crate::wire::{self, caps, Deframer, Frame, Hello, Reason, Role};
+use forwarder::dns::{SplitDns, Verdict};
+use forwarder::fq::FqConfig;
+use forwarder::link::{self, Inlet, LinkEnd, LinkStats, Outlet, TxQueue};
+use forwarder::wire::{self, caps, Deframer, Frame, Hello, Reason, Role};
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -79,16 +78,12 @@ impl ClientHandle {
 }
 
 /// Exchange HELLOs over a fresh stream.
-pub async fn handshake<R, W>(
-    reader: &mut R,
-    writer: &mut W,
+pub async fn handshake(
+    reader: &mut impl Inlet,
+    writer: &mut impl Outlet,
     config: &ClientConfig,
     mtu: u16,
-) -> Result<(Hello, Deframer), HandshakeError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+) -> Result<(Hello, Deframer), HandshakeError> {
     let hello = Hello {
         version: wire::VERSION,
         role: Role::Client,
@@ -145,8 +140,8 @@ pub async fn run<D, R, W>(
 ) -> Option<LinkEnd>
 where
     D: Device,
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    R: Inlet,
+    W: Outlet + 'static,
 {
     let epoch = Instant::now();
     // The queue outlives links: a new link after a reconnect starts afresh.

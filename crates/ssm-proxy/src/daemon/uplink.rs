@@ -9,14 +9,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use forwarder::client::{self, ClientConfig, ClientHandle, Stop};
+use super::link::{self, ClientConfig, ClientHandle, Stop};
+use crate::aws::SsmApi;
 use forwarder::wire::{Deframer, Hello};
-use ssm_channel::aws::SsmApi;
 use ssm_channel::port::{Live, PortConfig};
 use ssm_channel::session::SessionConfig;
 use ssm_channel::transport::Trust;
-use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 use tunnel::TunDevice;
 
@@ -73,8 +72,8 @@ pub struct Uplink {
     pub session: PortSession,
     /// Where this session publishes its counters.
     pub live: Arc<Mutex<Live>>,
-    reader: ReadHalf<DuplexStream>,
-    writer: WriteHalf<DuplexStream>,
+    reader: mpsc::Receiver<Vec<u8>>,
+    writer: mpsc::Sender<bytes::Bytes>,
     pub agent: (Hello, Deframer),
 }
 
@@ -88,7 +87,7 @@ pub struct Target<'a> {
     pub client: ClientConfig,
     /// Open a replacement session this long after each session started.
     pub rotate_after: Option<Duration>,
-    /// News of network changes and wake-ups (see [`crate::netwatch`]).
+    /// News of network changes and wake-ups (see [`crate::daemon::netwatch`]).
     pub network_changed: watch::Receiver<u64>,
 }
 
@@ -144,7 +143,7 @@ pub async fn connect(t: &Target<'_>, instance: &str) -> anyhow::Result<Uplink> {
     let session =
         open_port_session(t.api, instance, t.port, None, t.trust, config, 4, Box::pin(std::future::pending())).await?;
     let linked = match agent_stream(&session.conns).await {
-        Ok((mut reader, mut writer)) => client::handshake(&mut reader, &mut writer, &t.client, t.mtu)
+        Ok((mut reader, mut writer)) => link::handshake(&mut reader, &mut writer, &t.client, t.mtu)
             .await
             .map(|agent| (reader, writer, agent))
             .map_err(anyhow::Error::from),
@@ -235,7 +234,7 @@ pub async fn supervise(
                 }
             };
             // Dropped at the end of this block, which stops the old link's tasks.
-            let run = client::run(device.clone(), reader, writer, agent, &t.client, handle.clone(), shutdown);
+            let run = link::run(device.clone(), reader, writer, agent, &t.client, handle.clone(), shutdown);
             let rotation = rotate(t, &instance);
             tokio::pin!(run, rotation);
             tokio::select! {
