@@ -7,22 +7,11 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use ssm_channel::codec::{message_type, Flags, Message, PayloadType, SequenceNumber};
-use ssm_channel::session::{Environment, Session, SessionConfig};
-
-struct Env(u64);
-impl Environment for Env {
-    fn wall_clock_ms(&mut self) -> u64 {
-        self.0 += 1;
-        self.0
-    }
-    fn message_id(&mut self) -> uuid::Uuid {
-        uuid::Uuid::from_u128(self.0 as u128)
-    }
-}
+use ssm_channel::session::{SeededEnvironment, Session, SessionConfig};
 
 fuzz_target!(|data: &[u8]| {
     let t0 = Instant::now();
-    let mut s = Session::new(SessionConfig { max_in_flight: 8, reorder_capacity: 16, receive_buffer_bytes: 256, ..Default::default() }, Box::new(Env(1)));
+    let mut s = Session::new(SessionConfig { max_in_flight: 8, reorder_capacity: 16, receive_buffer_bytes: 256, ..Default::default() }, Box::new(SeededEnvironment::new(1)));
     s.set_connected(true, t0);
     let mut now = t0;
     for (i, chunk) in data.chunks(64).enumerate() {

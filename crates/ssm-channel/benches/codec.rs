@@ -5,19 +5,8 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use ssm_channel::codec::{message_type, Flags, Message, PayloadType, SequenceNumber};
-use ssm_channel::session::{Environment, Session, SessionConfig};
+use ssm_channel::session::{SeededEnvironment, Session, SessionConfig};
 use ssm_channel::smux::{Mux, Role};
-
-struct Env(u64);
-impl Environment for Env {
-    fn wall_clock_ms(&mut self) -> u64 {
-        self.0 += 1;
-        self.0
-    }
-    fn message_id(&mut self) -> uuid::Uuid {
-        uuid::Uuid::from_u128(u128::from(self.0))
-    }
-}
 
 fn full_message() -> Message {
     Message {
@@ -62,7 +51,7 @@ fn session(c: &mut Criterion) {
         .expect("encodes")
     };
     let now = Instant::now();
-    let mut s = Session::new(SessionConfig::default(), Box::new(Env(1)));
+    let mut s = Session::new(SessionConfig::default(), Box::new(SeededEnvironment::new(1)));
     s.set_connected(true, now);
     s.handle_frame(now, &agent(0, PayloadType::HANDSHAKE_REQUEST, request)).expect("ok");
     s.handle_frame(

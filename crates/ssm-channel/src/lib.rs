@@ -1,23 +1,19 @@
 //! A native client of the AWS Systems Manager Session Manager data channel.
 //!
-//! - [`codec`]: the binary frame, parsed through a checked view.
-//! - [`payloads`]: the JSON payloads (handshake, acks, flags).
-//! - [`session`]: the reliability layer and handshake as a sans-IO state machine.
-//! - [`smux`]: smux v1, which multiplexes TCP connections in mux-mode Port sessions.
-//! - [`version`]: the version rules that pick basic or mux mode.
+//! [`proto`] is the protocol, pure and sans-IO: the frame codec, the JSON
+//! payloads, the reliability layer and handshake ([`session`]), smux, the
+//! version rules, and the Port session's state machine ([`proto::port`]),
+//! which the fuzz targets and the pair harness drive on a simulated clock.
 //!
-//! With the default `driver` feature: [`transport`] (the websocket), [`port`]
-//! (the tokio driver of a Port session) and [`shell`] (the driver of a shell
-//! session). The AWS API calls that start sessions live in `ssm-proxy`.
+//! With the default `driver` feature, [`driver`] runs them on tokio: the
+//! websocket ([`transport`]), the Port session's loop ([`port`]) and the shell
+//! session's ([`shell`]). The AWS API calls that start sessions live in
+//! `ssm-proxy`.
 
-pub mod codec;
-pub mod payloads;
+pub mod proto;
+pub use proto::{codec, payloads, session, smux, version};
+
 #[cfg(feature = "driver")]
-pub mod port;
-pub mod session;
+pub mod driver;
 #[cfg(feature = "driver")]
-pub mod shell;
-pub mod smux;
-#[cfg(feature = "driver")]
-pub mod transport;
-pub mod version;
+pub use driver::{port, shell, transport};

@@ -5,86 +5,17 @@
 //! acks late, as the real one does). Moves up to 16 MiB each way and checks
 //! every byte.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
-use ssm_channel::session::{Environment, Event, Session, SessionConfig, MAX_PAYLOAD};
+use rand::{RngCore, SeedableRng};
+use ssm_channel::session::{Event, SeededEnvironment, Session, SessionConfig, MAX_PAYLOAD};
 use ssm_channel::version::PortMode;
 use ssm_emulator::agent::channel::{AgentChannel, AgentEvent, PAYLOAD_SIZE};
-use uuid::Uuid;
 
-struct SimEnv {
-    ms: u64,
-    rng: StdRng,
-}
-
-impl Environment for SimEnv {
-    fn wall_clock_ms(&mut self) -> u64 {
-        self.ms += 1;
-        self.ms
-    }
-    fn message_id(&mut self) -> Uuid {
-        Uuid::from_u128(self.rng.random())
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct LinkFaults {
-    drop: f64,
-    duplicate: f64,
-    base_delay_ms: u64,
-    /// Uniform extra delay; anything above 0 reorders frames.
-    jitter_ms: u64,
-}
-
-/// Frames in flight: (deliver at, tie-breaker) -> (to agent?, bytes).
-struct Link {
-    rng: StdRng,
-    faults: LinkFaults,
-    queue: BinaryHeap<Reverse<(Duration, u64)>>,
-    frames: BTreeMap<u64, (bool, Vec<u8>)>,
-    n: u64,
-    dropped: u64,
-    duplicated: u64,
-}
-
-impl Link {
-    fn push(&mut self, at: Duration, to_agent: bool, frame: Vec<u8>) {
-        if self.rng.random_bool(self.faults.drop) {
-            self.dropped += 1;
-            return;
-        }
-        let copies = if self.rng.random_bool(self.faults.duplicate) {
-            self.duplicated += 1;
-            2
-        } else {
-            1
-        };
-        for _ in 0..copies {
-            let delay = self.faults.base_delay_ms + self.rng.random_range(0..=self.faults.jitter_ms);
-            self.n += 1;
-            self.queue.push(Reverse((at + Duration::from_millis(delay), self.n)));
-            self.frames.insert(self.n, (to_agent, frame.clone()));
-        }
-    }
-
-    fn next_due(&self) -> Option<Duration> {
-        self.queue.peek().map(|Reverse((t, _))| *t)
-    }
-
-    fn pop_due(&mut self, now: Duration) -> Option<(bool, Vec<u8>)> {
-        match self.queue.peek() {
-            Some(Reverse((t, _))) if *t <= now => {
-                let Reverse((_, n)) = self.queue.pop()?;
-                self.frames.remove(&n)
-            }
-            _ => None,
-        }
-    }
-}
+mod sim;
+use sim::{Link, LinkFaults};
 
 /// The target behind the agent's port plugin: what the plugin's write hands
 /// on waits in a buffer of `buffer` bytes that drains at `bytes_per_ms`; a
@@ -148,31 +79,15 @@ fn run_pair_into(seed: u64, upload: usize, download: usize, faults: LinkFaults, 
 
     let t0 = Instant::now();
     let mut sim = Duration::ZERO;
-    let mut client = Session::new(
-        SessionConfig::default(),
-        Box::new(SimEnv { ms: 1_700_000_000_000, rng: StdRng::seed_from_u64(seed ^ 1) }),
-    );
+    let mut client = Session::new(SessionConfig::default(), Box::new(SeededEnvironment::new(seed ^ 1)));
     client.set_connected(true, t0);
     let props = BTreeMap::from([
         ("type".to_owned(), serde_json::json!("LocalPortForwarding")),
         ("portNumber".to_owned(), serde_json::json!("22")),
         ("localPortNumber".to_owned(), serde_json::json!("0")),
     ]);
-    let mut agent = AgentChannel::new(
-        Box::new(SimEnv { ms: 1_700_000_000_000, rng: StdRng::seed_from_u64(seed ^ 2) }),
-        "3.3.987.0",
-        "Port",
-        props,
-    );
-    let mut link = Link {
-        rng: StdRng::seed_from_u64(seed ^ 3),
-        faults,
-        queue: BinaryHeap::new(),
-        frames: BTreeMap::new(),
-        n: 0,
-        dropped: 0,
-        duplicated: 0,
-    };
+    let mut agent = AgentChannel::new(Box::new(SeededEnvironment::new(seed ^ 2)), "3.3.987.0", "Port", props);
+    let mut link = Link::new(seed ^ 3, faults);
     agent.start(t0);
 
     let (mut up_sent, mut down_sent) = (0usize, 0usize);

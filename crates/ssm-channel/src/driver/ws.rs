@@ -11,9 +11,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, info, trace, warn};
 
-use super::{BoxFuture, PortError, Resume, WsSource};
-use crate::session::Session;
+use super::{BoxFuture, PortError, Resume};
+use crate::session::FrameError;
 use crate::transport::{self, WsStream};
+
+/// The reading half of a websocket.
+pub(super) type WsSource = futures_util::stream::SplitStream<WsStream>;
 
 pub(super) fn trace_frame(dir: &str, frame: &[u8]) {
     match crate::codec::Message::parse(frame) {
@@ -28,7 +31,7 @@ pub(super) fn trace_frame(dir: &str, frame: &[u8]) {
     }
 }
 
-pub(crate) async fn next_ws(
+pub(super) async fn next_ws(
     rx: &mut Option<WsSource>,
 ) -> Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>> {
     match rx {
@@ -37,7 +40,7 @@ pub(crate) async fn next_ws(
     }
 }
 
-pub(crate) async fn await_opt<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {
+pub(super) async fn await_opt<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {
     match f {
         Some(f) => f.await,
         None => std::future::pending().await,
@@ -51,7 +54,7 @@ pub(super) async fn reserve(tx: Option<mpsc::Sender<Vec<u8>>>) -> Result<mpsc::O
     }
 }
 
-pub(crate) async fn sleep_until(t: Option<Instant>) {
+pub(super) async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
@@ -60,7 +63,7 @@ pub(crate) async fn sleep_until(t: Option<Instant>) {
 
 /// ResumeSession then redial, with jittered exponential backoff (100-200 ms,
 /// doubling to 5 s) for as long as `give_up_after` allows.
-pub(crate) fn reconnect_loop(
+pub(super) fn reconnect_loop(
     resume: Arc<dyn Resume>,
     tls: Option<Arc<rustls::ClientConfig>>,
     give_up_after: Duration,
@@ -97,19 +100,22 @@ pub(super) async fn changed(rx: &mut Option<watch::Receiver<u64>>) -> bool {
     }
 }
 
+/// Where an incoming frame goes: a session's or a Port machine's `handle_frame`.
+pub(super) type FeedFrame<'a> = dyn FnMut(std::time::Instant, &[u8]) -> Result<(), FrameError> + 'a;
+
 /// What one websocket message did to the session.
-pub(crate) enum WsOutcome {
+pub(super) enum WsOutcome {
     Handled,
     /// The websocket is gone: reconnect.
     Lost,
     Rejected(PortError),
 }
 
-/// Feeds one websocket message to `session`. A close 1003 before any frame on
-/// the first connection is a rejected token; any other close, error or end
-/// means reconnect.
-pub(crate) fn on_ws_message(
-    session: &mut Session,
+/// Feeds one websocket message to `feed` (a session, or a Port machine). A
+/// close 1003 before any frame on the first connection is a rejected token;
+/// any other close, error or end means reconnect.
+pub(super) fn on_ws_message(
+    feed: &mut FeedFrame<'_>,
     msg: Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
     first_connection: bool,
     received_any: &mut bool,
@@ -121,13 +127,13 @@ pub(crate) fn on_ws_message(
             if tracing::enabled!(tracing::Level::TRACE) {
                 trace_frame("in", &b);
             }
-            if let Err(e) = session.handle_frame(now.into_std(), &b) {
+            if let Err(e) = feed(now.into_std(), &b) {
                 debug!("dropped frame: {e}");
             }
         }
         Some(Ok(WsMessage::Text(t))) => {
             *received_any = true;
-            if let Err(e) = session.handle_frame(now.into_std(), t.as_bytes()) {
+            if let Err(e) = feed(now.into_std(), t.as_bytes()) {
                 debug!("dropped text frame: {e}");
             }
         }

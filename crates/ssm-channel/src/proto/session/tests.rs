@@ -2,25 +2,8 @@ use super::*;
 use crate::codec::emit_short_header;
 use crate::payloads::{ActionStatus, HandshakeResponse};
 
-/// Deterministic clock and ids.
-struct TestEnv {
-    ms: u64,
-    n: u128,
-}
-
-impl Environment for TestEnv {
-    fn wall_clock_ms(&mut self) -> u64 {
-        self.ms += 1;
-        self.ms
-    }
-    fn message_id(&mut self) -> Uuid {
-        self.n += 1;
-        Uuid::from_u128(self.n)
-    }
-}
-
 fn session(config: SessionConfig) -> Session {
-    let mut s = Session::new(config, Box::new(TestEnv { ms: 1_700_000_000_000, n: 0 }));
+    let mut s = Session::new(config, Box::new(SeededEnvironment::new(0)));
     s.set_connected(true, Instant::now());
     s
 }

@@ -23,8 +23,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, info};
 
+use super::ws::{await_opt, next_ws, on_ws_message, reconnect_loop, sleep_until, WsOutcome};
 use crate::codec::PayloadType;
-use crate::port::util::{await_opt, next_ws, on_ws_message, reconnect_loop, sleep_until, WsOutcome};
 use crate::port::{BoxFuture, PortError, Resume, SessionEnd, Summary};
 use crate::session::{CloseReason, Event, HandshakeInfo, Session, SessionConfig, MAX_PAYLOAD, SHELL_SESSIONS};
 use crate::transport::{self, Endpoint, WsStream, PING_INTERVAL};
@@ -62,6 +62,64 @@ pub fn pipes() -> (ShellIo, ShellPipes) {
 pub fn session_config() -> SessionConfig {
     SessionConfig { session_types: SHELL_SESSIONS, start_on_output: true, ..SessionConfig::default() }
 }
+
+/// Hands the session's events on: output to the caller, the handshake to
+/// `ready` once data may flow (after sending the terminal size). Returns how
+/// the session ended, if it has.
+fn take_events(
+    session: &mut Session,
+    output: &mpsc::UnboundedSender<Vec<u8>>,
+    ready: &mut Option<oneshot::Sender<Option<HandshakeInfo>>>,
+    handshake: &mut Option<HandshakeInfo>,
+) -> Option<Result<SessionEnd, PortError>> {
+    while let Some(ev) = session.poll_event() {
+        match ev {
+            Event::Handshake(info) => *handshake = Some(info),
+            Event::Established { customer_message } => {
+                if !customer_message.is_empty() {
+                    info!("{customer_message}");
+                }
+                let size = format!("{{\"cols\":{COLUMNS},\"rows\":{ROWS}}}");
+                let _ = session.send_typed(PayloadType::SIZE, size.as_bytes());
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(handshake.clone());
+                }
+            }
+            Event::Data(d) => {
+                let _ = output.send(d);
+            }
+            Event::Flag(f) => debug!(?f, "flag from the agent"),
+            Event::Closed(reason) => {
+                return Some(match reason {
+                    CloseReason::ChannelClosed { output } => Ok(SessionEnd::ChannelClosed(output)),
+                    CloseReason::Terminated => Ok(SessionEnd::Terminated { acked: true }),
+                    CloseReason::HandshakeFailed(e) => Err(PortError::Handshake(e)),
+                    CloseReason::AckTimeout => Err(PortError::AckTimeout),
+                });
+            }
+        }
+    }
+    None
+}
+
+/// Pings when due and writes every frame the session has; `false` when the
+/// websocket failed.
+async fn transmit(ws_tx: &mut WsSink, session: &mut Session, now: Instant, next_ping: &mut Instant) -> bool {
+    let mut ok = true;
+    if now >= *next_ping {
+        ok &= ws_tx.feed(WsMessage::Ping("keepalive".into())).await.is_ok();
+        *next_ping = now + PING_INTERVAL;
+    }
+    while let Some(frame) = session.poll_transmit(now.into_std()) {
+        if ws_tx.feed(WsMessage::Binary(frame.into())).await.is_err() {
+            ok = false;
+            break;
+        }
+    }
+    ok && ws_tx.flush().await.is_ok()
+}
+
+type WsSink = futures_util::stream::SplitSink<WsStream, WsMessage>;
 
 /// Drives a shell session until the shell exits or the caller hangs up.
 /// `ready` gets the handshake once data may flow (`None`: the agent started
@@ -106,54 +164,16 @@ pub async fn run(
             session.terminate();
             terminate_deadline = Some(now + TERMINATE_WAIT);
         }
-        while let Some(ev) = session.poll_event() {
-            match ev {
-                Event::Handshake(info) => handshake = Some(info),
-                Event::Established { customer_message } => {
-                    if !customer_message.is_empty() {
-                        info!("{customer_message}");
-                    }
-                    let size = format!("{{\"cols\":{COLUMNS},\"rows\":{ROWS}}}");
-                    let _ = session.send_typed(PayloadType::SIZE, size.as_bytes());
-                    if let Some(tx) = ready.take() {
-                        let _ = tx.send(handshake.clone());
-                    }
-                }
-                Event::Data(d) => {
-                    let _ = output.send(d);
-                }
-                Event::Flag(f) => debug!(?f, "flag from the agent"),
-                Event::Closed(reason) => {
-                    let _ = ws_tx.close().await;
-                    let end = match reason {
-                        CloseReason::ChannelClosed { output } => SessionEnd::ChannelClosed(output),
-                        CloseReason::Terminated => SessionEnd::Terminated { acked: true },
-                        CloseReason::HandshakeFailed(e) => return Err(PortError::Handshake(e)),
-                        CloseReason::AckTimeout => return Err(PortError::AckTimeout),
-                    };
-                    return Ok(Summary { end, stats: session.stats(), reconnects });
-                }
-            }
+        if let Some(end) = take_events(&mut session, &output, &mut ready, &mut handshake) {
+            let _ = ws_tx.close().await;
+            return end.map(|end| Summary { end, stats: session.stats(), reconnects });
         }
         if terminate_deadline.is_some_and(|t| now >= t) {
             let _ = ws_tx.close().await;
             return Ok(Summary { end: SessionEnd::Terminated { acked: false }, stats: session.stats(), reconnects });
         }
-        if ws_rx.is_some() {
-            let mut ok = true;
-            if now >= next_ping {
-                ok &= ws_tx.feed(WsMessage::Ping("keepalive".into())).await.is_ok();
-                next_ping = now + PING_INTERVAL;
-            }
-            while let Some(frame) = session.poll_transmit(now.into_std()) {
-                if ws_tx.feed(WsMessage::Binary(frame.into())).await.is_err() {
-                    ok = false;
-                    break;
-                }
-            }
-            if !(ok && ws_tx.flush().await.is_ok()) {
-                ws_rx = None;
-            }
+        if ws_rx.is_some() && !transmit(&mut ws_tx, &mut session, now, &mut next_ping).await {
+            ws_rx = None;
         }
         if ws_rx.is_none() && reconnect.is_none() {
             session.set_connected(false, now.into_std());
@@ -165,7 +185,7 @@ pub async fn run(
             .min();
         let take_input = input_open && pending.is_empty() && session.can_send();
         tokio::select! {
-            msg = next_ws(&mut ws_rx) => match on_ws_message(&mut session, msg, reconnects == 0, &mut received_any) {
+            msg = next_ws(&mut ws_rx) => match on_ws_message(&mut |now, b| session.handle_frame(now, b), msg, reconnects == 0, &mut received_any) {
                 WsOutcome::Handled => {}
                 WsOutcome::Lost => ws_rx = None,
                 WsOutcome::Rejected(e) => return Err(e),

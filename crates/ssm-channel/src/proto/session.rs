@@ -33,34 +33,11 @@ use crate::codec::{message_type, DecodeError, Flags, Message, PayloadType, Seque
 use crate::payloads::{Acknowledge, ChannelClosed, Flag};
 use crate::version::CLIENT_VERSION;
 
+mod env;
 mod estimate;
+pub use env::{Environment, SeededEnvironment, SystemEnvironment};
 pub use estimate::{rto, MIN_WINDOW, QUEUE_ALLOWANCE};
 use estimate::{Rtt, Window};
-
-/// Where wall-clock time and randomness come from. Tests inject deterministic ones.
-pub trait Environment: Send {
-    /// Milliseconds since the Unix epoch, for CreatedDate (never 0).
-    fn wall_clock_ms(&mut self) -> u64;
-    /// A fresh random message id.
-    fn message_id(&mut self) -> Uuid;
-}
-
-/// The real clock and a thread-local RNG.
-#[derive(Debug, Default)]
-pub struct SystemEnvironment;
-
-impl Environment for SystemEnvironment {
-    fn wall_clock_ms(&mut self) -> u64 {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(1);
-        ms.max(1)
-    }
-    fn message_id(&mut self) -> Uuid {
-        Uuid::new_v4()
-    }
-}
 
 /// How many recent acks are repeated after a reconnect.
 const RECENT_ACKS: usize = 2048;
