@@ -10,7 +10,7 @@ use ssm_channel::port::{self, BoxFuture, Conn, PortConfig, PortError, Ready, Res
 use ssm_channel::transport::{Endpoint, Trust};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 /// How long the agent has to complete the handshake after we connect.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -74,7 +74,10 @@ pub async fn open_port_session(
             _ = stop_rx => {}
         }
     });
-    let mut task = tokio::spawn(port::run(config, started.endpoint, Some(tls), resume, conn_rx, ready_tx, shutdown));
+    // Everything the driver logs (reconnects, the handshake, resends) names its session.
+    let span = tracing::info_span!("session", id = %session_id, instance);
+    let driver = port::run(config, started.endpoint, Some(tls), resume, conn_rx, ready_tx, shutdown);
+    let mut task = tokio::spawn(driver.instrument(span));
     let ready = tokio::select! {
         r = tokio::time::timeout(READY_TIMEOUT, ready_rx) => r,
         done = &mut task => {

@@ -18,7 +18,9 @@ use routing::{Journal, Route, RouteGuard};
 use ssm_channel::transport::Trust;
 use tokio::sync::Notify;
 use tracing::{info, warn};
-use tunnel::{Device, TunConfig, TunDevice};
+use tunnel::{Device, TunConfig};
+
+use crate::daemon::platform::{Platform, System, TunnelDevice};
 
 use crate::config;
 use crate::daemon::control::{self, Counter, Status};
@@ -335,6 +337,100 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("start creates a network device and routes: run it with sudo");
     }
+    let mut link = SsmLink::default();
+    run_on(&System, &args, &mut link).await
+}
+
+/// The tunnel's SSM side, as the daemon's phases see it: `connect` until the
+/// ec2-agent has answered, `serve` until asked to stop, `finish` to close
+/// the session. [`SsmLink`] is the real one; tests stand in their own.
+pub(crate) trait Link<D: TunnelDevice> {
+    async fn connect(&mut self, args: &StartArgs, plan: &Plan) -> anyhow::Result<Answered>;
+    async fn serve(&mut self, args: &StartArgs, plan: &Plan, installed: &Installed<D>) -> anyhow::Result<()>;
+    async fn finish(&mut self) -> anyhow::Result<()>;
+}
+
+/// The daemon, in named phases: preflight (checks; nothing changed but a
+/// dead run's leftovers), connect (an SSM session and the ec2-agent's
+/// answer), install (device, routes, DNS), serve, then teardown on every
+/// path that installed anything (DNS, routes and device, then the session).
+pub(crate) async fn run_on<P: Platform>(
+    platform: &P,
+    args: &StartArgs,
+    link: &mut impl Link<P::Device>,
+) -> anyhow::Result<()> {
+    let mut plan = preflight(platform, args)?;
+    let answered = match link.connect(args, &plan).await {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = link.finish().await;
+            return Err(e);
+        }
+    };
+    let installed = match install(platform, args, &mut plan, &answered) {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = link.finish().await;
+            return Err(e);
+        }
+    };
+    let served = link.serve(args, &plan, &installed).await;
+    let errors = installed.teardown();
+    let closed = link.finish().await;
+    served?;
+    if errors > 0 {
+        bail!("{errors} route(s) could not be removed; run `sudo ssm-proxy cleanup`");
+    }
+    eprintln!("Tunnel {:?} stopped.", args.name());
+    closed
+}
+
+/// What preflight found: the routes to add, the tunnel's addresses, and the
+/// name's journal (held: no other run of this name can start).
+pub(crate) struct Plan {
+    pub cidrs: Vec<IpNet>,
+    journal: Option<Journal>,
+    pub routes_now: Vec<routing::RouteEntry>,
+    pub ipv4: tunnel::V4Pair,
+    pub client_uuid: uuid::Uuid,
+    pub run_dir: PathBuf,
+}
+
+/// The ec2-agent answered: what install needs from the connect phase.
+pub(crate) struct Answered {
+    /// Addresses the tunnel itself talks to, kept off its routes.
+    pub endpoints: Vec<IpAddr>,
+    /// Split DNS as the agent's answer settled it.
+    pub split_dns: Option<Arc<SplitDns>>,
+}
+
+/// What install put in place; [`Installed::teardown`] takes it away.
+pub(crate) struct Installed<D> {
+    pub device: Arc<D>,
+    guard: RouteGuard,
+    dns_setup: Option<dns::DnsSetup>,
+}
+
+impl<D> Installed<D> {
+    /// DNS, routes, device, in that order; returns how many routes could not
+    /// be removed (journaled for `cleanup`).
+    fn teardown(self) -> usize {
+        let Installed { device, mut guard, dns_setup } = self;
+        drop(dns_setup);
+        let errors = guard.remove_all();
+        for (route, e) in &errors {
+            warn!("could not remove route {route}: {e}");
+        }
+        drop(guard);
+        drop(device);
+        errors.len()
+    }
+}
+
+/// Checks before anything changes: the name is free (a dead run's routes and
+/// DNS settings are cleaned first), the CIDRs conflict with nothing here
+/// (or `--force`), and there is a free tunnel address.
+fn preflight(platform: &impl Platform, args: &StartArgs) -> anyhow::Result<Plan> {
     let mut cidrs: Vec<IpNet> = Vec::new();
     for c in &args.cidrs {
         let t = c.trunc();
@@ -345,32 +441,32 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
             cidrs.push(t);
         }
     }
-    let run_dir: PathBuf = routing::default_run_dir();
-    let (journal, leftover) = Journal::open(&run_dir, args.name()).map_err(|e| match e {
-        routing::JournalError::InUse { .. } => anyhow::anyhow!(
-            "a tunnel named {:?} is already running (see `ssm-proxy status`); stop it or pick another --name",
-            args.name()
-        ),
-        other => anyhow::anyhow!(other),
-    })?;
-    let mut table = routing::system_table().context("cannot open the routing table")?;
-    if leftover.is_some() {
+    let run_dir = platform.run_dir();
+    let mut table = platform.route_table()?;
+    let journal = loop {
+        let (journal, leftover) = Journal::open(&run_dir, args.name()).map_err(|e| match e {
+            routing::JournalError::InUse { .. } => anyhow::anyhow!(
+                "a tunnel named {:?} is already running (see `ssm-proxy status`); stop it or pick another --name",
+                args.name()
+            ),
+            other => anyhow::anyhow!(other),
+        })?;
+        if leftover.is_none() {
+            break journal;
+        }
         drop(journal);
         let report = routing::cleanup_stale(&run_dir, table.as_mut(), Some(args.name()))?;
         for r in &report.removed {
             warn!("removed route {} left by a previous run that did not exit cleanly", r.route);
         }
-        return Box::pin(run(args)).await;
-    }
+    };
     // We hold the name's lock: DNS settings journaled under it are a dead run's.
     for name in dns::cleanup_stale(&run_dir, &[], Some(args.name())) {
         warn!("removed the DNS settings left by a previous run of {name:?}");
     }
-
-    // Conflicts first: nothing has been touched yet.
-    let entries = table.list()?;
-    let ifaces = routing::interfaces().context("cannot list network interfaces")?;
-    let conflicts = routing::find_conflicts(&cidrs, &entries, &ifaces, None);
+    let routes_now = table.list()?;
+    let ifaces = platform.interfaces()?;
+    let conflicts = routing::find_conflicts(&cidrs, &routes_now, &ifaces, None);
     for c in conflicts.iter().filter(|c| !c.blocks()) {
         warn!("{c}");
     }
@@ -378,213 +474,276 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     if !blocking.is_empty() && !args.force {
         bail!("the routes would conflict with this machine's network:\n{}\nChoose other --cidr ranges, or pass --force to add them anyway", blocking.join("\n"));
     }
-
     // The tunnel's addresses (the peer address is also its DNS resolver).
-    let tables_now = entries;
     let mut in_use: Vec<IpNet> = ifaces.iter().flat_map(|i| i.networks.iter().copied()).collect();
     in_use.extend(cidrs.iter().copied());
-    in_use.extend(tables_now.iter().map(|e| e.route.dest).filter(|d| d.prefix_len() >= 16));
+    in_use.extend(routes_now.iter().map(|e| e.route.dest).filter(|d| d.prefix_len() >= 16));
     let ipv4 =
         tunnel::allocate_v4(tunnel::DEFAULT_V4_RANGE, &in_use).context("no free tunnel address in 100.127.0.0/16")?;
+    Ok(Plan { cidrs, journal: Some(journal), routes_now, ipv4, client_uuid: uuid::Uuid::new_v4(), run_dir })
+}
 
-    // The SSM session to the ec2-agent: the first candidate that answers.
-    let trust = Trust::from_env()?;
-    let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
-    let domains = dns::plan(&args.dns_domains, args.dns_auto, api.region(), &endpoint_overrides())?;
-    let candidates = Candidates { ids: args.instance_ids.clone(), tags: args.instance_tags.clone() };
-    let instances = candidates.resolve(&api).await?;
-    if !candidates.tags.is_empty() {
-        eprintln!("Instances tagged {}: {}", candidates.tags_text(), instances.join(", "));
-    }
-    eprintln!("Starting a session with {} in {}...", instances.join(" or "), api.region());
-    // Network changes are watched once our own routes are in place.
-    let (net_tx, net_rx) = tokio::sync::watch::channel(0u64);
-    // One client id for the tunnel's life: the agent knows us by it after a new session.
-    let client_uuid = uuid::Uuid::new_v4();
-    let split_dns =
-        (!domains.is_empty()).then(|| Arc::new(SplitDns::new(vec![IpAddr::V4(ipv4.peer)], domains.clone())));
-    let client_config =
-        ClientConfig { client_id: *client_uuid.as_bytes(), dns: split_dns.clone(), ..ClientConfig::default() };
-    let mut target = Target {
-        api: &api,
-        trust: &trust,
-        port: args.agent_port(),
-        mtu: args.mtu,
-        client: client_config,
-        rotate_after: args.rotate_after,
-        network_changed: net_rx,
-    };
-    let up = connect_first(&target, &instances).await?;
-    let agent = up.agent.0.clone();
-    let session_id = up.session.session_id.clone();
-    let stream_url = up.session.stream_url.clone();
-    info!(instance = %up.instance, agent = %agent.software, acks = agent.caps & wire::caps::ACK != 0, "ec2-agent answered");
-    let split_dns = match split_dns {
-        Some(_) if agent.resolvers.is_empty() => {
-            warn!("the ec2-agent found no resolver in the instance's /etc/resolv.conf; DNS is not set up");
-            target.client.dns = None;
-            None
-        }
-        Some(d) if args.dns_auto => {
-            let with_zones = private_zones(&api, agent.vpc.as_ref(), &d).await.map(Arc::new);
-            if let Some(new) = &with_zones {
-                target.client.dns = Some(new.clone());
-            }
-            with_zones.or(Some(d))
-        }
-        other => other,
-    };
-    let link_state = Arc::new(Mutex::new(LinkState {
-        instance_id: up.instance.clone(),
-        session_id: session_id.clone(),
-        agent: agent.software.clone(),
-        live: up.live.clone(),
-        candidates: instances,
-        ..LinkState::default()
-    }));
-
-    // Device and routes.
+/// The device, the routes (AWS endpoints pinned off the tunnel first, then
+/// the CIDRs) and split DNS. On failure everything added so far is removed
+/// again before the error returns.
+fn install<P: Platform>(
+    platform: &P,
+    args: &StartArgs,
+    plan: &mut Plan,
+    answered: &Answered,
+) -> anyhow::Result<Installed<P::Device>> {
     let mut id = [0u8; 5];
-    id.copy_from_slice(&client_uuid.as_bytes()[..5]);
-    let device = Arc::new(TunDevice::create(&TunConfig {
+    id.copy_from_slice(&plan.client_uuid.as_bytes()[..5]);
+    let device = platform.create_device(&TunConfig {
         name: args.interface.clone(),
-        ipv4,
+        ipv4: plan.ipv4,
         ipv6: Some(tunnel::ula(id)),
         mtu: args.mtu,
-    })?);
-    let endpoints = endpoint_addresses(api.region(), &stream_url).await;
-    let pins = routing::endpoint_pins(&endpoints, &cidrs, &tables_now, Some(device.index()))?;
-    let mut journal = journal;
+    })?;
+    let pins = routing::endpoint_pins(&answered.endpoints, &plan.cidrs, &plan.routes_now, Some(device.index()))?;
+    let mut journal = plan.journal.take().context("installed twice")?;
     journal.set_interface(device.name())?;
-    let mut guard = RouteGuard::new(table, Some(journal));
+    let mut guard = RouteGuard::new(platform.route_table()?, Some(journal));
     for pin in &pins {
-        let ifname =
-            tables_now.iter().find(|e| e.route.ifindex == pin.ifindex).map(|e| e.ifname.clone()).unwrap_or_default();
+        let ifname = plan
+            .routes_now
+            .iter()
+            .find(|e| e.route.ifindex == pin.ifindex)
+            .map(|e| e.ifname.clone())
+            .unwrap_or_default();
         guard.add(pin.clone(), &ifname).with_context(|| format!("pinning the AWS endpoint {}", pin.dest))?;
         info!(route = %pin, "kept an AWS endpoint off the tunnel");
     }
-    for cidr in &cidrs {
+    for cidr in &plan.cidrs {
         guard
             .add(Route::via_interface(*cidr, device.index()), device.name())
             .with_context(|| format!("adding the route for {cidr}"))?;
     }
-    let dns_setup = match &split_dns {
+    let dns_setup = match &answered.split_dns {
         Some(d) => Some(dns::configure(
-            dns::detect(std::path::Path::new("/")),
-            &run_dir,
+            platform.dns_backend(),
+            &plan.run_dir,
             args.name(),
             device.name(),
-            IpAddr::V4(ipv4.peer),
+            IpAddr::V4(plan.ipv4.peer),
             d.domains(),
         )?),
         None => None,
     };
+    Ok(Installed { device, guard, dns_setup })
+}
 
-    // Control socket.
-    let sock_path = control::socket_path(&run_dir, args.name());
-    let _ = std::fs::remove_file(&sock_path);
+/// The real link: SSM sessions to the ec2-agent.
+#[derive(Default)]
+struct SsmLink {
+    api: Option<SsmApi>,
+    trust: Option<Trust>,
+    candidates: Option<Candidates>,
+    instances: Vec<String>,
+    up: Option<crate::daemon::uplink::Uplink>,
+    client: Option<ClientConfig>,
+    /// The session to close at the end.
+    last: Option<crate::ssm::PortSession>,
+    network: Option<(tokio::sync::watch::Sender<u64>, tokio::sync::watch::Receiver<u64>)>,
+}
+
+impl<D: TunnelDevice> Link<D> for SsmLink {
+    async fn connect(&mut self, args: &StartArgs, plan: &Plan) -> anyhow::Result<Answered> {
+        let trust = Trust::from_env()?;
+        let api =
+            SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
+        let domains = dns::plan(&args.dns_domains, args.dns_auto, api.region(), &endpoint_overrides())?;
+        let candidates = Candidates { ids: args.instance_ids.clone(), tags: args.instance_tags.clone() };
+        let instances = candidates.resolve(&api).await?;
+        if !candidates.tags.is_empty() {
+            eprintln!("Instances tagged {}: {}", candidates.tags_text(), instances.join(", "));
+        }
+        eprintln!("Starting a session with {} in {}...", instances.join(" or "), api.region());
+        // Network changes are watched once our own routes are in place.
+        let (net_tx, net_rx) = tokio::sync::watch::channel(0u64);
+        let split_dns =
+            (!domains.is_empty()).then(|| Arc::new(SplitDns::new(vec![IpAddr::V4(plan.ipv4.peer)], domains.clone())));
+        // One client id for the tunnel's life: the agent knows us by it after a new session.
+        let mut client =
+            ClientConfig { client_id: *plan.client_uuid.as_bytes(), dns: split_dns.clone(), ..ClientConfig::default() };
+        let target = target(&api, &trust, args, &client, net_rx.clone());
+        let up = connect_first(&target, &instances).await?;
+        let agent = up.agent.0.clone();
+        info!(instance = %up.instance, agent = %agent.software, acks = agent.caps & wire::caps::ACK != 0, "ec2-agent answered");
+        let split_dns = match split_dns {
+            Some(_) if agent.resolvers.is_empty() => {
+                warn!("the ec2-agent found no resolver in the instance's /etc/resolv.conf; DNS is not set up");
+                None
+            }
+            Some(d) if args.dns_auto => private_zones(&api, agent.vpc.as_ref(), &d).await.map(Arc::new).or(Some(d)),
+            other => other,
+        };
+        client.dns = split_dns.clone();
+        let endpoints = endpoint_addresses(api.region(), &up.session.stream_url).await;
+        (self.api, self.trust, self.candidates, self.instances) = (Some(api), Some(trust), Some(candidates), instances);
+        (self.up, self.client, self.network) = (Some(up), Some(client), Some((net_tx, net_rx)));
+        Ok(Answered { endpoints, split_dns })
+    }
+
+    async fn serve(&mut self, args: &StartArgs, plan: &Plan, installed: &Installed<D>) -> anyhow::Result<()> {
+        let (Some(api), Some(trust), Some(up), Some(client), Some((net_tx, net_rx))) =
+            (&self.api, &self.trust, self.up.take(), &self.client, self.network.take())
+        else {
+            bail!("serve before connect");
+        };
+        let candidates = self.candidates.clone().unwrap_or_default();
+        let target = target(api, trust, args, client, net_rx);
+        let session_id = up.session.session_id.clone();
+        let link_state = Arc::new(Mutex::new(LinkState {
+            instance_id: up.instance.clone(),
+            session_id: session_id.clone(),
+            agent: up.agent.0.software.clone(),
+            live: up.live.clone(),
+            candidates: self.instances.clone(),
+            ..LinkState::default()
+        }));
+        let handle = ClientHandle::new(client);
+        let device = installed.device.clone();
+        let sock_path = control::socket_path(&plan.run_dir, args.name());
+        let stop_now = Arc::new(Notify::new());
+        let status = status_fn(args, plan, api.region(), &*device, &handle, &link_state, client.dns.clone());
+        let control_task = serve_control(&sock_path, status, stop_now.clone())?;
+        crate::daemon::netwatch::spawn(net_tx, device.index());
+        println!(
+            "ssm-proxy: tunnel {:?} up: {} via {} -> {} (session {session_id}). Ctrl-C or `sudo ssm-proxy stop --name {}` ends it.",
+            args.name(),
+            plan.cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            device.name(),
+            up.instance,
+            args.name()
+        );
+        release_stdout();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown_signal() => info!("signal received; stopping"),
+                () = stop_now.notified() => info!("stop requested; stopping"),
+            }
+            let _ = stop_tx.send(true);
+        });
+        self.last = supervise(&target, &candidates, up, device, handle, link_state, stop_rx).await;
+        // The control socket goes first: `status` must not report a tunnel that is going.
+        control_task.abort();
+        let _ = std::fs::remove_file(&sock_path);
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> anyhow::Result<()> {
+        let session = self.last.take().or_else(|| self.up.take().map(|u| u.session));
+        match (session, &self.api) {
+            (Some(session), Some(api)) => session.close(api).await,
+            _ => Ok(()),
+        }
+    }
+}
+
+fn target<'a>(
+    api: &'a SsmApi,
+    trust: &'a Trust,
+    args: &StartArgs,
+    client: &ClientConfig,
+    network_changed: tokio::sync::watch::Receiver<u64>,
+) -> Target<'a> {
+    Target {
+        api,
+        trust,
+        port: args.agent_port(),
+        mtu: args.mtu,
+        client: client.clone(),
+        rotate_after: args.rotate_after,
+        network_changed,
+    }
+}
+
+/// The control socket, readable by any user (it checks who asks), serving
+/// `status` and `stop`.
+fn serve_control(
+    sock_path: &std::path::Path,
+    status: impl Fn() -> Status + Send + Sync + 'static,
+    stop_now: Arc<Notify>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let _ = std::fs::remove_file(sock_path);
     let listener =
-        tokio::net::UnixListener::bind(&sock_path).with_context(|| format!("cannot create {}", sock_path.display()))?;
+        tokio::net::UnixListener::bind(sock_path).with_context(|| format!("cannot create {}", sock_path.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o666))?;
+        std::fs::set_permissions(sock_path, std::fs::Permissions::from_mode(0o666))?;
     }
-    let handle = ClientHandle::new(&target.client);
-    let stop_now = Arc::new(Notify::new());
-    let started_at = Instant::now();
-    let status = {
-        let (handle, link_state) = (handle.clone(), link_state.clone());
-        let base = Status {
-            name: args.name().to_string(),
-            pid: std::process::id(),
-            region: api.region().to_string(),
-            cidrs: cidrs.iter().map(ToString::to_string).collect(),
-            interface: device.name().to_string(),
-            addresses: device.addresses().iter().map(|a| a.addr().to_string()).collect(),
-            ..Status::default()
-        };
-        move || {
-            let ls = link_state.lock().map(|s| s.clone()).unwrap_or_default();
-            let l = ls.live.lock().map(|l| l.clone()).unwrap_or_default();
-            let q = handle.queue.stats();
-            let rtt = handle.stats.rtt_us.load(Ordering::Relaxed);
-            Status {
-                state: match (&ls.renewing, l.stalled_since.map(|t| t.elapsed())) {
-                    (Some((attempt, _)), _) => format!("reconnecting (new session, attempt {attempt})"),
-                    _ if !l.connected => "reconnecting".into(),
-                    (_, Some(d)) if d >= STALL => format!("stalled (no answer for {} s)", d.as_secs()),
-                    _ => "connected".into(),
-                },
-                last_error: ls.renewing.as_ref().map(|(_, e)| e.clone()),
-                instance_id: ls.instance_id.clone(),
-                instances: ls.candidates.clone(),
-                session_id: ls.session_id.clone(),
-                agent: ls.agent.clone(),
-                new_sessions: ls.new_sessions,
-                failovers: ls.failovers,
-                rotations: ls.rotations,
-                uptime_secs: started_at.elapsed().as_secs(),
-                sent: Counter::from(&handle.stats.sent),
-                received: Counter::from(&handle.stats.received),
-                rtt_ms: (rtt > 0).then(|| rtt as f64 / 1000.0),
-                channel_srtt_ms: l.stats.srtt.as_secs_f64() * 1000.0,
-                messages_sent: l.stats.transmissions(),
-                messages_distinct: l.stats.messages_sent,
-                retransmissions: l.stats.retransmissions,
-                resend_ratio: l.stats.resend_ratio(),
-                reconnects: ls.earlier_reconnects + ls.new_sessions + l.reconnects,
-                dropped_codel: q.dropped_codel,
-                dropped_overflow: q.dropped_overflow,
-                dropped_device: handle.device_drops.load(Ordering::Relaxed),
-                queue_delay_ms: q.last_delay.as_secs_f64() * 1000.0,
-                queue_delay_max_ms: q.max_delay.as_secs_f64() * 1000.0,
-                dns_domains: split_dns.iter().flat_map(|d| d.domains().iter().map(ToString::to_string)).collect(),
-                dns_server: split_dns.as_ref().map(|_| ipv4.peer.to_string()),
-                dns_forwarded: split_dns.as_ref().map_or(0, |d| d.forwarded.load(Ordering::Relaxed)),
-                dns_refused: split_dns.as_ref().map_or(0, |d| d.refused.load(Ordering::Relaxed)),
-                window_bytes: handle.stats.window.load(Ordering::Relaxed),
-                in_flight_bytes: handle.stats.in_flight.load(Ordering::Relaxed),
-                ..base.clone()
-            }
-        }
-    };
-    crate::daemon::netwatch::spawn(net_tx, device.index());
-    let notify = stop_now.clone();
-    let control_task = tokio::spawn(control::serve(listener, owner_uid(), status, move || notify.notify_one()));
-
-    println!(
-        "ssm-proxy: tunnel {:?} up: {} via {} -> {} (session {session_id}). Ctrl-C or `sudo ssm-proxy stop --name {}` ends it.",
-        args.name(),
-        cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
-        device.name(),
-        up.instance,
-        args.name()
-    );
-    release_stdout();
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        tokio::select! {
-            () = shutdown_signal() => info!("signal received; stopping"),
-            () = stop_now.notified() => info!("stop requested; stopping"),
-        }
-        let _ = stop_tx.send(true);
-    });
-    let last = supervise(&target, &candidates, up, device.clone(), handle.clone(), link_state, stop_rx).await;
-    // Teardown, in order: control socket, DNS, routes, device, session.
-    control_task.abort();
-    let _ = std::fs::remove_file(&sock_path);
-    drop(dns_setup);
-    let errors = guard.remove_all();
-    drop(guard);
-    drop(device);
-    let result = match last {
-        Some(session) => session.close(&api).await,
-        None => Ok(()),
-    };
-    if !errors.is_empty() {
-        bail!("{} route(s) could not be removed; run `sudo ssm-proxy cleanup`", errors.len());
-    }
-    eprintln!("Tunnel {:?} stopped.", args.name());
-    result
+    Ok(tokio::spawn(control::serve(listener, owner_uid(), status, move || stop_now.notify_one())))
 }
+
+/// What `status` reports, read fresh from the link's counters on each ask.
+fn status_fn(
+    args: &StartArgs,
+    plan: &Plan,
+    region: &str,
+    device: &impl TunnelDevice,
+    handle: &Arc<ClientHandle>,
+    link_state: &Arc<Mutex<LinkState>>,
+    split_dns: Option<Arc<SplitDns>>,
+) -> impl Fn() -> Status + Send + Sync + 'static {
+    let (handle, link_state) = (handle.clone(), link_state.clone());
+    let started_at = Instant::now();
+    let peer = plan.ipv4.peer;
+    let base = Status {
+        name: args.name().to_string(),
+        pid: std::process::id(),
+        region: region.to_string(),
+        cidrs: plan.cidrs.iter().map(ToString::to_string).collect(),
+        interface: device.name().to_string(),
+        addresses: device.addresses().iter().map(|a| a.addr().to_string()).collect(),
+        ..Status::default()
+    };
+    move || {
+        let ls = link_state.lock().map(|s| s.clone()).unwrap_or_default();
+        let l = ls.live.lock().map(|l| l.clone()).unwrap_or_default();
+        let q = handle.queue.stats();
+        let rtt = handle.stats.rtt_us.load(Ordering::Relaxed);
+        Status {
+            state: match (&ls.renewing, l.stalled_since.map(|t| t.elapsed())) {
+                (Some((attempt, _)), _) => format!("reconnecting (new session, attempt {attempt})"),
+                _ if !l.connected => "reconnecting".into(),
+                (_, Some(d)) if d >= STALL => format!("stalled (no answer for {} s)", d.as_secs()),
+                _ => "connected".into(),
+            },
+            last_error: ls.renewing.as_ref().map(|(_, e)| e.clone()),
+            instance_id: ls.instance_id.clone(),
+            instances: ls.candidates.clone(),
+            session_id: ls.session_id.clone(),
+            agent: ls.agent.clone(),
+            new_sessions: ls.new_sessions,
+            failovers: ls.failovers,
+            rotations: ls.rotations,
+            uptime_secs: started_at.elapsed().as_secs(),
+            sent: Counter::from(&handle.stats.sent),
+            received: Counter::from(&handle.stats.received),
+            rtt_ms: (rtt > 0).then(|| rtt as f64 / 1000.0),
+            channel_srtt_ms: l.stats.srtt.as_secs_f64() * 1000.0,
+            messages_sent: l.stats.transmissions(),
+            messages_distinct: l.stats.messages_sent,
+            retransmissions: l.stats.retransmissions,
+            resend_ratio: l.stats.resend_ratio(),
+            reconnects: ls.earlier_reconnects + ls.new_sessions + l.reconnects,
+            dropped_codel: q.dropped_codel,
+            dropped_overflow: q.dropped_overflow,
+            dropped_device: handle.device_drops.load(Ordering::Relaxed),
+            queue_delay_ms: q.last_delay.as_secs_f64() * 1000.0,
+            queue_delay_max_ms: q.max_delay.as_secs_f64() * 1000.0,
+            dns_domains: split_dns.iter().flat_map(|d| d.domains().iter().map(ToString::to_string)).collect(),
+            dns_server: split_dns.as_ref().map(|_| peer.to_string()),
+            dns_forwarded: split_dns.as_ref().map_or(0, |d| d.forwarded.load(Ordering::Relaxed)),
+            dns_refused: split_dns.as_ref().map_or(0, |d| d.refused.load(Ordering::Relaxed)),
+            window_bytes: handle.stats.window.load(Ordering::Relaxed),
+            in_flight_bytes: handle.stats.in_flight.load(Ordering::Relaxed),
+            ..base.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

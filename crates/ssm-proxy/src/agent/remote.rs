@@ -159,7 +159,8 @@ impl RemoteShell {
         });
         let (io, pipes) = shell::pipes();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(shell::run(
+        let span = tracing::info_span!("session", id = %session_id, instance);
+        let driver = shell::run(
             shell::session_config(),
             started.endpoint,
             Some(tls),
@@ -167,7 +168,8 @@ impl RemoteShell {
             Duration::from_secs(60),
             pipes,
             ready_tx,
-        ));
+        );
+        let task = tokio::spawn(tracing::Instrument::instrument(driver, span));
         let nonce = format!("{:016x}", fastrand::u64(..));
         let mut sh = RemoteShell { io, buf: String::new(), markers: Markers::new(&nonce), session_id, task };
         let opened = async {

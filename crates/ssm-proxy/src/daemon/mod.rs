@@ -7,9 +7,12 @@
 //! - [`netwatch`]: news of network changes and wake-ups.
 //! - [`dns`]: the split-DNS resolver entries the OS sees, and their cleanup.
 //! - [`control`]: the control socket `status` and `stop` talk to.
+//! - [`platform`]: the machine (routes, interfaces, device, DNS backend)
+//!   behind one trait, faked in the start and teardown tests.
 
 pub mod control;
 pub mod dns;
 pub mod link;
 pub mod netwatch;
+pub mod platform;
 pub mod uplink;

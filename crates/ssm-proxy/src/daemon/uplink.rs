@@ -17,7 +17,7 @@ use ssm_channel::session::SessionConfig;
 use ssm_channel::transport::Trust;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
-use tunnel::TunDevice;
+use tunnel::Device;
 
 use crate::ssm::{agent_stream, finish, open_port_session, PortSession};
 
@@ -216,7 +216,7 @@ pub async fn supervise(
     t: &Target<'_>,
     candidates: &Candidates,
     mut up: Uplink,
-    device: Arc<TunDevice>,
+    device: Arc<impl Device>,
     handle: Arc<ClientHandle>,
     state: Arc<Mutex<LinkState>>,
     stop: watch::Receiver<bool>,
