@@ -264,13 +264,9 @@ pub async fn write_loop(
 ) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(batch + wire::MAX_BODY);
     let acks = queue.acks();
-    let mut window = Window::new(Instant::now(), batch);
-    let mut ack_sent = 0u64;
-    // A bare ACK waits up to ACK_DELAY for data to ride on (the request/response
-    // case), unless ACK_EVERY bytes are unacknowledged.
-    let mut ack_due: Option<Instant> = None;
+    let mut acking =
+        Acking { window: Window::new(Instant::now(), batch), ack_sent: 0, ack_due: None, logged: Instant::now() };
     let mut ack_timer = LazyTimer::new();
-    let mut logged = Instant::now();
     loop {
         out.clear();
         while let Ok(f) = control.try_recv() {
@@ -278,13 +274,13 @@ pub async fn write_loop(
         }
         let now = Instant::now();
         let room = if acks {
-            if !window.on_ack(queue.peer_acked.load(Ordering::Acquire), now) {
+            if !acking.window.on_ack(queue.peer_acked.load(Ordering::Acquire), now) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     "the peer acknowledged more than was sent",
                 ));
             }
-            window.available().min(batch)
+            acking.window.available().min(batch)
         } else {
             batch
         };
@@ -293,7 +289,7 @@ pub async fn write_loop(
         type Take = fn(&mut FqCodel, Instant) -> Option<Bytes>;
         let take: Option<(usize, Take)> = if room > 0 {
             Some((room, FqCodel::dequeue))
-        } else if acks && window.in_flight() < (window.cwnd() + SPARSE_EXTRA) as u64 {
+        } else if acks && acking.window.in_flight() < (acking.window.cwnd() + SPARSE_EXTRA) as u64 {
             Some((SPARSE_EXTRA, FqCodel::dequeue_sparse))
         } else {
             None
@@ -312,31 +308,7 @@ pub async fn write_loop(
             queue.space.notify_one();
         }
         if acks {
-            window.on_send(packet_bytes, now);
-            // Let producers that can wait keep about HOLD of sending queued.
-            let hold = (window.rate() * HOLD.as_secs_f64()) as usize;
-            queue.set_limit(hold.clamp(MIN_HOLD, MAX_HOLD));
-            stats.window.store(window.cwnd() as u64, Ordering::Relaxed);
-            stats.in_flight.store(window.in_flight(), Ordering::Relaxed);
-            if now.duration_since(logged) >= Duration::from_secs(1) && packet_bytes > 0 {
-                logged = now;
-                tracing::debug!(
-                    window = window.cwnd(),
-                    in_flight = window.in_flight(),
-                    rate = window.rate() as u64,
-                    min_rtt_us = window.min_rtt().map_or(0, |d| d.as_micros() as u64),
-                    probing = window.probing(),
-                    "send window"
-                );
-            }
-            let unacked = queue.received.load(Ordering::Acquire) - ack_sent;
-            if unacked > 0 && (!out.is_empty() || unacked >= ACK_EVERY || ack_due.is_some_and(|d| now >= d)) {
-                ack_sent += unacked;
-                wire::encode(&Frame::Ack(ack_sent), &mut out);
-                ack_due = None;
-            } else if unacked > 0 && ack_due.is_none() {
-                ack_due = Some(now + ACK_DELAY);
-            }
+            acking.after_send(&queue, &stats, packet_bytes, now, &mut out);
         }
         if !out.is_empty() {
             writer.put(out.split().freeze()).await?;
@@ -351,7 +323,7 @@ pub async fn write_loop(
             let _ = writer.put(out.split().freeze()).await;
             return Ok(());
         }
-        ack_timer.arm(ack_due);
+        ack_timer.arm(acking.ack_due);
         tokio::select! {
             () = queue.ready.notified() => {}
             () = ack_timer.fired() => {}
@@ -366,6 +338,57 @@ pub async fn write_loop(
                     queue.close();
                 }
             },
+        }
+    }
+}
+
+/// The writer's half of acknowledgements: the send window, and when to
+/// acknowledge what the reader has read.
+struct Acking {
+    window: Window,
+    ack_sent: u64,
+    /// A bare ACK waits up to [`ACK_DELAY`] for data to ride on (the
+    /// request/response case), unless [`ACK_EVERY`] bytes are unacknowledged.
+    ack_due: Option<Instant>,
+    logged: Instant,
+}
+
+impl Acking {
+    /// After `packet_bytes` went into `out`: account them to the window,
+    /// publish the window's figures, and add an ACK to `out` if one is due.
+    fn after_send(
+        &mut self,
+        queue: &TxQueue,
+        stats: &LinkStats,
+        packet_bytes: usize,
+        now: Instant,
+        out: &mut BytesMut,
+    ) {
+        let window = &mut self.window;
+        window.on_send(packet_bytes, now);
+        // Let producers that can wait keep about HOLD of sending queued.
+        let hold = (window.rate() * HOLD.as_secs_f64()) as usize;
+        queue.set_limit(hold.clamp(MIN_HOLD, MAX_HOLD));
+        stats.window.store(window.cwnd() as u64, Ordering::Relaxed);
+        stats.in_flight.store(window.in_flight(), Ordering::Relaxed);
+        if now.duration_since(self.logged) >= Duration::from_secs(1) && packet_bytes > 0 {
+            self.logged = now;
+            tracing::debug!(
+                window = window.cwnd(),
+                in_flight = window.in_flight(),
+                rate = window.rate() as u64,
+                min_rtt_us = window.min_rtt().map_or(0, |d| d.as_micros() as u64),
+                probing = window.probing(),
+                "send window"
+            );
+        }
+        let unacked = queue.received.load(Ordering::Acquire) - self.ack_sent;
+        if unacked > 0 && (!out.is_empty() || unacked >= ACK_EVERY || self.ack_due.is_some_and(|d| now >= d)) {
+            self.ack_sent += unacked;
+            wire::encode(&Frame::Ack(self.ack_sent), out);
+            self.ack_due = None;
+        } else if unacked > 0 && self.ack_due.is_none() {
+            self.ack_due = Some(now + ACK_DELAY);
         }
     }
 }

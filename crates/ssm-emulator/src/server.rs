@@ -257,19 +257,7 @@ where
     shared.counters.websockets.fetch_add(1, Ordering::Relaxed);
     let (mut tx, mut rx) = ws.split();
     // First text frame: OpenDataChannel (a Ping may come first).
-    let open = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(Ok(m)) = rx.next().await {
-            match m {
-                WsMessage::Text(t) => return serde_json::from_str::<OpenDataChannel>(t.as_str()).ok(),
-                WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
-                _ => return None,
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten();
+    let open = read_open(&mut rx).await;
     let entry = shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&session_id).cloned();
     let valid = match (&open, &entry) {
         (Some(o), Some(e)) => !shared.config.faults.reject_tokens && !e.is_terminated() && e.has_token(&o.token_value),
@@ -286,7 +274,7 @@ where
     };
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     info!(session = %session_id, conn, "client attached");
-    let (to_client_tx, mut to_client_rx) = mpsc::unbounded_channel::<ToClient>();
+    let (to_client_tx, to_client_rx) = mpsc::unbounded_channel::<ToClient>();
     if entry.agent.send(AgentInput::Attach { conn, tx: to_client_tx }).await.is_err() {
         let _ = tx.send(close_msg(CloseCode::Normal, "session ended")).await;
         return;
@@ -294,101 +282,23 @@ where
     let faults = shared.config.faults.clone();
     let seed = shared.config.seed ^ conn;
 
-    // Agent -> client, through the fault line. The writer ends when the agent
-    // detaches this client (its sender drops); frames it has not written yet
-    // go back to the agent, to be delivered after the client reconnects.
-    let down_shared = shared.clone();
-    let mut down = FaultLine::new(faults.clone(), seed.wrapping_mul(2));
+    let down = FaultLine::new(faults.clone(), seed.wrapping_mul(2));
     let recycled = Arc::new(AtomicBool::new(false));
-    let recycled_w = recycled.clone();
-    let agent_w = entry.agent.clone();
-    let writer = tokio::spawn(async move {
-        let mut queue = DelayQueue::default();
-        let mut closing: Option<WsMessage> = None;
-        // After a failed write, keep collecting until the agent detaches us, so
-        // that nothing it sent in the meantime is lost.
-        let mut failed = false;
-        loop {
-            // Send what is due now before waiting: tokio rounds timers up to the next
-            // millisecond, which would add up to 1 ms to every undelayed frame.
-            while !failed {
-                let Some(item) = queue.pop_due(Instant::now()) else { break };
-                if item.close {
-                    let _ = tx.send(closing.take().unwrap_or(WsMessage::Close(None))).await;
-                    return;
-                }
-                if tx.send(WsMessage::Binary(item.frame.clone().into())).await.is_err() {
-                    queue.put_back(item);
-                    failed = true;
-                }
-            }
-            let next = if failed { None } else { queue.next_due() };
-            tokio::select! {
-                m = to_client_rx.recv() => match m {
-                    Some(ToClient::Frame(f)) => {
-                        for (delay, f) in down.route(f, &down_shared.counters) {
-                            queue.push(Instant::now() + delay, f, false);
-                        }
-                    }
-                    Some(ToClient::Close(code, reason)) => {
-                        closing = Some(close_msg(CloseCode::from(code), &reason));
-                        queue.push(Instant::now() + faults.delay, Vec::new(), true);
-                    }
-                    None => break,
-                },
-                _ = sleep_until(next) => {}
-            }
-        }
-        if closing.is_some() && !failed {
-            // The session ended: deliver its last frames and the close.
-            for item in queue.drain() {
-                let msg = if item.close {
-                    closing.take().unwrap_or(WsMessage::Close(None))
-                } else {
-                    WsMessage::Binary(item.frame.into())
-                };
-                if tx.send(msg).await.is_err() || item.close {
-                    return;
-                }
-            }
-            return;
-        }
-        let unsent: Vec<Vec<u8>> = queue.drain().filter(|i| !i.close).map(|i| i.frame).collect();
-        if !unsent.is_empty() {
-            let _ = agent_w.send(AgentInput::Requeue(unsent)).await;
-        }
-        if recycled_w.load(Ordering::SeqCst) && !failed {
-            let _ = tx.send(close_msg(CloseCode::Normal, "Bye")).await;
-        }
-    });
+    let writer = tokio::spawn(write_down(
+        tx,
+        to_client_rx,
+        down,
+        shared.clone(),
+        faults.delay,
+        entry.agent.clone(),
+        recycled.clone(),
+    ));
 
     // Client -> agent, through the fault line, until the socket ends or is recycled.
     let mut up = FaultLine::new(shared.config.faults.clone(), seed.wrapping_mul(2) + 1);
     let recycle = shared.config.faults.close_every.map(|d| Instant::now() + d);
-    let (up_tx, mut up_rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let agent = entry.agent.clone();
-    let up_task = tokio::spawn(async move {
-        let mut queue = DelayQueue::default();
-        let mut open = true;
-        loop {
-            // Due frames go at once (see the writer above on timer rounding).
-            while let Some(item) = queue.pop_due(Instant::now()) {
-                if agent.send(AgentInput::Frame(item.frame)).await.is_err() {
-                    return;
-                }
-            }
-            if !open && queue.next_due().is_none() {
-                return;
-            }
-            tokio::select! {
-                m = up_rx.recv(), if open => match m {
-                    Some((at, f)) => queue.push(at, f, false),
-                    None => open = false,
-                },
-                _ = sleep_until(queue.next_due()) => {}
-            }
-        }
-    });
+    let (up_tx, up_rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let up_task = tokio::spawn(write_up(up_rx, entry.agent.clone()));
     loop {
         tokio::select! {
             m = rx.next() => match m {
@@ -435,6 +345,125 @@ where
     drop(up_tx);
     let _ = up_task.await;
     info!(session = %session_id, conn, "client detached");
+}
+
+/// The client's first text frame, OpenDataChannel (Pings may come first),
+/// within 30 s.
+async fn read_open<S>(rx: &mut futures_util::stream::SplitStream<WebSocketStream<S>>) -> Option<OpenDataChannel>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(m)) = rx.next().await {
+            match m {
+                WsMessage::Text(t) => return serde_json::from_str::<OpenDataChannel>(t.as_str()).ok(),
+                WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+                _ => return None,
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Agent -> client, through the fault line. Ends when the agent detaches this
+/// client (its sender drops); frames not written yet go back to the agent, to
+/// be delivered after the client reconnects.
+async fn write_down<S>(
+    mut tx: futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
+    mut to_client_rx: mpsc::UnboundedReceiver<ToClient>,
+    mut down: FaultLine,
+    down_shared: Arc<Shared>,
+    close_delay: Duration,
+    agent_w: mpsc::Sender<AgentInput>,
+    recycled_w: Arc<AtomicBool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut queue = DelayQueue::default();
+    let mut closing: Option<WsMessage> = None;
+    // After a failed write, keep collecting until the agent detaches us, so
+    // that nothing it sent in the meantime is lost.
+    let mut failed = false;
+    loop {
+        // Send what is due now before waiting: tokio rounds timers up to the next
+        // millisecond, which would add up to 1 ms to every undelayed frame.
+        while !failed {
+            let Some(item) = queue.pop_due(Instant::now()) else { break };
+            if item.close {
+                let _ = tx.send(closing.take().unwrap_or(WsMessage::Close(None))).await;
+                return;
+            }
+            if tx.send(WsMessage::Binary(item.frame.clone().into())).await.is_err() {
+                queue.put_back(item);
+                failed = true;
+            }
+        }
+        let next = if failed { None } else { queue.next_due() };
+        tokio::select! {
+            m = to_client_rx.recv() => match m {
+                Some(ToClient::Frame(f)) => {
+                    for (delay, f) in down.route(f, &down_shared.counters) {
+                        queue.push(Instant::now() + delay, f, false);
+                    }
+                }
+                Some(ToClient::Close(code, reason)) => {
+                    closing = Some(close_msg(CloseCode::from(code), &reason));
+                    queue.push(Instant::now() + close_delay, Vec::new(), true);
+                }
+                None => break,
+            },
+            _ = sleep_until(next) => {}
+        }
+    }
+    if closing.is_some() && !failed {
+        // The session ended: deliver its last frames and the close.
+        for item in queue.drain() {
+            let msg = if item.close {
+                closing.take().unwrap_or(WsMessage::Close(None))
+            } else {
+                WsMessage::Binary(item.frame.into())
+            };
+            if tx.send(msg).await.is_err() || item.close {
+                return;
+            }
+        }
+        return;
+    }
+    let unsent: Vec<Vec<u8>> = queue.drain().filter(|i| !i.close).map(|i| i.frame).collect();
+    if !unsent.is_empty() {
+        let _ = agent_w.send(AgentInput::Requeue(unsent)).await;
+    }
+    if recycled_w.load(Ordering::SeqCst) && !failed {
+        let _ = tx.send(close_msg(CloseCode::Normal, "Bye")).await;
+    }
+}
+
+/// Client -> agent: frames enter the agent when the fault line says they
+/// arrive, until the client side closes and nothing is left.
+async fn write_up(mut up_rx: mpsc::UnboundedReceiver<(Instant, Vec<u8>)>, agent: mpsc::Sender<AgentInput>) {
+    let mut queue = DelayQueue::default();
+    let mut open = true;
+    loop {
+        // Due frames go at once (see the writer above on timer rounding).
+        while let Some(item) = queue.pop_due(Instant::now()) {
+            if agent.send(AgentInput::Frame(item.frame)).await.is_err() {
+                return;
+            }
+        }
+        if !open && queue.next_due().is_none() {
+            return;
+        }
+        tokio::select! {
+            m = up_rx.recv(), if open => match m {
+                Some((at, f)) => queue.push(at, f, false),
+                None => open = false,
+            },
+            _ = sleep_until(queue.next_due()) => {}
+        }
+    }
 }
 
 async fn sleep_until(t: Option<Instant>) {

@@ -233,35 +233,7 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
         tokio::select! {
             msg = input.recv() => match msg {
                 None => return "service gone".into(),
-                Some(AgentInput::Attach { conn, tx }) => {
-                    for f in rt.detached.drain(..) {
-                        let _ = tx.send(ToClient::Frame(f));
-                    }
-                    rt.client = Some((conn, tx));
-                }
-                Some(AgentInput::Detach { conn }) => {
-                    if rt.client.as_ref().is_some_and(|(c, _)| *c == conn) {
-                        rt.client = None;
-                    }
-                }
-                Some(AgentInput::Requeue(frames)) => {
-                    if let Some((_, tx)) = &rt.client {
-                        // The client is already back: order does not matter to the protocol.
-                        for f in frames {
-                            let _ = tx.send(ToClient::Frame(f));
-                        }
-                    } else if rt.spec.buffer_detached {
-                        for f in frames.into_iter().rev() {
-                            rt.detached.push_front(f);
-                        }
-                        rt.detached.truncate(DETACHED_BUFFER);
-                    }
-                }
-                Some(AgentInput::Frame(f)) => {
-                    rt.chan.handle_frame(Instant::now().into_std(), &f);
-                    rt.handle_events().await;
-                }
-                Some(AgentInput::Terminate) => rt.done = Some(String::new()),
+                Some(msg) => rt.handle_service(msg).await,
             },
             ev = events_rx.recv(), if read_targets => {
                 if let Some(ev) = ev {
@@ -289,6 +261,44 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
                     next_send = now; // idle before: no burst
                 }
             }
+        }
+    }
+}
+
+impl Runtime {
+    /// What the service hands the agent: a client (re)attaching or leaving,
+    /// frames to requeue or to handle, the end.
+    async fn handle_service(&mut self, msg: AgentInput) {
+        match msg {
+            AgentInput::Attach { conn, tx } => {
+                for f in self.detached.drain(..) {
+                    let _ = tx.send(ToClient::Frame(f));
+                }
+                self.client = Some((conn, tx));
+            }
+            AgentInput::Detach { conn } => {
+                if self.client.as_ref().is_some_and(|(c, _)| *c == conn) {
+                    self.client = None;
+                }
+            }
+            AgentInput::Requeue(frames) => {
+                if let Some((_, tx)) = &self.client {
+                    // The client is already back: order does not matter to the protocol.
+                    for f in frames {
+                        let _ = tx.send(ToClient::Frame(f));
+                    }
+                } else if self.spec.buffer_detached {
+                    for f in frames.into_iter().rev() {
+                        self.detached.push_front(f);
+                    }
+                    self.detached.truncate(DETACHED_BUFFER);
+                }
+            }
+            AgentInput::Frame(f) => {
+                self.chan.handle_frame(Instant::now().into_std(), &f);
+                self.handle_events().await;
+            }
+            AgentInput::Terminate => self.done = Some(String::new()),
         }
     }
 }
