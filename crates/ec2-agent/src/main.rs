@@ -3,6 +3,7 @@
 //! TCP, UDP and ICMP flows in userspace and opens ordinary sockets to their
 //! destinations. No root, no ip_forward, no firewall changes.
 
+mod flows;
 mod imds;
 mod packet;
 mod policy;
@@ -187,15 +188,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let (config, active, registry) = (config.clone(), active.clone(), registry.clone());
         active.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
+        // Everything one connection's session logs names its peer.
+        let span = tracing::info_span!("connection", %peer);
+        let serve = async move {
             match session::serve(stream, config, peer.to_string(), registry).await {
                 Ok(()) => {}
                 // Connected and left without a word: a port probe, not a client.
-                Err(forwarder::link::LinkEnd::Eof) => tracing::debug!(%peer, "connection closed before HELLO"),
-                Err(e) => warn!(%peer, "client session failed: {e}"),
+                Err(forwarder::link::LinkEnd::Eof) => tracing::debug!("connection closed before HELLO"),
+                Err(e) => warn!("client session failed: {e}"),
             }
             active.fetch_sub(1, Ordering::Relaxed);
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(serve, span));
     }
     info!("shutting down");
     Ok(())

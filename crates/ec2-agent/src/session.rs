@@ -18,8 +18,9 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
+use crate::flows::{Action, EchoKey, FlowTable, Limits, Refusal};
 use crate::packet::{self, Unreachable, L4};
-use crate::policy::{Policy, Verdict};
+use crate::policy::Policy;
 use crate::stack::{flow_key, FlowKey, Stack};
 
 #[derive(Debug)]
@@ -43,6 +44,16 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// What a client's flow table enforces.
+    fn limits(&self) -> Limits {
+        Limits {
+            policy: self.policy.clone(),
+            resolvers: self.resolvers.clone(),
+            max_tcp_flows: self.max_tcp_flows,
+            idle_ms: self.udp_idle.as_millis() as u64,
+        }
+    }
+
     /// The answer to a status query (the asking connection not counted).
     pub fn status(&self, registry: &Registry) -> String {
         serde_json::json!({
@@ -69,8 +80,6 @@ static PING_DENIED_LOGGED: AtomicBool = AtomicBool::new(false);
 struct UdpFlow {
     /// Datagrams for the destination, sent by the flow's task.
     to_remote: mpsc::Sender<Bytes>,
-    /// Milliseconds since the session epoch of the last datagram either way.
-    last: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -78,16 +87,16 @@ impl UdpFlow {
     /// The flow's task on a connected `socket`: sends what `to_remote` carries
     /// (`what` names it in the log) and hands each receive to `on_recv` with
     /// the flow's `last`; the flow ends when `on_recv` returns false.
+    /// `last` is the flow's last-activity clock in the [`FlowTable`].
     fn start(
         socket: UdpSocket,
         capacity: usize,
-        epoch: Instant,
+        last: Arc<AtomicU64>,
         what: &'static str,
         mut on_recv: impl FnMut(std::io::Result<&[u8]>, &AtomicU64) -> bool + Send + 'static,
     ) -> UdpFlow {
-        let last = Arc::new(AtomicU64::new(ms_since(epoch)));
         let (to_remote, mut outgoing) = mpsc::channel::<Bytes>(capacity);
-        let l = last.clone();
+        let l = last;
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             loop {
@@ -108,12 +117,7 @@ impl UdpFlow {
                 }
             }
         });
-        UdpFlow { to_remote, last, task }
-    }
-
-    /// Whether the flow saw traffic within `idle` ms of `now` (ms since the epoch).
-    fn active(&self, now: u64, idle: u64) -> bool {
-        now.saturating_sub(self.last.load(Ordering::Relaxed)) < idle
+        UdpFlow { to_remote, task }
     }
 }
 
@@ -127,19 +131,15 @@ struct Session {
     config: Arc<AgentConfig>,
     queue: Arc<TxQueue>,
     stack: Stack,
+    /// Which packet goes where; the sockets below are its flows'.
+    flows: FlowTable,
     udp: HashMap<FlowKey, UdpFlow>,
-    /// One ping socket per `ping` of the client: (its address, destination, identifier).
-    echo: HashMap<(IpAddr, IpAddr, u16), UdpFlow>,
-    /// TCP SYNs waiting for the destination to answer.
-    connecting: HashMap<FlowKey, ()>,
+    /// One ping socket per `ping` of the client.
+    echo: HashMap<EchoKey, UdpFlow>,
     events: mpsc::Sender<(FlowKey, std::io::Result<TcpStream>, Bytes)>,
     epoch: Instant,
-    denied: u64,
-    /// The client's tunnel resolver addresses (from its HELLO).
-    dns: Vec<IpAddr>,
     /// The client's split-DNS domains: DNS over TCP for other names is refused.
     dns_domains: Vec<forwarder::dns::Domain>,
-    dns_queries: u64,
 }
 
 /// What this agent announces in its HELLO.
@@ -313,17 +313,14 @@ async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: 
     let grace = config.grace;
     let mut s = Session {
         stack: Stack::new(queue.clone(), mtu as usize, wake.clone()),
+        flows: FlowTable::new(config.limits(), first.hello.dns.clone()),
         config,
         queue: queue.clone(),
         udp: HashMap::new(),
         echo: HashMap::new(),
-        connecting: HashMap::new(),
         events: ev_tx,
         epoch,
-        denied: 0,
-        dns: first.hello.dns.clone(),
         dns_domains: domains_of(&first.hello),
-        dns_queries: 0,
     };
     let first_peer = first.peer.clone();
     let mut link = Some(start_link(first, &queue, &stats, &pkt_tx, &dropped_in, epoch));
@@ -352,8 +349,8 @@ async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: 
                 }
                 resumes += 1;
                 parked_until = None;
-                info!(client = %a.peer, resumes, tcp_flows = s.stack.flow_count(), udp_flows = s.udp.len(), "client resumed its session");
-                s.dns = a.hello.dns.clone();
+                info!(client = %a.peer, resumes, tcp_flows = s.stack.flow_count(), udp_flows = s.flows.udp_flows(), "client resumed its session");
+                s.flows.set_dns(a.hello.dns.clone());
                 s.dns_domains = domains_of(&a.hello);
                 link = Some(start_link(a, &queue, &stats, &pkt_tx, &dropped_in, epoch));
             }
@@ -393,8 +390,8 @@ async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: 
         tcp_flows = s.stack.opened,
         packets_in = stats.received.read().0,
         packets_out = stats.sent.read().0,
-        denied = s.denied,
-        dns_flows = s.dns_queries,
+        denied = s.flows.denied,
+        dns_flows = s.flows.dns_queries,
         resumes,
         dropped_in = dropped_in.load(Ordering::Relaxed),
         "client disconnected: {end}"
@@ -408,160 +405,125 @@ impl Session {
         }
     }
 
-    /// Policy for a new flow; on refusal, answer the client and log it.
-    fn permitted(&mut self, raw: &[u8], p: &packet::Parsed<'_>, what: &str) -> bool {
-        let verdict = self.config.policy.check(p.dst);
-        if verdict == Verdict::Allow {
-            return true;
-        }
-        self.denied += 1;
-        match &verdict {
-            Verdict::Denied(net) => {
-                warn!(src = %p.src, dst = %p.dst, "{what} refused: destination in the deny-list ({net})")
-            }
-            _ => warn!(src = %p.src, dst = %p.dst, "{what} refused: destination outside the allowed ranges"),
-        }
-        if matches!(p.l4, L4::Tcp { .. }) {
-            self.reply(packet::tcp_reset(p));
-        } else {
-            self.reply(packet::unreachable(raw, p, Unreachable::Prohibited));
-        }
-        false
+    fn refuse(&self, raw: &[u8], p: &packet::Parsed<'_>, how: Refusal) {
+        self.reply(match how {
+            Refusal::Reset => packet::tcp_reset(p),
+            Refusal::Unreachable(kind) => packet::unreachable(raw, p, kind),
+        });
     }
 
-    /// DNS to the client's tunnel resolver address (HELLO option 3).
-    fn is_tunnel_resolver(&self, dst: SocketAddr) -> bool {
-        dst.port() == 53 && self.dns.contains(&dst.ip())
-    }
-
-    /// Where a new flow to `dst` really goes. DNS sent to the client's tunnel
-    /// resolver address goes to the instance's own resolver, whatever the policy
-    /// says about that address (it is often link-local, 169.254.169.253); anything
-    /// else goes where it is addressed if the policy allows. `None`: refused and
-    /// answered.
-    fn target(&mut self, raw: &[u8], p: &packet::Parsed<'_>, dst: SocketAddr, what: &str) -> Option<SocketAddr> {
-        if self.is_tunnel_resolver(dst) {
-            if let Some(&resolver) = self.config.resolvers.first() {
-                self.dns_queries += 1;
-                return Some(SocketAddr::new(resolver, 53));
-            }
-            warn!(src = %p.src, "DNS through the tunnel asked for, but this instance has no resolver in /etc/resolv.conf");
-            self.reply(packet::unreachable(raw, p, Unreachable::Host));
-            return None;
-        }
-        self.permitted(raw, p, what).then_some(dst)
-    }
-
+    /// Does what the flow table says `raw` asks for.
     fn handle_packet(&mut self, raw: Bytes) {
         let Some(p) = packet::parse(&raw) else {
             debug!(len = raw.len(), "not an IP packet; dropped");
             return;
         };
-        match p.l4 {
-            L4::Tcp { sport, dport, syn, ack, rst, .. } => {
-                let key = flow_key(p.src, sport, p.dst, dport);
-                if self.stack.has_flow(&key) {
-                    self.stack.deliver(raw.clone());
-                } else if self.connecting.contains_key(&key) {
-                    // A retransmitted SYN while we dial: the first one is kept.
-                } else if syn && !ack {
-                    let Some(target) = self.target(&raw, &p, key.1, "TCP connection") else { return };
-                    if self.stack.flow_count() + self.connecting.len() >= self.config.max_tcp_flows {
-                        warn!(dst = %key.1, "too many TCP connections for this client; refused");
-                        self.reply(packet::tcp_reset(&p));
-                        return;
-                    }
-                    self.connecting.insert(key, ());
-                    let events = self.events.clone();
-                    let timeout = self.config.connect_timeout;
-                    tokio::spawn(async move {
-                        let r = match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
-                            Ok(r) => r,
-                            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
-                        };
-                        let _ = events.send((key, r, raw)).await;
-                    });
-                } else if !rst {
-                    // A segment of a connection we do not know (agent restarted, say).
-                    self.reply(packet::tcp_reset(&p));
+        let tcp_known = match p.l4 {
+            L4::Tcp { sport, dport, .. } => self.stack.has_flow(&flow_key(p.src, sport, p.dst, dport)),
+            _ => false,
+        };
+        match self.flows.classify(&p, tcp_known, self.stack.flow_count(), ms_since(self.epoch)) {
+            Action::ToStack => self.stack.deliver(raw.clone()),
+            Action::Ignore => {}
+            Action::Dial { key, target } => self.dial(key, target, raw.clone()),
+            Action::Refuse(how) => self.refuse(&raw, &p, how),
+            Action::Udp { key, open } => {
+                if let L4::Udp { payload, .. } = p.l4 {
+                    self.send_udp(&raw, &p, key, open, payload);
                 }
             }
-            L4::Udp { sport, dport, payload } => {
-                let key = flow_key(p.src, sport, p.dst, dport);
-                if !self.udp.contains_key(&key) {
-                    let Some(target) = self.target(&raw, &p, key.1, "UDP flow") else { return };
-                    match self.open_udp(key, target) {
-                        Ok(flow) => {
-                            self.udp.insert(key, flow);
-                        }
-                        Err(e) => {
-                            warn!(dst = %key.1, "cannot open a UDP socket: {e}");
-                            self.reply(packet::unreachable(&raw, &p, Unreachable::Host));
-                            return;
-                        }
-                    }
-                }
-                if let Some(flow) = self.udp.get(&key) {
-                    flow.last.store(ms_since(self.epoch), Ordering::Relaxed);
-                    if flow.to_remote.try_send(Bytes::copy_from_slice(payload)).is_err() {
-                        debug!(dst = %key.1, "UDP flow backlogged; datagram dropped");
-                    }
+            Action::Echo { key, open } => {
+                if let L4::EchoRequest { seq, payload, .. } = p.l4 {
+                    self.send_echo(key, open, seq, payload);
                 }
             }
-            L4::EchoRequest { id, seq, payload } => {
-                if !self.permitted(&raw, &p, "ping") {
+            Action::Drop => debug!(dst = %p.dst, "protocol not forwarded; dropped"),
+        }
+    }
+
+    /// Dials `target` for the flow `key`; its SYN waits until the answer
+    /// comes back through `events` (see [`Session::connected`]).
+    fn dial(&mut self, key: FlowKey, target: SocketAddr, syn: Bytes) {
+        let events = self.events.clone();
+        let timeout = self.config.connect_timeout;
+        tokio::spawn(async move {
+            let r = match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
+                Ok(r) => r,
+                Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+            };
+            let _ = events.send((key, r, syn)).await;
+        });
+    }
+
+    /// A datagram out through its flow's socket, opened to `open` first for a new flow.
+    fn send_udp(&mut self, raw: &[u8], p: &packet::Parsed<'_>, key: FlowKey, open: Option<SocketAddr>, payload: &[u8]) {
+        if let Some(target) = open {
+            let last = self.flows.udp_opened(key, ms_since(self.epoch));
+            match self.open_udp(key, target, last) {
+                Ok(flow) => {
+                    self.udp.insert(key, flow);
+                }
+                Err(e) => {
+                    warn!(dst = %key.1, "cannot open a UDP socket: {e}");
+                    self.flows.udp_closed(&key);
+                    self.reply(packet::unreachable(raw, p, Unreachable::Host));
                     return;
                 }
-                let key = (p.src, p.dst, id);
-                if !self.echo.contains_key(&key) {
-                    match self.open_echo(key) {
-                        Ok(flow) => {
-                            self.echo.insert(key, flow);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                            if !PING_DENIED_LOGGED.swap(true, Ordering::Relaxed) {
-                                warn!(
-                                    "ping through the tunnel is unavailable: this user may not open ping sockets \
-                                     ({e}); allow its group with sysctl net.ipv4.ping_group_range"
-                                );
-                            }
-                            return;
-                        }
-                        Err(e) => {
-                            warn!(dst = %p.dst, "cannot open a ping socket: {e}");
-                            return;
-                        }
-                    }
+            }
+        }
+        if let Some(flow) = self.udp.get(&key) {
+            if flow.to_remote.try_send(Bytes::copy_from_slice(payload)).is_err() {
+                debug!(dst = %key.1, "UDP flow backlogged; datagram dropped");
+            }
+        }
+    }
+
+    /// An echo request out through the ping socket of its identifier.
+    fn send_echo(&mut self, key: EchoKey, open: bool, seq: u16, payload: &[u8]) {
+        let dst = key.1;
+        if open {
+            let last = self.flows.echo_opened(key, ms_since(self.epoch));
+            match self.open_echo(key, last) {
+                Ok(flow) => {
+                    self.echo.insert(key, flow);
                 }
-                if let Some(flow) = self.echo.get(&key) {
-                    flow.last.store(ms_since(self.epoch), Ordering::Relaxed);
-                    // Type, code, checksum, identifier (the kernel sets both), sequence, data.
-                    let request = if p.dst.is_ipv4() { 8u8 } else { 128 };
-                    let mut msg = Vec::with_capacity(8 + payload.len());
-                    msg.extend_from_slice(&[request, 0, 0, 0, 0, 0]);
-                    msg.extend_from_slice(&seq.to_be_bytes());
-                    msg.extend_from_slice(payload);
-                    match flow.to_remote.try_send(Bytes::from(msg)) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            debug!(dst = %p.dst, "ping backlogged; echo request dropped");
-                        }
-                        // Its socket failed: the next request opens another.
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            self.echo.remove(&key);
-                        }
+                Err(e) => {
+                    self.flows.echo_closed(&key);
+                    if e.kind() != std::io::ErrorKind::PermissionDenied {
+                        warn!(%dst, "cannot open a ping socket: {e}");
+                    } else if !PING_DENIED_LOGGED.swap(true, Ordering::Relaxed) {
+                        warn!(
+                            "ping through the tunnel is unavailable: this user may not open ping sockets \
+                             ({e}); allow its group with sysctl net.ipv4.ping_group_range"
+                        );
                     }
+                    return;
                 }
             }
-            L4::Other(proto) => debug!(proto, dst = %p.dst, "protocol not forwarded; dropped"),
+        }
+        let Some(flow) = self.echo.get(&key) else { return };
+        // Type, code, checksum, identifier (the kernel sets both), sequence, data.
+        let request = if dst.is_ipv4() { 8u8 } else { 128 };
+        let mut msg = Vec::with_capacity(8 + payload.len());
+        msg.extend_from_slice(&[request, 0, 0, 0, 0, 0]);
+        msg.extend_from_slice(&seq.to_be_bytes());
+        msg.extend_from_slice(payload);
+        match flow.to_remote.try_send(Bytes::from(msg)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => debug!(%dst, "ping backlogged; echo request dropped"),
+            // Its socket failed: the next request opens another.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.echo.remove(&key);
+                self.flows.echo_closed(&key);
+            }
         }
     }
 
     fn connected(&mut self, key: FlowKey, result: std::io::Result<TcpStream>, syn: Bytes) {
-        self.connecting.remove(&key);
+        self.flows.dialled(&key);
         match result {
             Ok(stream) => {
-                let to_resolver = self.is_tunnel_resolver(key.1);
+                let to_resolver = self.flows.is_tunnel_resolver(key.1);
                 let filter = (to_resolver && !self.dns_domains.is_empty()).then(|| self.dns_domains.clone());
                 self.stack.accept(key, stream, syn, filter)
             }
@@ -578,7 +540,7 @@ impl Session {
     }
 
     /// A UDP flow for `key`, whose datagrams go to `target` (normally `key.1`).
-    fn open_udp(&self, key: FlowKey, target: SocketAddr) -> std::io::Result<UdpFlow> {
+    fn open_udp(&self, key: FlowKey, target: SocketAddr, last: Arc<AtomicU64>) -> std::io::Result<UdpFlow> {
         let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }
             .map_err(|_| std::io::Error::other("bind address"))?;
         let std_sock = std::net::UdpSocket::bind(bind)?;
@@ -586,7 +548,7 @@ impl Session {
         std_sock.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(std_sock)?;
         let (queue, epoch) = (self.queue.clone(), self.epoch);
-        Ok(UdpFlow::start(socket, 256, epoch, "UDP datagram", move |r, last| match r {
+        Ok(UdpFlow::start(socket, 256, last, "UDP datagram", move |r, last| match r {
             Ok(d) => {
                 last.store(ms_since(epoch), Ordering::Relaxed);
                 if let Some(pkt) = packet::udp(key.1, key.0, d) {
@@ -613,7 +575,7 @@ impl Session {
     /// The ping socket for one `ping` of the client: the kernel gives it its
     /// own identifier and hands it only the replies to it; each reply goes back
     /// with the client's identifier and the reply's sequence number.
-    fn open_echo(&self, (src, dst, id): (IpAddr, IpAddr, u16)) -> std::io::Result<UdpFlow> {
+    fn open_echo(&self, (src, dst, id): EchoKey, last: Arc<AtomicU64>) -> std::io::Result<UdpFlow> {
         use socket2::{Domain, Protocol, Socket, Type};
         let (domain, proto, reply) = match dst {
             IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 0u8),
@@ -624,7 +586,7 @@ impl Session {
         sock.connect(&SocketAddr::new(dst, 0).into())?;
         let socket = UdpSocket::from_std(std::net::UdpSocket::from(sock))?;
         let queue = self.queue.clone();
-        Ok(UdpFlow::start(socket, 64, self.epoch, "echo request", move |r, _| match r {
+        Ok(UdpFlow::start(socket, 64, last, "echo request", move |r, _| match r {
             Ok(d) if d.len() >= 8 && d[0] == reply => {
                 let seq = u16::from_be_bytes([d[6], d[7]]);
                 if let Some(pkt) = packet::echo_reply(dst, src, id, seq, &d[8..]) {
@@ -653,9 +615,12 @@ impl Session {
     }
 
     fn expire_udp(&mut self) {
-        let now = ms_since(self.epoch);
-        let idle = self.config.udp_idle.as_millis() as u64;
-        self.udp.retain(|_, f| f.active(now, idle));
-        self.echo.retain(|_, f| f.active(now, idle));
+        let (udp, echo) = self.flows.expire(ms_since(self.epoch));
+        for k in &udp {
+            self.udp.remove(k);
+        }
+        for k in &echo {
+            self.echo.remove(k);
+        }
     }
 }
