@@ -179,52 +179,118 @@ fn systemd_unit_name(name: &str) -> String {
     format!("ssm-proxy-{name}.service")
 }
 
+/// The machine's service manager, behind a trait so install and uninstall
+/// are tested on a fake: where a tunnel's service file goes, what it says,
+/// and how the manager starts and stops it.
+pub trait ServiceManager {
+    fn path(&self, name: &str) -> PathBuf;
+    fn render(&self, spec: &Spec) -> String;
+    /// Load and start the service whose file was just written.
+    fn start(&self, name: &str, path: &Path) -> anyhow::Result<()>;
+    /// Stop and unload it (not loaded is fine).
+    fn stop(&self, name: &str);
+    /// After the file is gone.
+    fn forget(&self) {}
+    /// Where its logs go, for the user.
+    fn logs(&self, name: &str) -> String;
+}
+
+/// systemd (Linux).
+pub struct Systemd;
+
+impl ServiceManager for Systemd {
+    fn path(&self, name: &str) -> PathBuf {
+        systemd_path(name)
+    }
+    fn render(&self, spec: &Spec) -> String {
+        systemd_unit(spec)
+    }
+    fn start(&self, name: &str, _path: &Path) -> anyhow::Result<()> {
+        run(Command::new("systemctl").arg("daemon-reload"))?;
+        run(Command::new("systemctl").args(["enable", "--now", &systemd_unit_name(name)]))
+    }
+    fn stop(&self, name: &str) {
+        let _ = Command::new("systemctl").args(["disable", "--now", &systemd_unit_name(name)]).output();
+    }
+    fn forget(&self) {
+        let _ = Command::new("systemctl").arg("daemon-reload").output();
+    }
+    fn logs(&self, name: &str) -> String {
+        format!("journalctl -u ssm-proxy-{name}")
+    }
+}
+
+/// launchd (macOS).
+pub struct Launchd;
+
+impl ServiceManager for Launchd {
+    fn path(&self, name: &str) -> PathBuf {
+        launchd_path(name)
+    }
+    fn render(&self, spec: &Spec) -> String {
+        launchd_plist(spec)
+    }
+    fn start(&self, name: &str, path: &Path) -> anyhow::Result<()> {
+        launchd_bootout(name);
+        run(Command::new("launchctl").args(["bootstrap", "system"]).arg(path))
+    }
+    fn stop(&self, name: &str) {
+        launchd_bootout(name);
+    }
+    fn logs(&self, name: &str) -> String {
+        format!("/var/log/ssm-proxy-{name}.log")
+    }
+}
+
+/// Writes the service file (never over one we did not write) and starts it.
+pub fn install(manager: &impl ServiceManager, spec: &Spec) -> anyhow::Result<PathBuf> {
+    let path = manager.path(&spec.name);
+    write_new(&path, &manager.render(spec))?;
+    manager.start(&spec.name, &path)?;
+    Ok(path)
+}
+
+/// Stops the service and removes its file (only one we wrote).
+pub fn uninstall(manager: &impl ServiceManager, name: &str) -> anyhow::Result<()> {
+    let path = manager.path(name);
+    if !path.exists() {
+        bail!("no service for tunnel {name:?} ({} does not exist)", path.display());
+    }
+    check_ours(&path)?;
+    manager.stop(name);
+    std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+    manager.forget();
+    Ok(())
+}
+
 pub fn main(args: ServiceArgs) -> anyhow::Result<()> {
-    let macos = cfg!(target_os = "macos");
+    if cfg!(target_os = "macos") {
+        run_with(&Launchd, args)
+    } else {
+        run_with(&Systemd, args)
+    }
+}
+
+fn run_with(manager: &impl ServiceManager, args: ServiceArgs) -> anyhow::Result<()> {
     match args.action {
         Action::Install { name, print } => {
             let spec = spec_for(&name)?;
-            let text = if macos { launchd_plist(&spec) } else { systemd_unit(&spec) };
             if print {
-                print!("{text}");
+                print!("{}", manager.render(&spec));
                 return Ok(());
             }
             if !nix::unistd::geteuid().is_root() {
                 bail!("installing a system service needs root: run it with sudo");
             }
-            if macos {
-                let path = launchd_path(&name);
-                write_new(&path, &text)?;
-                launchd_bootout(&name);
-                run(Command::new("launchctl").args(["bootstrap", "system"]).arg(&path))?;
-                println!("Installed and started {} (logs: /var/log/ssm-proxy-{name}.log).", path.display());
-            } else {
-                let path = systemd_path(&name);
-                write_new(&path, &text)?;
-                run(Command::new("systemctl").arg("daemon-reload"))?;
-                run(Command::new("systemctl").args(["enable", "--now", &systemd_unit_name(&name)]))?;
-                println!("Installed and started {} (logs: journalctl -u ssm-proxy-{name}).", path.display());
-            }
+            let path = install(manager, &spec)?;
+            println!("Installed and started {} (logs: {}).", path.display(), manager.logs(&name));
             Ok(())
         }
         Action::Uninstall { name } => {
             if !nix::unistd::geteuid().is_root() {
                 bail!("removing a system service needs root: run it with sudo");
             }
-            let path = if macos { launchd_path(&name) } else { systemd_path(&name) };
-            if !path.exists() {
-                bail!("no service for tunnel {name:?} ({} does not exist)", path.display());
-            }
-            check_ours(&path)?;
-            if macos {
-                launchd_bootout(&name);
-            } else {
-                let _ = Command::new("systemctl").args(["disable", "--now", &systemd_unit_name(&name)]).output();
-            }
-            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-            if !macos {
-                let _ = Command::new("systemctl").arg("daemon-reload").output();
-            }
+            uninstall(manager, &name)?;
             println!("Removed the service for tunnel {name:?}.");
             Ok(())
         }
@@ -274,5 +340,74 @@ mod tests {
         write_new(&ours, &systemd_unit(&Spec { home: None, ..spec() })).expect("ours again");
         assert!(!std::fs::read_to_string(&ours).expect("read").contains("HOME"));
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// A service manager that writes into a directory and records what it was asked.
+    struct Fake {
+        dir: tempfile::TempDir,
+        calls: std::sync::Mutex<Vec<String>>,
+        fail_start: bool,
+    }
+
+    impl ServiceManager for Fake {
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(format!("ssm-proxy-{name}.service"))
+        }
+        fn render(&self, spec: &Spec) -> String {
+            systemd_unit(spec)
+        }
+        fn start(&self, name: &str, path: &Path) -> anyhow::Result<()> {
+            assert!(path.exists(), "the file is written before the manager starts it");
+            self.calls.lock().expect("lock").push(format!("start {name}"));
+            if self.fail_start {
+                bail!("Unit ssm-proxy-{name}.service failed");
+            }
+            Ok(())
+        }
+        fn stop(&self, name: &str) {
+            self.calls.lock().expect("lock").push(format!("stop {name}"));
+        }
+        fn forget(&self) {
+            self.calls.lock().expect("lock").push("forget".into());
+        }
+        fn logs(&self, name: &str) -> String {
+            name.into()
+        }
+    }
+
+    fn fake(fail_start: bool) -> Fake {
+        Fake { dir: tempfile::tempdir().expect("tempdir"), calls: Default::default(), fail_start }
+    }
+
+    #[test]
+    fn install_writes_then_starts_and_uninstall_stops_then_removes() {
+        let m = fake(false);
+        let path = install(&m, &spec()).expect("installed");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), systemd_unit(&spec()));
+        // Installing again replaces our own file.
+        install(&m, &spec()).expect("reinstalled");
+        uninstall(&m, "prod").expect("uninstalled");
+        assert!(!path.exists());
+        assert_eq!(*m.calls.lock().expect("lock"), ["start prod", "start prod", "stop prod", "forget"]);
+        let again = uninstall(&m, "prod").expect_err("nothing to remove");
+        assert!(again.to_string().contains("no service for tunnel \"prod\""), "{again}");
+    }
+
+    #[test]
+    fn a_service_file_someone_else_wrote_is_neither_replaced_nor_removed() {
+        let m = fake(false);
+        let path = m.path("prod");
+        std::fs::write(&path, "[Service]\nExecStart=/bin/true\n").expect("write");
+        assert!(install(&m, &spec()).is_err());
+        assert!(uninstall(&m, "prod").is_err());
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "[Service]\nExecStart=/bin/true\n");
+        assert!(m.calls.lock().expect("lock").is_empty(), "the manager was never asked");
+    }
+
+    #[test]
+    fn a_start_that_fails_is_reported() {
+        let m = fake(true);
+        let err = install(&m, &spec()).expect_err("start failed");
+        assert!(err.to_string().contains("failed"), "{err}");
     }
 }

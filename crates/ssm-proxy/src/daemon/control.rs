@@ -139,29 +139,31 @@ pub async fn serve(
             if !matches!(read, Ok(Ok(n)) if n > 0) {
                 return;
             }
-            let reply = match serde_json::from_str::<Request>(&line) {
-                Ok(req) if req.cmd == "status" => Reply { status: Some(status()), error: None, stopping: false },
-                Ok(req) if req.cmd == "stop" => match uid {
-                    Some(u) if u == 0 || u == owner_uid => {
-                        stop();
-                        Reply { status: None, error: None, stopping: true }
-                    }
-                    _ => Reply {
-                        status: None,
-                        error: Some("only root or the user who started this tunnel may stop it".into()),
-                        stopping: false,
-                    },
-                },
-                Ok(req) => {
-                    Reply { status: None, error: Some(format!("unknown command {:?}", req.cmd)), stopping: false }
-                }
-                Err(e) => Reply { status: None, error: Some(format!("bad request: {e}")), stopping: false },
-            };
+            let reply = answer(&line, uid, owner_uid, &*status, &*stop);
             if let Ok(mut text) = serde_json::to_string(&reply) {
                 text.push('\n');
                 let _ = w.write_all(text.as_bytes()).await;
             }
         });
+    }
+}
+
+/// The answer to one request line from a peer with `peer_uid` (`None`: the
+/// kernel did not say): `status` for anyone, `stop` for root and the
+/// tunnel's owner only.
+fn answer(line: &str, peer_uid: Option<u32>, owner_uid: u32, status: &dyn Fn() -> Status, stop: &dyn Fn()) -> Reply {
+    let refuse = |error: String| Reply { status: None, error: Some(error), stopping: false };
+    match serde_json::from_str::<Request>(line) {
+        Ok(req) if req.cmd == "status" => Reply { status: Some(status()), error: None, stopping: false },
+        Ok(req) if req.cmd == "stop" => match peer_uid {
+            Some(u) if u == 0 || u == owner_uid => {
+                stop();
+                Reply { status: None, error: None, stopping: true }
+            }
+            _ => refuse("only root or the user who started this tunnel may stop it".into()),
+        },
+        Ok(req) => refuse(format!("unknown command {:?}", req.cmd)),
+        Err(e) => refuse(format!("bad request: {e}")),
     }
 }
 
@@ -322,6 +324,31 @@ mod tests {
         assert_eq!(json["messages_distinct"], 990);
         assert_eq!(json["retransmissions"], 10);
         assert_eq!(json["resend_ratio"], 0.01);
+    }
+
+    #[test]
+    fn who_may_ask_what() {
+        let stops = std::cell::Cell::new(0);
+        let status = || Status { name: "t".into(), ..Status::default() };
+        let stop = || stops.set(stops.get() + 1);
+        let owner = 501;
+        let ask = |line: &str, uid: Option<u32>| answer(line, uid, owner, &status, &stop);
+        // Anyone may ask how the tunnel is.
+        let r = ask(r#"{"cmd":"status"}"#, Some(502));
+        assert_eq!(r.status.map(|s| s.name), Some("t".into()));
+        // Only its owner and root may stop it; an unknown peer may not.
+        for uid in [Some(502), None] {
+            let r = ask(r#"{"cmd":"stop"}"#, uid);
+            assert!(!r.stopping && r.error.as_deref().is_some_and(|e| e.contains("only root")), "{uid:?}");
+        }
+        assert_eq!(stops.get(), 0);
+        assert!(ask(r#"{"cmd":"stop"}"#, Some(owner)).stopping);
+        assert!(ask(r#"{"cmd":"stop"}"#, Some(0)).stopping);
+        assert_eq!(stops.get(), 2);
+        // Garbage and unknown commands get an error, not a crash or silence.
+        assert!(ask("{", Some(owner)).error.is_some_and(|e| e.starts_with("bad request")));
+        assert!(ask(r#"{"cmd":"reboot"}"#, Some(0)).error.is_some_and(|e| e.contains("unknown command")));
+        assert_eq!(stops.get(), 2);
     }
 
     #[tokio::test]
