@@ -25,7 +25,6 @@ use crate::policy::Policy;
 use crate::session::AgentConfig;
 
 /// Default loopback port: what `ssm-proxy start --agent-port` assumes unless told.
-pub const DEFAULT_PORT: u16 = 7301;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,7 +40,7 @@ ECS credentials), fd00:ec2::/32, fe80::/10, loopback, multicast, broadcast."
 )]
 struct Args {
     /// Address to listen on: keep it on loopback, the SSM agent connects from there.
-    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], forwarder::wire::DEFAULT_AGENT_PORT)))]
     listen: SocketAddr,
     /// Also allow this destination range (repeatable). Default: 10/8, 172.16/12,
     /// 192.168/16, 100.64/10, fc00::/7.
@@ -142,7 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_clients: args.max_clients,
         active: active.clone(),
         policy: Policy::new(&args.allow, &args.deny, args.only),
-        mtu: args.mtu.max(1280),
+        mtu: args.mtu.max(forwarder::wire::MIN_MTU),
         udp_idle: Duration::from_secs(args.udp_idle.max(1)),
         connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
         max_tcp_flows: args.max_tcp_flows.max(1),

@@ -301,7 +301,7 @@ async fn sleep_until(t: Option<Instant>) {
 /// connection is lost (not ended with GOODBYE), the flows wait `config.grace`
 /// for the same client to come back through [`serve`].
 async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: Arc<AgentConfig>) {
-    let mtu = config.mtu.min(first.hello.mtu).max(1280);
+    let mtu = wire::negotiate_mtu(config.mtu, first.hello.mtu);
     info!(client = %first.peer, software = %first.hello.software, mtu, "client connected");
     let queue = TxQueue::new(FqConfig::default());
     let stats = Arc::new(LinkStats::default());

@@ -8,6 +8,17 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+/// The ec2-agent's default port on the instance's loopback.
+pub const DEFAULT_AGENT_PORT: u16 = 7301;
+
+/// The smallest MTU either end accepts: IPv6's minimum (RFC 8200).
+pub const MIN_MTU: u16 = 1280;
+
+/// The MTU of a link: the smaller of the two HELLOs', never below [`MIN_MTU`].
+pub fn negotiate_mtu(ours: u16, theirs: u16) -> u16 {
+    ours.min(theirs).max(MIN_MTU)
+}
+
 pub const MAGIC: [u8; 4] = *b"SSMP";
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 3;

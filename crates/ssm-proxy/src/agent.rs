@@ -316,7 +316,7 @@ impl Progress {
 async fn ask(conns: &tokio::sync::mpsc::Sender<Conn>) -> anyhow::Result<String> {
     let (mut reader, mut writer) = agent_stream(conns).await?;
     let config = ClientConfig { caps: caps::QUERY, hello_timeout: ANSWER_TIMEOUT, ..ClientConfig::default() };
-    let (_agent, mut deframer) = handshake(&mut reader, &mut writer, &config, 1280).await?;
+    let (_agent, mut deframer) = handshake(&mut reader, &mut writer, &config, forwarder::wire::MIN_MTU).await?;
     match tokio::time::timeout(ANSWER_TIMEOUT, link::read_frame(&mut reader, &mut deframer)).await {
         Ok(Ok(Frame::Status(json))) => Ok(json),
         Ok(Ok(Frame::Goodbye { message, .. })) => bail!("the agent said goodbye: {message}"),

@@ -28,8 +28,7 @@ use crate::daemon::dns;
 use crate::daemon::uplink::{connect_first, supervise, Candidates, LinkState, Target};
 use crate::ssm::{parse_instance_id, shutdown_signal};
 
-/// The ec2-agent's default loopback port on the instance.
-pub const DEFAULT_AGENT_PORT: u16 = 7301;
+pub use forwarder::wire::DEFAULT_AGENT_PORT;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -86,7 +85,7 @@ pub struct StartArgs {
     #[arg(long)]
     force: bool,
     /// MTU of the tunnel interface (1280 or more).
-    #[arg(long, default_value_t = tunnel::DEFAULT_MTU, value_parser = clap::value_parser!(u16).range(1280..))]
+    #[arg(long, default_value_t = tunnel::DEFAULT_MTU, value_parser = clap::value_parser!(u16).range(i64::from(wire::MIN_MTU)..))]
     mtu: u16,
     /// Interface name (Linux only; macOS always picks utunN itself).
     #[arg(long)]

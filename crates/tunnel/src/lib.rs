@@ -24,9 +24,6 @@ pub use tun::{TunConfig, TunDevice};
 /// probing the path MTU through the tunnel expect to be safe on the far side.
 pub const DEFAULT_MTU: u16 = 1400;
 
-/// Smallest MTU IPv6 allows (RFC 8200); the tunnel refuses less.
-pub const MIN_MTU: u16 = 1280;
-
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     #[error("creating a tunnel device needs root (run with sudo)")]

@@ -192,3 +192,11 @@ proptest! {
         while let Ok(Some(_)) = d.next_frame() {}
     }
 }
+
+#[test]
+fn the_link_mtu_is_the_smaller_hello_and_never_below_ipv6s_minimum() {
+    assert_eq!(negotiate_mtu(1400, 9000), 1400);
+    assert_eq!(negotiate_mtu(9000, 1500), 1500);
+    assert_eq!(negotiate_mtu(1400, 576), MIN_MTU, "a peer's tiny MTU claim is raised to the floor");
+    assert_eq!(negotiate_mtu(0, 0), MIN_MTU);
+}
