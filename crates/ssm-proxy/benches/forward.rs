@@ -1,6 +1,7 @@
 //! Throughput of `ssm-proxy forward` through the emulator on loopback, for the
 //! `fast` (no pacing) and `stock` (real agent pacing) profiles, one and eight
-//! connections, each row a `forward` process of its own. Prints MB/s and,
+//! connections, and eight connections over 2, 4 and 8 sessions (`--sessions`)
+//! under `stock`; each row a `forward` process of its own. Prints MB/s and,
 //! from the session summary `forward` logs as it stops, the messages it sent
 //! and how many of them were resends; asserts nothing about speed. Run with
 //! `cargo bench -p ssm-proxy --bench forward`.
@@ -43,9 +44,10 @@ async fn echo_server() -> SocketAddr {
     addr
 }
 
-fn forward(emulator: &Emulator, port: u16) -> (Kill, SocketAddr) {
+fn forward(emulator: &Emulator, port: u16, sessions: usize) -> (Kill, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ssm-proxy"))
         .args(["forward", "--instance-id", INSTANCE, "--remote-port", &port.to_string()])
+        .args(["--sessions", &sessions.to_string()])
         .env("AWS_ENDPOINT_URL", emulator.endpoint_url())
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
@@ -63,15 +65,15 @@ fn forward(emulator: &Emulator, port: u16) -> (Kill, SocketAddr) {
 }
 
 /// Stops `forward` as Ctrl-C would and returns (messages sent, resends) from
-/// its session summary.
+/// its sessions' summaries.
 fn stop(mut child: Kill) -> (u64, u64) {
     let _ = Command::new("kill").args(["-INT", &child.0.id().to_string()]).status();
     let mut err = String::new();
     if let Some(mut e) = child.0.stderr.take() {
         let _ = e.read_to_string(&mut err);
     }
-    let s = summary::Summary::all(&err).first().copied().unwrap_or_default();
-    (s.messages_sent, s.resends)
+    let all = summary::Summary::all(&err);
+    (all.iter().map(|s| s.messages_sent).sum(), all.iter().map(|s| s.resends).sum())
 }
 
 /// Echoes `per_conn` bytes on each of `conns` connections; returns MB/s each way.
@@ -116,27 +118,36 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let echo_addr = echo_server().await;
-        for (profile, total) in [(Profile::Fast, 64usize << 20), (Profile::Stock, 8 << 20)] {
+        let rows = [
+            (Profile::Fast, 64usize << 20, 1usize, 1usize),
+            (Profile::Fast, 64 << 20, 8, 1),
+            (Profile::Stock, 8 << 20, 1, 1),
+            (Profile::Stock, 8 << 20, 8, 1),
+            (Profile::Stock, 8 << 20, 8, 2),
+            (Profile::Stock, 8 << 20, 8, 4),
+            (Profile::Stock, 8 << 20, 8, 8),
+        ];
+        for (profile, total, conns, sessions) in rows {
             let total = if quick { total / 64 } else { total };
-            for conns in [1usize, 8] {
-                let config = Config { profile, ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
-                let emulator = Emulator::start(config, "127.0.0.1:0".parse().expect("addr")).await.expect("emulator");
-                let (child, addr) = forward(&emulator, echo_addr.port());
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let mbps = echo(addr, conns, total / conns).await;
-                let (sent, resends) = tokio::task::spawn_blocking(move || stop(child)).await.expect("stop");
-                println!(
-                    "forward {:<5} {} connection{}: {:>7.2} MB/s each way ({} MiB echoed); {} messages sent, {} resends ({:.2}%)",
-                    format!("{profile:?}").to_lowercase(),
-                    conns,
-                    if conns == 1 { " " } else { "s" },
-                    mbps,
-                    total >> 20,
-                    sent,
-                    resends,
-                    100.0 * resends as f64 / sent.max(1) as f64
-                );
-            }
+            let config = Config { profile, ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
+            let emulator = Emulator::start(config, "127.0.0.1:0".parse().expect("addr")).await.expect("emulator");
+            let (child, addr) = forward(&emulator, echo_addr.port(), sessions);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mbps = echo(addr, conns, total / conns).await;
+            let (sent, resends) = tokio::task::spawn_blocking(move || stop(child)).await.expect("stop");
+            println!(
+                "forward {:<5} {} connection{}, {} session{}: {:>7.2} MB/s each way ({} MiB echoed); {} messages sent, {} resends ({:.2}%)",
+                format!("{profile:?}").to_lowercase(),
+                conns,
+                if conns == 1 { " " } else { "s" },
+                sessions,
+                if sessions == 1 { " " } else { "s" },
+                mbps,
+                total >> 20,
+                sent,
+                resends,
+                100.0 * resends as f64 / sent.max(1) as f64
+            );
         }
     });
 }

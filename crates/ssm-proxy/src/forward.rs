@@ -2,17 +2,23 @@
 //! documents and the session-manager-plugin do, natively.
 
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use crate::aws::{AwsOptions, SsmApi};
 use anyhow::Context;
-use ssm_channel::port::{Conn, PortConfig};
+use ssm_channel::port::{Conn, ConnIo, PortConfig};
 use ssm_channel::transport::Trust;
 use ssm_channel::version::PortMode;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::ssm::{finish, open_port_session, parse_instance_id, shutdown_signal};
+use crate::ssm::{finish, open_port_session, parse_instance_id, shutdown_signal, PortSession};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -20,6 +26,8 @@ use crate::ssm::{finish, open_port_session, parse_instance_id, shutdown_signal};
     ssm-proxy forward --instance-id i-0abc123def4567890 --remote-port 5432 --local-port 15432
   Forward to a database the instance can reach:
     ssm-proxy forward --instance-id i-0abc123def4567890 --remote-host db.internal --remote-port 5432
+  Spread connections over four sessions (the stock SSM agent carries about 1 MB/s per session):
+    ssm-proxy forward --instance-id i-0abc123def4567890 --remote-port 8080 --sessions 4
 
 The session ends on Ctrl-C. Credentials come from the usual AWS chain (environment,
 --profile or AWS_PROFILE, SSO, credential_process). The user needs ssm:StartSession on the
@@ -46,6 +54,13 @@ pub struct ForwardArgs {
     /// AWS profile to use.
     #[arg(long)]
     profile: Option<String>,
+    /// SSM sessions to open; each new connection goes to the one carrying the
+    /// fewest. The stock SSM agent sends about 1 MB/s per session, so N
+    /// sessions carry N busy connections at that speed each (one connection
+    /// still gets one session's speed). Each is an ordinary session: CloudTrail
+    /// shows N.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    sessions: u16,
 }
 
 pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
@@ -62,23 +77,9 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         None => format!("{}:{}", args.instance_id, args.remote_port),
     };
     eprintln!("Starting session with {} in {}...", args.instance_id, api.region());
-    // A new network or a wake from sleep: check the websocket at once (forward
-    // adds no device or routes of its own, so every change counts).
-    let (net_tx, net_rx) = tokio::sync::watch::channel(0u64);
-    crate::daemon::netwatch::spawn(net_tx, 0);
-    let mut session = open_port_session(
-        &api,
-        &args.instance_id,
-        args.remote_port,
-        args.remote_host.as_deref(),
-        &trust,
-        PortConfig { network_changed: Some(net_rx), ..PortConfig::default() },
-        64,
-        Box::pin(shutdown_signal()),
-    )
-    .await?;
-    let session_id = session.session_id.clone();
-    let ready = &session.ready;
+    let (stop_tx, _) = watch::channel(false);
+    let mut sessions = open_sessions(&api, &trust, &args, &stop_tx).await?;
+    let ready = &sessions[0].ready;
     if !ready.customer_message.is_empty() {
         eprintln!("{}", ready.customer_message);
     }
@@ -86,28 +87,144 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         PortMode::Mux { .. } => "multiplexed",
         PortMode::Basic => "basic: one connection at a time",
     };
-    println!("Forwarding {bound} -> {target} (session {session_id}, {mode}). Press Ctrl-C to stop.");
+    let ids: Vec<String> = sessions.iter().map(|s| s.session_id.clone()).collect();
+    let which = match ids.as_slice() {
+        [one] => format!("session {one}"),
+        many => format!("{} sessions: {}", many.len(), many.join(", ")),
+    };
+    println!("Forwarding {bound} -> {target} ({which}, {mode}). Press Ctrl-C to stop.");
 
-    let conn_tx = session.conns.clone();
-    let accept = tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    info!(%peer, "connection");
-                    if conn_tx.send(Conn::from_tcp(stream)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let members: Vec<Member> = sessions
+        .iter()
+        .map(|s| Member { conns: s.conns.clone(), active: Arc::default(), id: s.session_id.clone() })
+        .collect();
+    let accept = tokio::spawn(accept_loop(listener, members));
+    let done = futures_util::future::join_all(sessions.iter_mut().map(|s| &mut s.task)).await;
+    accept.abort();
+    let mut result = Ok(());
+    for (id, done) in ids.iter().zip(done) {
+        match finish(&api, id, done).await {
+            Ok(()) => eprintln!("Session {id} ended."),
+            Err(e) => {
+                warn!("{e:#}");
+                if result.is_ok() {
+                    result = Err(e);
                 }
             }
         }
+    }
+    result
+}
+
+/// Opens `--sessions` Port sessions at once. Fewer than asked (the service
+/// or an IAM policy refusing more) is a warning; none is the first error.
+async fn open_sessions(
+    api: &SsmApi,
+    trust: &Trust,
+    args: &ForwardArgs,
+    stop: &watch::Sender<bool>,
+) -> anyhow::Result<Vec<PortSession>> {
+    // A new network or a wake from sleep: check the websockets at once (forward
+    // adds no device or routes of its own, so every change counts).
+    let (net_tx, net_rx) = watch::channel(0u64);
+    crate::daemon::netwatch::spawn(net_tx, 0);
+    let opens = (0..args.sessions).map(|_| {
+        let mut stopped = stop.subscribe();
+        open_port_session(
+            api,
+            &args.instance_id,
+            args.remote_port,
+            args.remote_host.as_deref(),
+            trust,
+            PortConfig { network_changed: Some(net_rx.clone()), ..PortConfig::default() },
+            64,
+            Box::pin(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }),
+        )
     });
-    let done = (&mut session.task).await;
-    accept.abort();
-    finish(&api, &session_id, done).await?;
-    eprintln!("Session {session_id} ended.");
-    Ok(())
+    let mut sessions = Vec::new();
+    let mut first_error = None;
+    for opened in futures_util::future::join_all(opens).await {
+        match opened {
+            Ok(s) => sessions.push(s),
+            Err(e) => {
+                warn!("a session could not be opened: {e:#}");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match (sessions.len(), first_error) {
+        (0, Some(e)) => Err(e),
+        (n, _) if n < usize::from(args.sessions) => {
+            warn!("{n} of {} sessions opened; connections are spread over those", args.sessions);
+            Ok(sessions)
+        }
+        _ => Ok(sessions),
+    }
+}
+
+/// One session of the pool: where to send connections, and how many it carries.
+struct Member {
+    conns: mpsc::Sender<Conn>,
+    active: Arc<AtomicUsize>,
+    id: String,
+}
+
+/// Hands each accepted connection to the session carrying the fewest (the
+/// first of them on a tie); a session that has ended is skipped.
+async fn accept_loop(listener: TcpListener, mut members: Vec<Member>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        members.retain(|m| !m.conns.is_closed());
+        let Some(m) = members.iter().min_by_key(|m| m.active.load(Ordering::Relaxed)) else { return };
+        info!(%peer, session = %m.id, "connection");
+        if m.conns.send(counted(stream, &m.active)).await.is_err() {
+            warn!(%peer, session = %m.id, "the session ended; connection dropped");
+        }
+    }
+}
+
+/// A connection that counts itself in `active` until the session lets go of it.
+fn counted(stream: TcpStream, active: &Arc<AtomicUsize>) -> Conn {
+    let label = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    active.fetch_add(1, Ordering::Relaxed);
+    let reader = Counted { inner: r, active: active.clone() };
+    Conn { io: ConnIo::Stream { reader: Box::new(reader), writer: Box::new(w) }, label }
+}
+
+/// A connection's reading half; dropped when the session is done with the
+/// connection, which then no longer counts.
+struct Counted<R> {
+    inner: R,
+    active: Arc<AtomicUsize>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<R> Drop for Counted<R> {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -3,6 +3,7 @@
 //! server. Everything listens on 127.0.0.1 port 0.
 
 mod forwardkit;
+mod summary;
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -229,4 +230,32 @@ async fn aws_ca_bundle_is_trusted_by_the_api_and_the_websocket() {
     echo_round_trip(addr, 99, 1 << 20).await;
     assert!(emu.shared.counters.websockets.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     stop(guard, stderr);
+}
+
+/// `--sessions 4` under the stock agent's pacing: eight connections spread
+/// over four sessions, two each, every byte echoed intact; each session's
+/// summary shows it carried its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_sessions_carry_eight_connections_two_each() {
+    let echo = echo_server().await;
+    let config = Config { profile: Profile::Stock, ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
+    let emulator = emulator(config).await;
+    let (guard, addr, stderr) = spawn_forward_args(&emulator.endpoint_url(), echo.port(), &[], &["--sessions", "4"]);
+    // All eight connect before any ends, so least-loaded gives each session two.
+    let per_conn = 256 << 10;
+    let tasks: Vec<_> = (0..8u64).map(|i| tokio::spawn(echo_round_trip(addr, 100 + i, per_conn))).collect();
+    let all = async {
+        for t in tasks {
+            t.await.expect("connection task");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), all).await.expect("2 MiB echoed within two minutes");
+    let err = stop(guard, stderr);
+    let summaries = summary::Summary::all(&err);
+    assert_eq!(summaries.len(), 4, "one summary per session:\n{err}");
+    // Two connections of 256 KiB each: at least 512 messages of at most 1 KiB.
+    for s in &summaries {
+        assert!(s.distinct >= 500, "a session carried less than its two connections: {summaries:?}");
+    }
+    assert_eq!(err.matches("ended.").count(), 4, "every session ended cleanly:\n{err}");
 }

@@ -56,8 +56,19 @@ pub fn spawn_forward_to(
     remote_port: u16,
     env: &[(&str, &str)],
 ) -> (ChildGuard, SocketAddr, BufReader<std::process::ChildStderr>) {
+    spawn_forward_args(url, remote_port, env, &[])
+}
+
+/// `forward` against any endpoint URL, with extra environment and arguments.
+pub fn spawn_forward_args(
+    url: &str,
+    remote_port: u16,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (ChildGuard, SocketAddr, BufReader<std::process::ChildStderr>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ssm-proxy"))
         .args(["forward", "--instance-id", INSTANCE, "--remote-port", &remote_port.to_string(), "--local-port", "0"])
+        .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(env.iter().copied())
