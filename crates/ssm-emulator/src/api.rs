@@ -159,7 +159,8 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
         buffer_detached: !shared.config.faults.lossy_reconnect,
     };
     let (tx, rx) = mpsc::channel::<AgentInput>(1024);
-    let entry = Arc::new(SessionEntry::new(session_id.clone(), req.target.clone(), tx, token.clone()));
+    let ordinal = shared.next_ordinal();
+    let entry = Arc::new(SessionEntry::new(session_id.clone(), req.target.clone(), tx, token.clone(), ordinal));
     shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(session_id.clone(), entry.clone());
     info!(session = %session_id, target = %req.target, %document, "StartSession");
     tokio::spawn(async move {

@@ -32,9 +32,21 @@ pub struct Faults {
     /// Lose the agent's frames while no client websocket is attached, instead
     /// of holding them until the client reconnects.
     pub lossy_reconnect: bool,
+    /// Apply the link faults above (drop, duplicate, reorder, delay,
+    /// close_every) only to the n-th session started (1 = the first), so a
+    /// test can hurt one member of several; `None`: every session.
+    pub only_session: Option<u64>,
 }
 
 impl Faults {
+    /// The faults session number `ordinal` (1-based) gets.
+    pub fn for_session(&self, ordinal: u64) -> Faults {
+        if self.only_session.is_none_or(|n| n == ordinal) {
+            return self.clone();
+        }
+        Faults { drop: 0.0, duplicate: 0.0, reorder: 0.0, delay: Duration::ZERO, close_every: None, ..self.clone() }
+    }
+
     pub fn is_active(&self) -> bool {
         self.drop > 0.0 || self.duplicate > 0.0 || self.reorder > 0.0 || !self.delay.is_zero()
     }

@@ -78,6 +78,10 @@ struct Args {
     /// Lose the agent's frames while the client is reconnecting (default: hold them).
     #[arg(long)]
     lossy_reconnect: bool,
+    /// Apply --drop, --duplicate, --reorder, --delay-ms and --close-every only
+    /// to the N-th session started (1 = the first), to hurt one of several.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    fault_session: Option<u64>,
     /// Seed for fault injection.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -114,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
             close_every: args.close_every.map(Duration::from_secs_f64),
             reject_tokens: args.reject_tokens,
             lossy_reconnect: args.lossy_reconnect,
+            only_session: args.fault_session,
         },
         ..Config::default()
     };

@@ -37,16 +37,22 @@ pub struct SessionEntry {
     pub id: String,
     pub target: String,
     pub agent: mpsc::Sender<AgentInput>,
+    /// Which session this is, in StartSession order (1 = the first).
+    pub ordinal: u64,
+    /// Websockets the client attached to this session.
+    pub websockets: AtomicU64,
     tokens: Mutex<HashSet<String>>,
     terminated: AtomicBool,
 }
 
 impl SessionEntry {
-    pub fn new(id: String, target: String, agent: mpsc::Sender<AgentInput>, token: String) -> Self {
+    pub fn new(id: String, target: String, agent: mpsc::Sender<AgentInput>, token: String, ordinal: u64) -> Self {
         SessionEntry {
             id,
             target,
             agent,
+            ordinal,
+            websockets: AtomicU64::new(0),
             tokens: Mutex::new(HashSet::from([token])),
             terminated: AtomicBool::new(false),
         }
@@ -83,6 +89,8 @@ pub struct Shared {
     pub sessions: Mutex<HashMap<String, Arc<SessionEntry>>>,
     pub counters: Counters,
     next_conn: AtomicU64,
+    /// Sessions started so far (the last one's ordinal).
+    started: AtomicU64,
 }
 
 impl Shared {
@@ -92,7 +100,20 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             next_conn: AtomicU64::new(1),
+            started: AtomicU64::new(0),
         }
+    }
+
+    /// The next session's ordinal (1 = the first).
+    pub fn next_ordinal(&self) -> u64 {
+        self.started.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Sessions by ordinal, the first started first.
+    pub fn sessions_in_order(&self) -> Vec<Arc<SessionEntry>> {
+        let mut all: Vec<_> = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        all.sort_by_key(|e| e.ordinal);
+        all
     }
 }
 
@@ -279,7 +300,8 @@ where
         let _ = tx.send(close_msg(CloseCode::Normal, "session ended")).await;
         return;
     }
-    let faults = shared.config.faults.clone();
+    entry.websockets.fetch_add(1, Ordering::Relaxed);
+    let faults = shared.config.faults.for_session(entry.ordinal);
     let seed = shared.config.seed ^ conn;
 
     let down = FaultLine::new(faults.clone(), seed.wrapping_mul(2));
@@ -295,8 +317,8 @@ where
     ));
 
     // Client -> agent, through the fault line, until the socket ends or is recycled.
-    let mut up = FaultLine::new(shared.config.faults.clone(), seed.wrapping_mul(2) + 1);
-    let recycle = shared.config.faults.close_every.map(|d| Instant::now() + d);
+    let mut up = FaultLine::new(faults.clone(), seed.wrapping_mul(2) + 1);
+    let recycle = faults.close_every.map(|d| Instant::now() + d);
     let (up_tx, up_rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let up_task = tokio::spawn(write_up(up_rx, entry.agent.clone()));
     loop {

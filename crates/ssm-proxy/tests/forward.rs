@@ -259,3 +259,26 @@ async fn four_sessions_carry_eight_connections_two_each() {
     }
     assert_eq!(err.matches("ended.").count(), 4, "every session ended cleanly:\n{err}");
 }
+
+/// Faults for one session only (`Faults::only_session`): of two sessions,
+/// only the second has its websocket closed every second; both carry their
+/// connections intact, and only the second reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_hurts_only_the_session_it_is_aimed_at() {
+    let echo = echo_server().await;
+    let faults = Faults { close_every: Some(Duration::from_secs(1)), only_session: Some(2), ..Faults::default() };
+    let config = Config { profile: Profile::Stock, faults, ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
+    let emulator = emulator(config).await;
+    let (guard, addr, stderr) = spawn_forward_args(&emulator.endpoint_url(), echo.port(), &[], &["--sessions", "2"]);
+    // Two connections of 2 MiB, one per session: about 2 s each at the stock pace.
+    let tasks: Vec<_> = (0..2u64).map(|i| tokio::spawn(echo_round_trip(addr, 200 + i, 2 << 20))).collect();
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t).await.expect("echoed in time").expect("connection task");
+    }
+    let sessions = emulator.shared.sessions_in_order();
+    let sockets: Vec<u64> = sessions.iter().map(|s| s.websockets.load(std::sync::atomic::Ordering::Relaxed)).collect();
+    let err = stop(guard, stderr);
+    assert_eq!(sockets.len(), 2, "{err}");
+    assert_eq!(sockets[0], 1, "the first session was left alone: {sockets:?}");
+    assert!(sockets[1] >= 2, "the second session's websocket was recycled: {sockets:?}");
+}
