@@ -60,6 +60,9 @@ pub struct QueueEnds {
 const QUEUE_IN: usize = 16;
 /// Chunks waiting for a local writer, stream or queue.
 const QUEUE_OUT: usize = 256;
+/// Most bytes taken from queue connections in one turn of the driver loop
+/// (a socket connection's reader task reads 16 KiB at a time).
+const QUEUE_BURST: usize = 64 << 10;
 
 impl Conn {
     pub fn from_tcp(stream: tokio::net::TcpStream) -> Conn {
@@ -151,6 +154,34 @@ impl Locals {
                         debug!(conn = %conn.label, "new connection (basic mode)");
                         self.spawn(id, conn);
                     }
+                }
+            }
+        }
+    }
+
+    /// After one chunk from a queue connection: take what else the queue
+    /// connections already hold, up to [`QUEUE_BURST`] bytes, while the
+    /// session takes more. One turn of the driver loop then moves a burst,
+    /// as one read of a socket connection's reader does, instead of one
+    /// chunk per turn.
+    pub(super) fn take_queued(&mut self, port: &mut Port, max_backlog: usize) {
+        let mut budget = QUEUE_BURST;
+        let mut progress = true;
+        while progress && budget > 0 && port.can_take_local(max_backlog) {
+            progress = false;
+            let mut i = 0;
+            while i < self.queued.len() && budget > 0 {
+                let id = self.queued[i].0;
+                match self.queued[i].1.try_recv() {
+                    Ok(b) => {
+                        budget = budget.saturating_sub(b.len());
+                        self.handle_cmd(port, Cmd::Data(id, b));
+                        progress = true;
+                        i += 1;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => i += 1,
+                    // Forgetting it removes it from `queued`: the next one is at `i` now.
+                    Err(mpsc::error::TryRecvError::Disconnected) => self.handle_cmd(port, Cmd::Eof(id)),
                 }
             }
         }
