@@ -159,31 +159,31 @@ impl Locals {
         }
     }
 
-    /// After one chunk from a queue connection: take what else the queue
-    /// connections already hold, up to [`QUEUE_BURST`] bytes, while the
-    /// session takes more. One turn of the driver loop then moves a burst,
-    /// as one read of a socket connection's reader does, instead of one
-    /// chunk per turn.
-    pub(super) fn take_queued(&mut self, port: &mut Port, max_backlog: usize) {
-        let mut budget = QUEUE_BURST;
-        let mut progress = true;
-        while progress && budget > 0 && port.can_take_local(max_backlog) {
-            progress = false;
-            let mut i = 0;
-            while i < self.queued.len() && budget > 0 {
-                let id = self.queued[i].0;
-                match self.queued[i].1.try_recv() {
-                    Ok(b) => {
-                        budget = budget.saturating_sub(b.len());
-                        self.handle_cmd(port, Cmd::Data(id, b));
-                        progress = true;
-                        i += 1;
-                    }
-                    Err(mpsc::error::TryRecvError::Empty) => i += 1,
-                    // Forgetting it removes it from `queued`: the next one is at `i` now.
-                    Err(mpsc::error::TryRecvError::Disconnected) => self.handle_cmd(port, Cmd::Eof(id)),
+    /// A chunk (or the end) of a queue connection, with what else that
+    /// connection has already queued, up to [`QUEUE_BURST`] bytes, handed to
+    /// the session as one write: smux frames each write on its own, so the
+    /// link's 4 KiB writes one by one would make a short frame each (and the
+    /// agent a short write to its target each).
+    pub(super) fn take_queued(&mut self, port: &mut Port, cmd: Cmd) {
+        let Cmd::Data(id, first) = cmd else { return self.handle_cmd(port, cmd) };
+        let Some(at) = self.queued.iter().position(|(i, _)| *i == id) else {
+            return self.handle_cmd(port, Cmd::Data(id, first));
+        };
+        let mut burst: Option<bytes::BytesMut> = None;
+        let mut ended = false;
+        while burst.as_ref().map_or(first.len(), |b| b.len()) < QUEUE_BURST {
+            match self.queued[at].1.try_recv() {
+                Ok(more) => burst.get_or_insert_with(|| bytes::BytesMut::from(&first[..])).extend_from_slice(&more),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    ended = true;
+                    break;
                 }
             }
+        }
+        self.handle_cmd(port, Cmd::Data(id, burst.map_or(first, bytes::BytesMut::freeze)));
+        if ended {
+            self.handle_cmd(port, Cmd::Eof(id));
         }
     }
 

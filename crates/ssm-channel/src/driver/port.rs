@@ -369,8 +369,7 @@ pub async fn run(
             },
             Some(cmd) = cmd_rx.recv(), if accept_local => locals.handle_cmd(&mut port, cmd),
             cmd = next_queued(&mut locals.queued), if accept_local && !locals.queued.is_empty() => {
-                locals.handle_cmd(&mut port, cmd);
-                locals.take_queued(&mut port, config.max_backlog);
+                locals.take_queued(&mut port, cmd);
             }
             permit = reserve(blocked_tx) => locals.unblock(permit),
             _ = sleep_until(timer) => port.handle_timeout(Instant::now().into_std()),
