@@ -106,9 +106,10 @@ impl FlowTable {
     }
 
     /// What `p` asks for. `tcp_known`: the stack carries its TCP flow;
-    /// `tcp_flows`: how many flows the stack carries. `now`: ms since the
-    /// session began.
-    pub fn classify(&mut self, p: &Parsed<'_>, tcp_known: bool, tcp_flows: usize, now: u64) -> Action {
+    /// `tcp_flows`: how many flows the stack carries. `now` reads the ms
+    /// since the session began; only UDP and ping packets need it, so TCP
+    /// (the bulk) does not read the clock.
+    pub fn classify(&mut self, p: &Parsed<'_>, tcp_known: bool, tcp_flows: usize, now: impl FnOnce() -> u64) -> Action {
         match p.l4 {
             L4::Tcp { sport, dport, syn, ack, rst, .. } => {
                 let key = flow_key(p.src, sport, p.dst, dport);
@@ -128,7 +129,7 @@ impl FlowTable {
             L4::Udp { sport, dport, .. } => {
                 let key = flow_key(p.src, sport, p.dst, dport);
                 if let Some(last) = self.udp.get(&key) {
-                    last.store(now, Ordering::Relaxed);
+                    last.store(now(), Ordering::Relaxed);
                     return Action::Udp { key, open: None };
                 }
                 match self.target(p, key.1, "UDP flow") {
@@ -143,7 +144,7 @@ impl FlowTable {
                 let key = (p.src, p.dst, id);
                 match self.echo.get(&key) {
                     Some(last) => {
-                        last.store(now, Ordering::Relaxed);
+                        last.store(now(), Ordering::Relaxed);
                         Action::Echo { key, open: false }
                     }
                     None => Action::Echo { key, open: true },

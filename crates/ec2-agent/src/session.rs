@@ -422,7 +422,7 @@ impl Session {
             L4::Tcp { sport, dport, .. } => self.stack.has_flow(&flow_key(p.src, sport, p.dst, dport)),
             _ => false,
         };
-        match self.flows.classify(&p, tcp_known, self.stack.flow_count(), ms_since(self.epoch)) {
+        match self.flows.classify(&p, tcp_known, self.stack.flow_count(), || ms_since(self.epoch)) {
             Action::ToStack => self.stack.deliver(raw.clone()),
             Action::Ignore => {}
             Action::Dial { key, target } => self.dial(key, target, raw.clone()),

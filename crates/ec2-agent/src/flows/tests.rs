@@ -45,7 +45,7 @@ fn echo(dst: [u8; 4], id: u16) -> Vec<u8> {
 
 fn classify(t: &mut FlowTable, raw: &[u8], tcp_known: bool, now: u64) -> Action {
     let p = packet::parse(raw).expect("a packet");
-    t.classify(&p, tcp_known, 0, now)
+    t.classify(&p, tcp_known, 0, || now)
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -148,5 +148,5 @@ fn the_tcp_flow_limit_counts_dials_under_way() {
     let p_raw = tcp([10, 0, 1, 5], 2, true, false, false);
     let p = packet::parse(&p_raw).expect("packet");
     // One flow in the stack plus one dial under way: the limit of two is reached.
-    assert_eq!(t.classify(&p, false, 1, 0), Action::Refuse(Refusal::Reset));
+    assert_eq!(t.classify(&p, false, 1, || 0), Action::Refuse(Refusal::Reset));
 }
