@@ -125,21 +125,8 @@ fn run_pair_into(seed: u64, upload: usize, download: usize, faults: LinkFaults, 
         if agent.poll_timeout().is_some_and(|t| t <= now) {
             agent.handle_timeout(now);
         }
-        // Transmit.
-        while let Some(f) = client.poll_transmit(now) {
-            link.push(sim, true, f);
-        }
-        while let Some(f) = agent.poll_transmit() {
-            link.push(sim, false, f);
-        }
-        // Deliver what is due.
-        while let Some((to_agent, frame)) = link.pop_due(sim) {
-            if to_agent {
-                agent.handle_frame(now, &frame);
-            } else {
-                client.handle_frame(now, &frame).expect("agent frames are well-formed");
-            }
-        }
+        // Transmit, and deliver what is due.
+        link.exchange(sim, now, &mut client, &mut agent);
         // Applications consume.
         while let Some(ev) = client.poll_event() {
             match ev {

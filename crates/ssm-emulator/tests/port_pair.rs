@@ -161,19 +161,8 @@ fn run(sc: &Scenario) -> Outcome {
                 agent_next_send = sim + Duration::from_millis(1);
             }
         }
-        while let Some(f) = client.poll_transmit(now) {
-            link.push(sim, true, f);
-        }
-        while let Some(f) = agent.poll_transmit() {
-            link.push(sim, false, f);
-        }
-        while let Some((to_agent, frame)) = link.pop_due(sim) {
-            if to_agent {
-                agent.handle_frame(now, &frame);
-            } else {
-                client.handle_frame(now, &frame).expect("agent frames are well-formed");
-            }
-        }
+        // Transmit, and deliver what is due.
+        link.exchange(sim, now, &mut client, &mut agent);
         while let Some(ev) = agent.poll_event() {
             match ev {
                 AgentEvent::HandshakeDone { mode, .. } => {

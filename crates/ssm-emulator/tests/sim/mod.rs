@@ -74,3 +74,52 @@ impl Link {
         }
     }
 }
+
+/// The client end of a simulated link: a session, or a Port machine.
+pub trait Client {
+    fn poll_transmit(&mut self, now: std::time::Instant) -> Option<Vec<u8>>;
+    fn handle_frame(&mut self, now: std::time::Instant, frame: &[u8]);
+}
+
+impl Client for ssm_channel::session::Session {
+    fn poll_transmit(&mut self, now: std::time::Instant) -> Option<Vec<u8>> {
+        ssm_channel::session::Session::poll_transmit(self, now)
+    }
+    fn handle_frame(&mut self, now: std::time::Instant, frame: &[u8]) {
+        ssm_channel::session::Session::handle_frame(self, now, frame).expect("agent frames are well-formed");
+    }
+}
+
+impl Client for ssm_channel::proto::port::Port {
+    fn poll_transmit(&mut self, now: std::time::Instant) -> Option<Vec<u8>> {
+        ssm_channel::proto::port::Port::poll_transmit(self, now)
+    }
+    fn handle_frame(&mut self, now: std::time::Instant, frame: &[u8]) {
+        ssm_channel::proto::port::Port::handle_frame(self, now, frame).expect("agent frames are well-formed");
+    }
+}
+
+impl Link {
+    /// Puts what both ends transmit on the link at `sim`, then delivers what is due.
+    pub fn exchange(
+        &mut self,
+        sim: Duration,
+        now: std::time::Instant,
+        client: &mut impl Client,
+        agent: &mut ssm_emulator::agent::channel::AgentChannel,
+    ) {
+        while let Some(f) = client.poll_transmit(now) {
+            self.push(sim, true, f);
+        }
+        while let Some(f) = agent.poll_transmit() {
+            self.push(sim, false, f);
+        }
+        while let Some((to_agent, frame)) = self.pop_due(sim) {
+            if to_agent {
+                agent.handle_frame(now, &frame);
+            } else {
+                client.handle_frame(now, &frame);
+            }
+        }
+    }
+}
