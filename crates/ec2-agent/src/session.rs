@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use forwarder::fq::FqConfig;
-use forwarder::link::{self, LinkEnd, LinkStats, Stream, TxQueue};
+use forwarder::link::{self, Lane, LinkEnd, LinkStats, Stream, TxQueue};
+use forwarder::stripe::{self, Resequencer};
 use forwarder::timer::LazyTimer;
 use forwarder::wire::{self, caps, Deframer, Frame, Hello, Reason, Role};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -143,7 +144,11 @@ struct Session {
 }
 
 /// What this agent announces in its HELLO.
-const AGENT_CAPS: u32 = caps::PING | caps::IPV6 | caps::ACK;
+const AGENT_CAPS: u32 = caps::PING | caps::IPV6 | caps::ACK | caps::STRIPE;
+
+/// Most connections one striping client may have at once; a further one
+/// replaces the oldest (which its client has most likely given up on).
+const MAX_MEMBERS: usize = 16;
 
 fn ms_since(epoch: Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
@@ -240,10 +245,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The tasks carrying one connection of a session.
+/// The tasks carrying one connection (member) of a session.
 struct LinkTasks {
+    id: u64,
     peer: String,
-    reading: tokio::task::JoinHandle<LinkEnd>,
+    lane: Arc<Lane>,
+    stats: Arc<LinkStats>,
+    reading: tokio::task::JoinHandle<()>,
     writing: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -254,39 +262,160 @@ impl LinkTasks {
     }
 }
 
-/// Start carrying `a` for the session whose packets go to `pkt_tx`.
-fn start_link(
-    a: Attach,
-    queue: &Arc<TxQueue>,
-    stats: &Arc<LinkStats>,
-    pkt_tx: &mpsc::Sender<Bytes>,
-    dropped_in: &Arc<AtomicU64>,
+/// What a session's connections share.
+struct Links {
+    queue: Arc<TxQueue>,
+    pkt_tx: mpsc::Sender<Bytes>,
+    dropped_in: Arc<AtomicU64>,
+    reseq: Arc<Resequencer>,
+    /// Each connection's reader says here how it ended.
+    ends: mpsc::Sender<(u64, LinkEnd)>,
     epoch: Instant,
-) -> LinkTasks {
-    queue.reopen(AGENT_CAPS, a.hello.caps);
-    let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(64);
-    let writing = tokio::spawn(link::write_loop(queue.clone(), ctl_rx, a.writer, 4096, stats.clone()));
-    let (pkt_tx, d) = (pkt_tx.clone(), dropped_in.clone());
-    let reading = tokio::spawn(link::read_loop(
-        a.reader,
-        a.deframer,
+    next_id: u64,
+    live: Vec<LinkTasks>,
+    /// Packets of connections gone, for the totals.
+    done_in: u64,
+    done_out: u64,
+    /// All connections lost: when the flows go unless the client comes back.
+    parked_until: Option<Instant>,
+    resumes: u64,
+    grace: Duration,
+}
+
+impl Links {
+    /// The packets the client sent: into the session's loop, in order.
+    fn sink(&self) -> impl FnMut(Bytes) + Send + 'static {
+        let (pkt_tx, d) = (self.pkt_tx.clone(), self.dropped_in.clone());
         move |p| {
             if pkt_tx.try_send(p).is_err() {
                 d.fetch_add(1, Ordering::Relaxed);
             }
-        },
-        ctl_tx,
-        queue.clone(),
-        stats.clone(),
-        epoch,
-    ));
-    LinkTasks { peer: a.peer, reading, writing }
-}
+        }
+    }
 
-async fn link_end(link: &mut Option<LinkTasks>) -> LinkEnd {
-    match link.as_mut() {
-        Some(l) => (&mut l.reading).await.unwrap_or(LinkEnd::Eof),
-        None => std::future::pending().await,
+    /// Start carrying `a` as one more connection of the session.
+    fn start(&mut self, a: Attach) {
+        let lane = Lane::new(AGENT_CAPS, a.hello.caps);
+        let stats = Arc::new(LinkStats::default());
+        let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(64);
+        let writing =
+            tokio::spawn(link::write_loop(self.queue.clone(), lane.clone(), ctl_rx, a.writer, 4096, stats.clone()));
+        let (reseq, mut sink) = (self.reseq.clone(), self.sink());
+        let id = self.next_id;
+        self.next_id += 1;
+        let reader = link::read_loop(
+            a.reader,
+            a.deframer,
+            move |seq, p| reseq.deliver(seq, p, &mut sink),
+            ctl_tx,
+            lane.clone(),
+            stats.clone(),
+            self.epoch,
+        );
+        let ends = self.ends.clone();
+        let reading = tokio::spawn(async move {
+            let end = reader.await;
+            let _ = ends.send((id, end)).await;
+        });
+        self.live.push(LinkTasks { id, peer: a.peer, lane, stats, reading, writing });
+        if self.live.len() > MAX_MEMBERS {
+            let oldest = self.live.remove(0);
+            warn!(client = %oldest.peer, "more than {MAX_MEMBERS} connections of one client: dropping the oldest");
+            self.retire(oldest);
+        }
+    }
+
+    /// Stop a connection's tasks and count its packets.
+    fn retire(&mut self, l: LinkTasks) {
+        l.lane.abandon();
+        l.abort();
+        self.done_in += l.stats.received.read().0;
+        self.done_out += l.stats.sent.read().0;
+        let mut sink = self.sink();
+        self.reseq.flush(&mut sink);
+    }
+
+    /// A new connection of the client: one more member if it stripes, else
+    /// the one that takes over from all others.
+    fn join(&mut self, a: Attach, s: &mut Session) {
+        let joins = a.hello.caps & caps::STRIPE != 0;
+        if joins && self.parked_until.is_none() {
+            info!(client = %a.peer, connections = self.live.len() + 1, "client added a connection");
+        } else {
+            // The client is back (or replaced a connection we still thought alive).
+            if !joins {
+                self.retire_all();
+            }
+            self.resumes += 1;
+            info!(client = %a.peer, resumes = self.resumes, tcp_flows = s.stack.flow_count(), udp_flows = s.flows.udp_flows(), "client resumed its session");
+        }
+        self.parked_until = None;
+        s.flows.set_dns(a.hello.dns.clone());
+        s.dns_domains = domains_of(&a.hello);
+        self.start(a);
+    }
+
+    /// Connection `id`'s reader ended with `end`: `Some` if the session ends
+    /// with it (a GOODBYE, or the last one lost without a grace period).
+    fn ended(&mut self, id: u64, end: LinkEnd) -> Option<LinkEnd> {
+        if !self.live.iter().any(|l| l.id == id) {
+            return None; // retired already
+        }
+        let last = self.live.len() == 1;
+        // The session ends: the closing at its end answers this connection too.
+        if matches!(end, LinkEnd::Goodbye { .. }) || (last && self.grace.is_zero()) {
+            return Some(end);
+        }
+        let old = self.take(id)?;
+        let peer = old.peer.clone();
+        self.retire(old);
+        if self.live.is_empty() {
+            info!(client = %peer, grace = ?self.grace, "connection lost ({end}); keeping the flows for the client to come back");
+            self.parked_until = Some(Instant::now() + self.grace);
+        } else {
+            info!(client = %peer, connections = self.live.len(), "one of the client's connections ended ({end}); the others carry on");
+        }
+        None
+    }
+
+    /// The session ends: a GOODBYE on every connection still up.
+    async fn close_all(&mut self) {
+        for l in std::mem::take(&mut self.live) {
+            l.lane.close();
+            l.reading.abort();
+            let _ = tokio::time::timeout(Duration::from_secs(2), l.writing).await;
+        }
+    }
+
+    /// Every connection goes (a client that does not stripe took over).
+    fn retire_all(&mut self) {
+        for l in std::mem::take(&mut self.live) {
+            self.retire(l);
+        }
+    }
+
+    fn take(&mut self, id: u64) -> Option<LinkTasks> {
+        let i = self.live.iter().position(|l| l.id == id)?;
+        Some(self.live.remove(i))
+    }
+
+    /// The reorder bound from the connections' RTTs.
+    fn update_bound(&self) {
+        let rtts: Vec<Duration> = self
+            .live
+            .iter()
+            .map(|l| l.stats.min_rtt_us.load(Ordering::Relaxed))
+            .filter(|&us| us > 0)
+            .map(Duration::from_micros)
+            .collect();
+        if !rtts.is_empty() {
+            self.reseq.set_bound(stripe::bound_for(&rtts));
+        }
+    }
+
+    fn packets(&self) -> (u64, u64) {
+        let live = self.live.iter().map(|l| (l.stats.received.read().0, l.stats.sent.read().0));
+        live.fold((self.done_in, self.done_out), |(i, o), (a, b)| (i + a, o + b))
     }
 }
 
@@ -297,19 +426,20 @@ async fn sleep_until(t: Option<Instant>) {
     }
 }
 
-/// One client's flows, across the connections that carry them: when a
-/// connection is lost (not ended with GOODBYE), the flows wait `config.grace`
-/// for the same client to come back through [`serve`].
+/// One client's flows, across the connections that carry them: a client that
+/// stripes has several at once; when all are lost (not ended with GOODBYE),
+/// the flows wait `config.grace` for the same client to come back through
+/// [`serve`].
 async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: Arc<AgentConfig>) {
     let mtu = wire::negotiate_mtu(config.mtu, first.hello.mtu);
-    info!(client = %first.peer, software = %first.hello.software, mtu, "client connected");
+    let striped = first.hello.caps & caps::STRIPE != 0;
+    info!(client = %first.peer, software = %first.hello.software, mtu, striped, "client connected");
     let queue = TxQueue::new(FqConfig::default());
-    let stats = Arc::new(LinkStats::default());
     let (pkt_tx, mut pkt_rx) = mpsc::channel::<Bytes>(4096);
-    let dropped_in = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
     let wake = Arc::new(Notify::new());
     let (ev_tx, mut ev_rx) = mpsc::channel(256);
+    let (ends_tx, mut ends_rx) = mpsc::channel(MAX_MEMBERS);
     let grace = config.grace;
     let mut s = Session {
         stack: Stack::new(queue.clone(), mtu as usize, wake.clone()),
@@ -323,9 +453,26 @@ async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: 
         dns_domains: domains_of(&first.hello),
     };
     let first_peer = first.peer.clone();
-    let mut link = Some(start_link(first, &queue, &stats, &pkt_tx, &dropped_in, epoch));
-    let mut parked_until: Option<Instant> = None;
-    let mut resumes = 0u64;
+    let mut links = Links {
+        queue: queue.clone(),
+        pkt_tx,
+        dropped_in: Arc::new(AtomicU64::new(0)),
+        reseq: Arc::new(Resequencer::default()),
+        ends: ends_tx,
+        epoch,
+        next_id: 0,
+        live: Vec::new(),
+        done_in: 0,
+        done_out: 0,
+        parked_until: None,
+        resumes: 0,
+        grace,
+    };
+    let expiry = tokio::spawn({
+        let (reseq, sink) = (links.reseq.clone(), links.sink());
+        async move { reseq.expire(sink).await }
+    });
+    links.start(first);
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
     // The stack's next timer; without one, a look at it once a second.
     let mut stack_timer = LazyTimer::new();
@@ -342,58 +489,44 @@ async fn run_session(first: Attach, mut attach: mpsc::Receiver<Attach>, config: 
                     }
                 }
             }
-            Some(a) = attach.recv() => {
-                // The client is back (or replaced a connection we still thought alive).
-                if let Some(old) = link.take() {
-                    old.abort();
-                }
-                resumes += 1;
-                parked_until = None;
-                info!(client = %a.peer, resumes, tcp_flows = s.stack.flow_count(), udp_flows = s.flows.udp_flows(), "client resumed its session");
-                s.flows.set_dns(a.hello.dns.clone());
-                s.dns_domains = domains_of(&a.hello);
-                link = Some(start_link(a, &queue, &stats, &pkt_tx, &dropped_in, epoch));
-            }
-            end = link_end(&mut link) => {
-                let old = link.take();
-                queue.close();
-                let mut peer = String::new();
-                if let Some(old) = old {
-                    peer = old.peer;
-                    let _ = tokio::time::timeout(Duration::from_secs(2), old.writing).await;
-                }
-                if matches!(end, LinkEnd::Goodbye { .. }) || grace.is_zero() {
+            Some(a) = attach.recv() => links.join(a, &mut s),
+            Some((id, end)) = ends_rx.recv() => {
+                if let Some(end) = links.ended(id, end) {
                     break end;
                 }
-                info!(client = %peer, grace = ?grace, "connection lost ({end}); keeping the flows for the client to come back");
-                parked_until = Some(Instant::now() + grace);
             }
-            () = sleep_until(parked_until) => {
+            () = sleep_until(links.parked_until) => {
                 break LinkEnd::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the client did not come back within {grace:?}")));
             }
             Some((key, result, syn)) = ev_rx.recv() => s.connected(key, result, syn),
             () = wake.notified() => {}
             () = queue.room() => {}
             () = stack_timer.fired() => {}
-            _ = sweep.tick() => s.expire_udp(),
+            _ = sweep.tick() => {
+                s.expire_udp();
+                links.update_bound();
+            }
         }
         delay = s.stack.poll();
     };
-    if let Some(l) = link.take() {
-        l.abort();
-    }
+    expiry.abort();
+    links.close_all().await;
     let q = queue.stats();
+    let (packets_in, packets_out) = links.packets();
+    let r = links.reseq.stats();
     info!(
         client = %first_peer,
         dropped_codel = q.dropped_codel,
         dropped_overflow = q.dropped_overflow,
         tcp_flows = s.stack.opened,
-        packets_in = stats.received.read().0,
-        packets_out = stats.sent.read().0,
+        packets_in,
+        packets_out,
         denied = s.flows.denied,
         dns_flows = s.flows.dns_queries,
-        resumes,
-        dropped_in = dropped_in.load(Ordering::Relaxed),
+        resumes = links.resumes,
+        dropped_in = links.dropped_in.load(Ordering::Relaxed),
+        reordered = r.held,
+        reorder_skipped = r.skipped,
         "client disconnected: {end}"
     );
 }

@@ -6,6 +6,7 @@
 //! - [`fq`]: FQ-CoDel, so interactive flows are not stuck behind bulk transfers.
 //! - [`window`]: the ack-clocked send window that keeps queues out of the SSM path.
 //! - [`link`]: queue-draining writer and frame reader shared by both ends.
+//! - [`reorder`], [`stripe`]: a striped link's packets back in order.
 //! - [`timer`]: a loop timer that re-arms without waking tokio's driver.
 //! - [`dns`]: split DNS on the laptop end (only configured domains go through).
 //!
@@ -16,6 +17,8 @@ pub mod dns;
 pub mod fq;
 pub mod ip;
 pub mod link;
+pub mod reorder;
+pub mod stripe;
 pub mod timer;
 pub mod window;
 pub mod wire;

@@ -125,27 +125,90 @@ pub struct LinkStats {
     pub window: AtomicU64,
     /// Bytes sent and not yet acknowledged.
     pub in_flight: AtomicU64,
+    /// The send window's delivery-rate estimate, bytes per second (0 = none).
+    pub rate: AtomicU64,
+    /// The send window's minimum RTT (write to ack), microseconds (0 = none).
+    pub min_rtt_us: AtomicU64,
     /// Reads that returned data: unchanging while PINGs go out means the peer
     /// stopped answering.
     pub reads: AtomicU64,
 }
 
-/// Packets waiting to enter the stream.
+/// One connection's share of the link: its acknowledgements, its writer's
+/// wake-ups and its end. A striped link has several lanes draining one
+/// [`TxQueue`]; a plain link has one (a new one for each connection).
 #[derive(Debug)]
-pub struct TxQueue {
-    fq: Mutex<FqCodel>,
+pub struct Lane {
     ready: Notify,
     closed: AtomicBool,
-    /// Closed without GOODBYE (the link is being replaced, not ended).
+    /// Closed without GOODBYE (the connection is being replaced, not ended).
     quiet: AtomicBool,
-    /// Both ends acknowledge (set after the HELLOs, before the loops start).
-    acks: AtomicBool,
+    /// Both ends acknowledge.
+    acks: bool,
+    /// Both ends stripe: packets go as SEQ frames.
+    striped: bool,
     /// PACKET bytes the peer has acknowledged (updated by the reader).
     peer_acked: AtomicU64,
     /// PACKET bytes read from the peer, to acknowledge (updated by the reader).
     received: AtomicU64,
-    /// Queued bytes above which [`TxQueue::has_room`] says no (set by the writer
-    /// from the window's rate estimate).
+    /// Queued bytes this lane's writer wants waiting for it (its rate times HOLD).
+    hold: AtomicUsize,
+}
+
+impl Lane {
+    /// A lane whose features are what both HELLOs' capabilities share.
+    pub fn new(ours: u32, theirs: u32) -> Arc<Lane> {
+        let both = ours & theirs;
+        Arc::new(Lane {
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+            quiet: AtomicBool::new(false),
+            acks: both & caps::ACK != 0,
+            striped: both & caps::STRIPE != 0,
+            peer_acked: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            hold: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn acks(&self) -> bool {
+        self.acks
+    }
+
+    pub fn striped(&self) -> bool {
+        self.striped
+    }
+
+    /// Wake the writer so it sends GOODBYE and stops.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
+    /// Stop the writer without GOODBYE: the peer is to treat the connection as
+    /// lost (and keep its flows for us), not as ended.
+    pub fn abandon(&self) {
+        self.quiet.store(true, Ordering::Release);
+        self.close();
+    }
+}
+
+/// What the queue's lock guards.
+#[derive(Debug)]
+struct Inner {
+    fq: FqCodel,
+    /// The lanes whose writers drain the queue: each is woken by a new packet.
+    lanes: Vec<Arc<Lane>>,
+    /// The number of the next packet a striped lane takes.
+    next_seq: u32,
+}
+
+/// Packets waiting to enter the stream (or, striped, any of the streams).
+#[derive(Debug)]
+pub struct TxQueue {
+    inner: Mutex<Inner>,
+    /// Queued bytes above which [`TxQueue::has_room`] says no (the sum of the
+    /// lanes' holds, from their writers' rate estimates).
     limit: AtomicUsize,
     /// A producer found no room and waits for [`TxQueue::room`].
     blocked: AtomicBool,
@@ -155,13 +218,7 @@ pub struct TxQueue {
 impl TxQueue {
     pub fn new(config: FqConfig) -> Arc<Self> {
         Arc::new(TxQueue {
-            fq: Mutex::new(FqCodel::new(config)),
-            ready: Notify::new(),
-            closed: AtomicBool::new(false),
-            quiet: AtomicBool::new(false),
-            acks: AtomicBool::new(false),
-            peer_acked: AtomicU64::new(0),
-            received: AtomicU64::new(0),
+            inner: Mutex::new(Inner { fq: FqCodel::new(config), lanes: Vec::new(), next_seq: 0 }),
             limit: AtomicUsize::new(usize::MAX),
             blocked: AtomicBool::new(false),
             space: Notify::new(),
@@ -180,90 +237,106 @@ impl TxQueue {
         false
     }
 
-    /// Queued bytes above which [`TxQueue::has_room`] says no (the writer sets
-    /// it from its rate estimate; `usize::MAX` until then, and without acks).
+    /// Queued bytes above which [`TxQueue::has_room`] says no (the writers set
+    /// it from their rate estimates; `usize::MAX` until then, and without acks).
     pub fn set_limit(&self, bytes: usize) {
         self.limit.store(bytes, Ordering::Relaxed);
     }
 
-    /// Completes once the writer has taken packets after [`TxQueue::has_room`]
+    /// Completes once a writer has taken packets after [`TxQueue::has_room`]
     /// said no.
     pub async fn room(&self) {
         self.space.notified().await;
     }
 
-    /// Turn on acknowledgements and the send window if both HELLOs carry
-    /// [`caps::ACK`]. Call before starting the loops.
-    pub fn negotiate(&self, ours: u32, theirs: u32) {
-        self.acks.store(ours & theirs & caps::ACK != 0, Ordering::Release);
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Make the queue ready for a new link (after [`TxQueue::close`] and the old
-    /// loops' end): open again, ack counters back to zero, capabilities
-    /// negotiated afresh. Queued packets stay and go out on the new link.
-    pub fn reopen(&self, ours: u32, theirs: u32) {
-        self.peer_acked.store(0, Ordering::Release);
-        self.received.store(0, Ordering::Release);
-        self.negotiate(ours, theirs);
-        self.quiet.store(false, Ordering::Release);
-        self.closed.store(false, Ordering::Release);
+    /// `lane`'s writer drains this queue from now on (until [`TxQueue::detach`]).
+    pub fn attach(&self, lane: &Arc<Lane>) {
+        self.lock().lanes.push(lane.clone());
     }
 
-    pub fn acks(&self) -> bool {
-        self.acks.load(Ordering::Acquire)
+    pub fn detach(&self, lane: &Arc<Lane>) {
+        let mut g = self.lock();
+        g.lanes.retain(|l| !Arc::ptr_eq(l, lane));
+        let holds: usize = g.lanes.iter().map(|l| l.hold.load(Ordering::Relaxed)).sum();
+        drop(g);
+        if holds > 0 {
+            self.set_limit(holds);
+        }
     }
 
-    fn lock(&self) -> MutexGuard<'_, FqCodel> {
-        self.fq.lock().unwrap_or_else(|p| p.into_inner())
+    /// Writers draining the queue.
+    pub fn lanes(&self) -> usize {
+        self.lock().lanes.len()
+    }
+
+    fn wake_lanes(inner: &Inner) {
+        for l in &inner.lanes {
+            l.ready.notify_one();
+        }
     }
 
     pub fn push(&self, packet: Bytes) {
-        self.lock().enqueue(Instant::now(), packet);
-        self.ready.notify_one();
+        let mut g = self.lock();
+        g.fq.enqueue(Instant::now(), packet);
+        Self::wake_lanes(&g);
     }
 
     /// [`TxQueue::push`] for a producer that holds back when [`TxQueue::has_room`]
     /// says no: CoDel does not drop its packets (see [`FqCodel::enqueue_held`]).
     pub fn push_held(&self, packet: Bytes) {
-        self.lock().enqueue_held(Instant::now(), packet);
-        self.ready.notify_one();
+        let mut g = self.lock();
+        g.fq.enqueue_held(Instant::now(), packet);
+        Self::wake_lanes(&g);
     }
 
     pub fn stats(&self) -> QueueStats {
-        self.lock().stats()
+        self.lock().fq.stats()
     }
 
     pub fn queued_bytes(&self) -> usize {
-        self.lock().bytes()
+        self.lock().fq.bytes()
     }
 
-    /// Wake the writer so it sends GOODBYE and stops.
-    pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.ready.notify_one();
+    /// Publishes `lane`'s hold and makes the limit the sum of all lanes'.
+    fn set_hold(&self, lane: &Lane, hold: usize) {
+        lane.hold.store(hold, Ordering::Relaxed);
+        let g = self.lock();
+        let total =
+            if g.lanes.len() <= 1 { hold } else { g.lanes.iter().map(|l| l.hold.load(Ordering::Relaxed)).sum() };
+        drop(g);
+        self.set_limit(total);
     }
+}
 
-    /// Stop the writer without GOODBYE: the peer is to treat the link as lost
-    /// (and keep its flows for us), not as ended.
-    pub fn abandon(&self) {
-        self.quiet.store(true, Ordering::Release);
-        self.close();
+/// Detaches a writer's lane from its queue however the writer ends.
+struct Attached<'a>(&'a TxQueue, &'a Arc<Lane>);
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        self.0.detach(self.1);
     }
 }
 
 /// Write queued packets (coalesced, at most `batch` bytes per write) and control
-/// frames into `writer` until the queue is closed; then a GOODBYE. With acks on,
+/// frames into `writer` until `lane` is closed; then a GOODBYE. With acks on,
 /// an ACK goes out whenever more has been read, and packets only while the
-/// window has room.
+/// window has room. Striped, every packet taken gets the queue's next number.
 pub async fn write_loop(
     queue: Arc<TxQueue>,
+    lane: Arc<Lane>,
     mut control: mpsc::Receiver<Frame>,
     mut writer: impl Outlet,
     batch: usize,
     stats: Arc<LinkStats>,
 ) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(batch + wire::MAX_BODY);
-    let acks = queue.acks();
+    queue.attach(&lane);
+    let _attached = Attached(&queue, &lane);
+    let acks = lane.acks;
     let mut acking =
         Acking { window: Window::new(Instant::now(), batch), ack_sent: 0, ack_due: None, logged: Instant::now() };
     let mut ack_timer = LazyTimer::new();
@@ -274,7 +347,7 @@ pub async fn write_loop(
         }
         let now = Instant::now();
         let room = if acks {
-            if !acking.window.on_ack(queue.peer_acked.load(Ordering::Acquire), now) {
+            if !acking.window.on_ack(lane.peer_acked.load(Ordering::Acquire), now) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     "the peer acknowledged more than was sent",
@@ -296,26 +369,33 @@ pub async fn write_loop(
         };
         let mut packet_bytes = 0;
         if let Some((limit, next)) = take {
-            let mut fq = queue.lock();
+            let mut g = queue.lock();
             while packet_bytes < limit {
-                let Some(p) = next(&mut fq, now) else { break };
+                let Some(p) = next(&mut g.fq, now) else { break };
                 stats.sent.add(p.len());
-                packet_bytes += wire::HEADER_LEN + p.len();
-                wire::encode_packet(&p, &mut out);
+                if lane.striped {
+                    let seq = g.next_seq;
+                    g.next_seq = seq.wrapping_add(1);
+                    packet_bytes += wire::HEADER_LEN + wire::SEQ_LEN + p.len();
+                    wire::encode_seq_packet(seq, &p, &mut out);
+                } else {
+                    packet_bytes += wire::HEADER_LEN + p.len();
+                    wire::encode_packet(&p, &mut out);
+                }
             }
         }
         if packet_bytes > 0 && queue.blocked.swap(false, Ordering::AcqRel) {
             queue.space.notify_one();
         }
         if acks {
-            acking.after_send(&queue, &stats, packet_bytes, now, &mut out);
+            acking.after_send(&queue, &lane, &stats, packet_bytes, now, &mut out);
         }
         if !out.is_empty() {
             writer.put(out.split().freeze()).await?;
             continue;
         }
-        if queue.closed.load(Ordering::Acquire) {
-            if queue.quiet.load(Ordering::Acquire) {
+        if lane.closed.load(Ordering::Acquire) {
+            if lane.quiet.load(Ordering::Acquire) {
                 return Ok(());
             }
             out.clear();
@@ -325,7 +405,7 @@ pub async fn write_loop(
         }
         ack_timer.arm(acking.ack_due);
         tokio::select! {
-            () = queue.ready.notified() => {}
+            () = lane.ready.notified() => {}
             () = ack_timer.fired() => {}
             f = control.recv() => match f {
                 Some(f) => {
@@ -334,8 +414,8 @@ pub async fn write_loop(
                     writer.put(out.split().freeze()).await?;
                 }
                 None => {
-                    // Control side gone: finish what is queued, then stop.
-                    queue.close();
+                    // Control side gone: stop.
+                    lane.close();
                 }
             },
         }
@@ -359,6 +439,7 @@ impl Acking {
     fn after_send(
         &mut self,
         queue: &TxQueue,
+        lane: &Lane,
         stats: &LinkStats,
         packet_bytes: usize,
         now: Instant,
@@ -368,9 +449,11 @@ impl Acking {
         window.on_send(packet_bytes, now);
         // Let producers that can wait keep about HOLD of sending queued.
         let hold = (window.rate() * HOLD.as_secs_f64()) as usize;
-        queue.set_limit(hold.clamp(MIN_HOLD, MAX_HOLD));
+        queue.set_hold(lane, hold.clamp(MIN_HOLD, MAX_HOLD));
         stats.window.store(window.cwnd() as u64, Ordering::Relaxed);
         stats.in_flight.store(window.in_flight(), Ordering::Relaxed);
+        stats.rate.store(window.rate() as u64, Ordering::Relaxed);
+        stats.min_rtt_us.store(window.min_rtt().map_or(0, |d| d.as_micros() as u64), Ordering::Relaxed);
         if now.duration_since(self.logged) >= Duration::from_secs(1) && packet_bytes > 0 {
             self.logged = now;
             tracing::debug!(
@@ -382,7 +465,7 @@ impl Acking {
                 "send window"
             );
         }
-        let unacked = queue.received.load(Ordering::Acquire) - self.ack_sent;
+        let unacked = lane.received.load(Ordering::Acquire) - self.ack_sent;
         if unacked > 0 && (!out.is_empty() || unacked >= ACK_EVERY || self.ack_due.is_some_and(|d| now >= d)) {
             self.ack_sent += unacked;
             wire::encode(&Frame::Ack(self.ack_sent), out);
@@ -422,19 +505,20 @@ pub enum LinkEnd {
     UnexpectedHello,
 }
 
-/// Read frames until the stream ends: packets go to `on_packet`, PINGs are answered
-/// through `control`, PONGs update the RTT, ACKs open `queue`'s window, and what
-/// was read is acknowledged through `queue`'s writer.
+/// Read frames until the stream ends: packets go to `on_packet` (with their
+/// number if striped), PINGs are answered through `control`, PONGs update the
+/// RTT, ACKs open `lane`'s window, and what was read is acknowledged through
+/// `lane`'s writer.
 pub async fn read_loop(
     mut reader: impl Inlet,
     mut deframer: Deframer,
-    mut on_packet: impl FnMut(Bytes),
+    mut on_packet: impl FnMut(Option<u32>, Bytes),
     control: mpsc::Sender<Frame>,
-    queue: Arc<TxQueue>,
+    lane: Arc<Lane>,
     stats: Arc<LinkStats>,
     epoch: Instant,
 ) -> LinkEnd {
-    let acks = queue.acks();
+    let acks = lane.acks;
     loop {
         let mut read = 0u64;
         loop {
@@ -443,11 +527,16 @@ pub async fn read_loop(
                 Ok(Some(Frame::Packet(p))) => {
                     stats.received.add(p.len());
                     read += (wire::HEADER_LEN + p.len()) as u64;
-                    on_packet(p);
+                    on_packet(None, p);
+                }
+                Ok(Some(Frame::Seq { seq, packet })) => {
+                    stats.received.add(packet.len());
+                    read += (wire::HEADER_LEN + wire::SEQ_LEN + packet.len()) as u64;
+                    on_packet(Some(seq), packet);
                 }
                 Ok(Some(Frame::Ack(n))) => {
-                    queue.peer_acked.fetch_max(n, Ordering::AcqRel);
-                    queue.ready.notify_one();
+                    lane.peer_acked.fetch_max(n, Ordering::AcqRel);
+                    lane.ready.notify_one();
                 }
                 Ok(Some(Frame::Ping(t))) => {
                     let _ = control.try_send(Frame::Pong(t));
@@ -464,8 +553,8 @@ pub async fn read_loop(
             }
         }
         if acks && read > 0 {
-            queue.received.fetch_add(read, Ordering::AcqRel);
-            queue.ready.notify_one();
+            lane.received.fetch_add(read, Ordering::AcqRel);
+            lane.ready.notify_one();
         }
         match reader.fill(&mut deframer).await {
             Ok(false) => return LinkEnd::Eof,

@@ -32,6 +32,10 @@ pub const T_PONG: u8 = 0x04;
 pub const T_GOODBYE: u8 = 0x05;
 pub const T_ACK: u8 = 0x06;
 pub const T_STATUS: u8 = 0x07;
+pub const T_SEQ: u8 = 0x08;
+
+/// Bytes a SEQ frame adds to its packet beyond the header: the sequence number.
+pub const SEQ_LEN: usize = 4;
 
 /// Who sent a HELLO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +56,13 @@ pub mod caps {
     /// Client only: this connection asks for the agent's status (one STATUS
     /// frame after the HELLOs) and carries no packets.
     pub const QUERY: u32 = 1 << 3;
+    /// Striping: the client carries one tunnel over several connections (SSM
+    /// sessions) with the same client id. A connection whose HELLO carries it
+    /// joins the client's running session as one more member instead of taking
+    /// its flows over, and when both HELLOs carry it, packets travel as SEQ
+    /// frames (one sequence per direction across all members) so that the
+    /// receiver can put them back in order.
+    pub const STRIPE: u32 = 1 << 4;
 }
 
 /// Optional HELLO fields, as `type: u8, length: u8, value`.
@@ -117,6 +128,11 @@ impl Reason {
 pub enum Frame {
     Hello(Hello),
     Packet(Bytes),
+    /// A packet of a striped link with its place in the sender's sequence.
+    Seq {
+        seq: u32,
+        packet: Bytes,
+    },
     Ping(u64),
     Pong(u64),
     /// Cumulative bytes of PACKET frames (headers included) read so far.
@@ -159,6 +175,7 @@ fn put_header(out: &mut BytesMut, kind: u8, len: usize) {
 pub fn encode(frame: &Frame, out: &mut BytesMut) {
     match frame {
         Frame::Packet(p) => encode_packet(p, out),
+        Frame::Seq { seq, packet } => encode_seq_packet(*seq, packet, out),
         Frame::Ping(t) => {
             put_header(out, T_PING, 8);
             out.put_u64(*t);
@@ -236,6 +253,15 @@ pub fn encode_packet(packet: &[u8], out: &mut BytesMut) {
     let p = &packet[..packet.len().min(MAX_BODY)];
     out.reserve(HEADER_LEN + p.len());
     put_header(out, T_PACKET, p.len());
+    out.put_slice(p);
+}
+
+/// Append one SEQ frame: `packet` as number `seq` of a striped link.
+pub fn encode_seq_packet(seq: u32, packet: &[u8], out: &mut BytesMut) {
+    let p = &packet[..packet.len().min(MAX_BODY - SEQ_LEN)];
+    out.reserve(HEADER_LEN + SEQ_LEN + p.len());
+    put_header(out, T_SEQ, SEQ_LEN + p.len());
+    out.put_u32(seq);
     out.put_slice(p);
 }
 
@@ -348,6 +374,8 @@ impl Deframer {
         // Check what can be checked before the body arrives.
         match kind {
             T_HELLO | T_PACKET | T_GOODBYE | T_STATUS => {}
+            T_SEQ if len > SEQ_LEN => {}
+            T_SEQ => return Err(WireError::BadLength { kind, len, expected: "at least 5" }),
             T_PING | T_PONG | T_ACK if len == 8 => {}
             T_PING | T_PONG | T_ACK => return Err(WireError::BadLength { kind, len, expected: "8" }),
             other => return Err(WireError::UnknownType(other)),
@@ -360,6 +388,11 @@ impl Deframer {
         Ok(Some(match kind {
             T_PACKET if body.is_empty() => return Err(WireError::EmptyPacket),
             T_PACKET => Frame::Packet(body),
+            T_SEQ => {
+                let mut body = body;
+                let seq = body.get_u32();
+                Frame::Seq { seq, packet: body }
+            }
             T_PING => Frame::Ping(u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8]))),
             T_PONG => Frame::Pong(u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8]))),
             T_ACK => Frame::Ack(u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8]))),

@@ -13,6 +13,7 @@
 //! dns_auto = true                 # optional
 //! agent_port = 7301               # optional
 //! rotate_after = "55m"            # optional
+//! sessions = 4                    # optional: member sessions to stripe over (1-16)
 //! ```
 
 use std::collections::BTreeMap;
@@ -49,6 +50,7 @@ struct Raw {
     #[serde(default)]
     dns_auto: bool,
     agent_port: Option<u16>,
+    sessions: Option<u16>,
 }
 
 /// One validated `[tunnel.NAME]` table.
@@ -65,6 +67,8 @@ pub struct Tunnel {
     pub dns_domains: Vec<Domain>,
     pub dns_auto: bool,
     pub agent_port: Option<u16>,
+    /// Member sessions to stripe the tunnel over.
+    pub sessions: Option<u16>,
     /// The file and line it was defined at, for messages.
     pub source: String,
     /// The file it was defined in.
@@ -174,6 +178,9 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Vec<Tunnel>> {
         if raw.agent_port == Some(0) {
             return Err(fail("agent_port: 0 is not a port".into()));
         }
+        if raw.sessions.is_some_and(|n| !(1..=MAX_SESSIONS).contains(&n)) {
+            return Err(fail(format!("sessions: between 1 and {MAX_SESSIONS}")));
+        }
         out.push(Tunnel {
             name,
             instance_ids,
@@ -185,12 +192,16 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Vec<Tunnel>> {
             dns_domains,
             dns_auto: raw.dns_auto,
             agent_port: raw.agent_port,
+            sessions: raw.sessions,
             source,
             file: path.to_path_buf(),
         });
     }
     Ok(out)
 }
+
+/// Most member sessions one tunnel stripes over.
+pub const MAX_SESSIONS: u16 = 16;
 
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1

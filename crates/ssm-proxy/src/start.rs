@@ -4,9 +4,8 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::aws::{AwsOptions, SsmApi};
 use crate::daemon::link::{ClientConfig, ClientHandle};
@@ -23,7 +22,7 @@ use tunnel::{Device, TunConfig};
 use crate::daemon::platform::{Platform, System, TunnelDevice};
 
 use crate::config;
-use crate::daemon::control::{self, Counter, Status};
+use crate::daemon::control::{self, Status};
 use crate::daemon::dns;
 use crate::daemon::uplink::{connect_first, supervise, Candidates, LinkState, Target};
 use crate::ssm::{parse_instance_id, shutdown_signal};
@@ -109,6 +108,14 @@ pub struct StartArgs {
     /// hosted zones of the instance's VPC through the tunnel.
     #[arg(long)]
     dns_auto: bool,
+    /// SSM sessions to stripe the tunnel over [default: 4]. The stock SSM agent
+    /// sends about 1 MB/s per session; the packets of even one connection are
+    /// spread over all N and put back in order, so N sessions carry about N MB/s,
+    /// and a ping need not wait behind a download. 1 keeps one session. Each is
+    /// an ordinary session (CloudTrail shows N); an ec2-agent that cannot stripe
+    /// gets one.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=i64::from(config::MAX_SESSIONS)))]
+    sessions: Option<u16>,
 }
 
 pub fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -134,6 +141,9 @@ fn parse_domain(s: &str) -> Result<Domain, String> {
 const DETACHED_ENV: &str = "SSM_PROXY_DETACHED";
 
 /// Unanswered data for this long makes `status` say the link is stalled.
+/// Member sessions a tunnel stripes over unless told.
+const DEFAULT_SESSIONS: u16 = 4;
+
 const STALL: Duration = Duration::from_secs(3);
 
 impl StartArgs {
@@ -143,6 +153,11 @@ impl StartArgs {
 
     fn name(&self) -> &str {
         self.name.as_deref().unwrap_or("default")
+    }
+
+    /// Member sessions to stripe over.
+    fn sessions(&self) -> usize {
+        usize::from(self.sessions.unwrap_or(DEFAULT_SESSIONS))
     }
 
     fn agent_port(&self) -> u16 {
@@ -160,6 +175,7 @@ pub fn resolve(mut args: StartArgs) -> anyhow::Result<StartArgs> {
             args.instance_tags = t.instance_tags;
         }
         args.rotate_after = args.rotate_after.or(t.rotate_after);
+        args.sessions = args.sessions.or(t.sessions);
         if args.cidrs.is_empty() {
             args.cidrs = t.cidrs;
         }
@@ -565,6 +581,10 @@ impl<D: TunnelDevice> Link<D> for SsmLink {
         // One client id for the tunnel's life: the agent knows us by it after a new session.
         let mut client =
             ClientConfig { client_id: *plan.client_uuid.as_bytes(), dns: split_dns.clone(), ..ClientConfig::default() };
+        if args.sessions() > 1 {
+            // The agent joins our sessions into one link instead of letting each take over.
+            client.caps |= wire::caps::STRIPE;
+        }
         let target = target(&api, &trust, args, &client, net_rx.clone());
         let up = connect_first(&target, &instances).await?;
         let agent = up.agent.0.clone();
@@ -601,7 +621,7 @@ impl<D: TunnelDevice> Link<D> for SsmLink {
             candidates: self.instances.clone(),
             ..LinkState::default()
         }));
-        let handle = ClientHandle::new(client);
+        let handle = ClientHandle::new(client, args.sessions());
         let device = installed.device.clone();
         let sock_path = control::socket_path(&plan.run_dir, args.name());
         let stop_now = Arc::new(Notify::new());
@@ -656,6 +676,7 @@ fn target<'a>(
         client: client.clone(),
         rotate_after: args.rotate_after,
         network_changed,
+        sessions: args.sessions(),
     }
 }
 
@@ -676,73 +697,8 @@ fn serve_control(
     Ok(tokio::spawn(control::serve(listener, owner_uid(), status, move || stop_now.notify_one())))
 }
 
-/// What `status` reports, read fresh from the link's counters on each ask.
-fn status_fn(
-    args: &StartArgs,
-    plan: &Plan,
-    region: &str,
-    device: &impl TunnelDevice,
-    handle: &Arc<ClientHandle>,
-    link_state: &Arc<Mutex<LinkState>>,
-    split_dns: Option<Arc<SplitDns>>,
-) -> impl Fn() -> Status + Send + Sync + 'static {
-    let (handle, link_state) = (handle.clone(), link_state.clone());
-    let started_at = Instant::now();
-    let peer = plan.ipv4.peer;
-    let base = Status {
-        name: args.name().to_string(),
-        pid: std::process::id(),
-        region: region.to_string(),
-        cidrs: plan.cidrs.iter().map(ToString::to_string).collect(),
-        interface: device.name().to_string(),
-        addresses: device.addresses().iter().map(|a| a.addr().to_string()).collect(),
-        ..Status::default()
-    };
-    move || {
-        let ls = link_state.lock().map(|s| s.clone()).unwrap_or_default();
-        let l = ls.live.lock().map(|l| l.clone()).unwrap_or_default();
-        let q = handle.queue.stats();
-        let rtt = handle.stats.rtt_us.load(Ordering::Relaxed);
-        Status {
-            state: match (&ls.renewing, l.stalled_since.map(|t| t.elapsed())) {
-                (Some((attempt, _)), _) => format!("reconnecting (new session, attempt {attempt})"),
-                _ if !l.connected => "reconnecting".into(),
-                (_, Some(d)) if d >= STALL => format!("stalled (no answer for {} s)", d.as_secs()),
-                _ => "connected".into(),
-            },
-            last_error: ls.renewing.as_ref().map(|(_, e)| e.clone()),
-            instance_id: ls.instance_id.clone(),
-            instances: ls.candidates.clone(),
-            session_id: ls.session_id.clone(),
-            agent: ls.agent.clone(),
-            new_sessions: ls.new_sessions,
-            failovers: ls.failovers,
-            rotations: ls.rotations,
-            uptime_secs: started_at.elapsed().as_secs(),
-            sent: Counter::from(&handle.stats.sent),
-            received: Counter::from(&handle.stats.received),
-            rtt_ms: (rtt > 0).then(|| rtt as f64 / 1000.0),
-            channel_srtt_ms: l.stats.srtt.as_secs_f64() * 1000.0,
-            messages_sent: l.stats.transmissions(),
-            messages_distinct: l.stats.messages_sent,
-            retransmissions: l.stats.retransmissions,
-            resend_ratio: l.stats.resend_ratio(),
-            reconnects: ls.earlier_reconnects + ls.new_sessions + l.reconnects,
-            dropped_codel: q.dropped_codel,
-            dropped_overflow: q.dropped_overflow,
-            dropped_device: handle.device_drops.load(Ordering::Relaxed),
-            queue_delay_ms: q.last_delay.as_secs_f64() * 1000.0,
-            queue_delay_max_ms: q.max_delay.as_secs_f64() * 1000.0,
-            dns_domains: split_dns.iter().flat_map(|d| d.domains().iter().map(ToString::to_string)).collect(),
-            dns_server: split_dns.as_ref().map(|_| peer.to_string()),
-            dns_forwarded: split_dns.as_ref().map_or(0, |d| d.forwarded.load(Ordering::Relaxed)),
-            dns_refused: split_dns.as_ref().map_or(0, |d| d.refused.load(Ordering::Relaxed)),
-            window_bytes: handle.stats.window.load(Ordering::Relaxed),
-            in_flight_bytes: handle.stats.in_flight.load(Ordering::Relaxed),
-            ..base.clone()
-        }
-    }
-}
+mod report;
+use report::status_fn;
 
 #[cfg(test)]
 mod tests;

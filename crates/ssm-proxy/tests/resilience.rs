@@ -84,7 +84,9 @@ fn a_psql_connection_survives_the_session_being_terminated() {
         return;
     }
     let lab = Lab::up(&prefix("t"), 1, &[]);
-    let mut daemon = lab.start(&[]);
+    // One session: the agent must hand the flows over to the new one (with
+    // several, the others keep them; striping.rs covers that).
+    let mut daemon = lab.start(&["--sessions", "1"]);
     let mut psql = Psql::open(&lab);
     let before = psql.backend_pid(Duration::from_secs(10));
     let old = tunnel_status(&lab)["session_id"].as_str().expect("session id").to_string();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use forwarder::fq::FqConfig;
-use forwarder::link::{write_loop, LinkStats, TxQueue};
+use forwarder::link::{write_loop, Lane, LinkStats, TxQueue};
 use forwarder::wire::{Deframer, Frame};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
@@ -173,8 +173,10 @@ async fn a_flow_with_a_lost_segment_and_three_duplicate_acks_finishes() {
     let mut stack = Stack::new(queue.clone(), 1400, Arc::new(Notify::new()));
     let (link_w, mut link_r) = tokio::io::duplex(4096);
     let (_control, control_rx) = mpsc::channel(1);
+    let lane = Lane::new(0, 0);
     let writer = tokio::spawn(write_loop(
         queue.clone(),
+        lane.clone(),
         control_rx,
         forwarder::link::Stream::new(link_w),
         1024,
@@ -249,7 +251,7 @@ async fn a_flow_with_a_lost_segment_and_three_duplicate_acks_finishes() {
         stack.poll();
     }
     assert!(rx.lost && rx.past_hole >= ANSWERED_PAST_HOLE, "the loss must have set off a fast retransmission");
-    queue.close();
+    lane.close();
     server.abort();
     let _ = writer.await;
 }

@@ -31,6 +31,7 @@ fn all_frames() -> Vec<Frame> {
         Frame::Goodbye { reason: Reason::Shutdown, message: "agent stopping".into() },
         Frame::Status(r#"{"software":"ec2-agent 0.1.0","sessions":2}"#.into()),
         Frame::Packet(Bytes::from(vec![0x60; 1400])),
+        Frame::Seq { seq: 0xfffe_0001, packet: Bytes::from_static(&[0x45, 0, 0, 20]) },
     ]
 }
 
@@ -199,4 +200,15 @@ fn the_link_mtu_is_the_smaller_hello_and_never_below_ipv6s_minimum() {
     assert_eq!(negotiate_mtu(9000, 1500), 1500);
     assert_eq!(negotiate_mtu(1400, 576), MIN_MTU, "a peer's tiny MTU claim is raised to the floor");
     assert_eq!(negotiate_mtu(0, 0), MIN_MTU);
+}
+
+#[test]
+fn a_seq_frame_is_its_number_then_the_packet() {
+    let mut out = BytesMut::new();
+    encode(&Frame::Seq { seq: 7, packet: Bytes::from_static(&[0x45, 1]) }, &mut out);
+    assert_eq!(&out[..], &[T_SEQ, 0, 6, 0, 0, 0, 7, 0x45, 1]);
+    // A number without a packet is not a frame.
+    let mut d = Deframer::new();
+    d.push(&[T_SEQ, 0, 4, 0, 0, 0, 7]);
+    assert!(matches!(d.next_frame(), Err(WireError::BadLength { kind: T_SEQ, len: 4, .. })));
 }

@@ -94,6 +94,44 @@ pub struct Status {
     /// Send window towards the agent and bytes in it now (0: the agent does not acknowledge).
     pub window_bytes: u64,
     pub in_flight_bytes: u64,
+    /// Striping: the member sessions asked for, and each member (the first
+    /// is the one the fields above describe).
+    #[serde(default)]
+    pub sessions_wanted: usize,
+    #[serde(default)]
+    pub members: Vec<MemberStatus>,
+    /// Why there are fewer members than asked (an agent that cannot stripe).
+    #[serde(default)]
+    pub striping_note: Option<String>,
+    /// Packets from the agent that waited for an earlier one, and numbers
+    /// given up on (their packets came too late or not at all).
+    #[serde(default)]
+    pub reordered: u64,
+    #[serde(default)]
+    pub reorder_skipped: u64,
+    #[serde(default)]
+    pub reorder_bound_ms: f64,
+}
+
+/// One member session of a striped tunnel.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MemberStatus {
+    /// 1-based; member 1 is the one that fails over and looks up instances.
+    pub member: usize,
+    pub state: String,
+    pub session_id: String,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    /// The send window's delivery-rate estimate towards the agent, bytes/s.
+    pub rate_out: u64,
+    /// Bytes/s received from the agent since the previous `status`
+    /// (since the start on the first).
+    pub rate_in: u64,
+    pub rtt_ms: Option<f64>,
+    pub window_bytes: u64,
+    pub retransmissions: u64,
+    /// Sessions opened for this member after its first.
+    pub replacements: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -229,6 +267,38 @@ fn human_bytes(b: u64) -> String {
 }
 
 /// The human-readable status block.
+/// The striping lines of [`render`]: one per member session.
+fn render_members(s: &Status) -> String {
+    if s.sessions_wanted <= 1 && s.members.len() <= 1 {
+        return String::new();
+    }
+    let up = s.members.iter().filter(|m| m.state == "connected").count();
+    let mut out = format!(
+        "\n  striping   {up} of {} sessions up; {} packets reordered, {} given up on (bound {:.0} ms)",
+        s.sessions_wanted, s.reordered, s.reorder_skipped, s.reorder_bound_ms
+    );
+    if let Some(n) = &s.striping_note {
+        out += &format!("\n             {n}");
+    }
+    for m in &s.members {
+        let rtt = m.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "-".into());
+        out += &format!(
+            "\n  member {:<3} {}, {}: out {}/s ({} sent), in {}/s ({} received), rtt {rtt}, window {}, {} resent, {} replaced",
+            m.member,
+            m.state,
+            if m.session_id.is_empty() { "-" } else { &m.session_id },
+            human_bytes(m.rate_out),
+            human_bytes(m.sent_bytes),
+            human_bytes(m.rate_in),
+            human_bytes(m.received_bytes),
+            human_bytes(m.window_bytes),
+            m.retransmissions,
+            m.replacements,
+        );
+    }
+    out
+}
+
 pub fn render(s: &Status) -> String {
     let up = s.uptime_secs;
     let sessions = format!(
@@ -250,7 +320,7 @@ pub fn render(s: &Status) -> String {
          messages   {msent} sent to the agent, {mdist} distinct, {retx} resent ({ratio:.2}%)\n  \
          queue      delay {qd:.1} ms (max {qm:.1} ms), dropped {dc} (CoDel) + {dov} (overflow) + {dd} (device)\n  \
          sessions   {sessions}\n  \
-         window     {win}, {infl} in flight{dns}{error}",
+         window     {win}, {infl} in flight{members}{dns}{error}",
         name = s.name,
         pid = s.pid,
         state = s.state,
@@ -281,6 +351,7 @@ pub fn render(s: &Status) -> String {
         dd = s.dropped_device,
         win = if s.window_bytes == 0 { "off (agent without acks)".to_string() } else { human_bytes(s.window_bytes) },
         infl = human_bytes(s.in_flight_bytes),
+        members = render_members(s),
         error = match &s.last_error {
             Some(e) => format!("\n  last error {e}"),
             None => String::new(),

@@ -1,10 +1,11 @@
 //! The laptop side: packets the OS routes into the tunnel device go through an
-//! FQ-CoDel queue into the stream to the ec2-agent; packets from the agent are
-//! written back into the device.
+//! FQ-CoDel queue into the stream to the ec2-agent (striped: the streams of all
+//! member sessions, each taking what its window allows); packets from the agent
+//! are put back in order and written into the device.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,7 +14,8 @@ use tunnel::Device;
 
 use forwarder::dns::{SplitDns, Verdict};
 use forwarder::fq::FqConfig;
-use forwarder::link::{self, Inlet, LinkEnd, LinkStats, Outlet, TxQueue};
+use forwarder::link::{self, Inlet, Lane, LinkEnd, LinkStats, Outlet, TxQueue};
+use forwarder::stripe::{self, Resequencer};
 use forwarder::wire::{self, caps, Deframer, Frame, Hello, Reason, Role};
 
 #[derive(Clone, Debug)]
@@ -58,23 +60,125 @@ pub enum HandshakeError {
     Protocol(String),
 }
 
-/// Everything a running forwarder exposes.
+/// Everything a running tunnel exposes, across its links and their members.
 #[derive(Debug)]
 pub struct ClientHandle {
-    pub stats: Arc<LinkStats>,
+    /// Packets from the device, drained by every member's writer.
     pub queue: Arc<TxQueue>,
+    /// The counters of each member session (slot), kept across its links.
+    pub members: Vec<Arc<LinkStats>>,
+    /// Puts striped packets from the agent back in order.
+    pub reseq: Arc<Resequencer>,
     /// Packets from the agent dropped because the device could not take them.
     pub device_drops: AtomicU64,
+    to_device: mpsc::Sender<Bytes>,
+    from_links: Mutex<Option<mpsc::Receiver<Bytes>>>,
 }
 
 impl ClientHandle {
-    pub fn new(config: &ClientConfig) -> Arc<Self> {
+    /// A handle for a tunnel of `sessions` members (at least one).
+    pub fn new(config: &ClientConfig, sessions: usize) -> Arc<Self> {
+        let (to_device, from_links) = mpsc::channel(1024);
         Arc::new(ClientHandle {
-            stats: Arc::new(LinkStats::default()),
             queue: TxQueue::new(config.fq),
+            members: (0..sessions.max(1)).map(|_| Arc::new(LinkStats::default())).collect(),
+            reseq: Arc::new(Resequencer::default()),
             device_drops: AtomicU64::new(0),
+            to_device,
+            from_links: Mutex::new(Some(from_links)),
         })
     }
+
+    /// Where the members' readers put the agent's packets: a bounded hand-off
+    /// to the device writer, so a slow device cannot stall acks.
+    fn sink(self: &Arc<Self>) -> impl FnMut(Bytes) + Send + 'static {
+        let h = self.clone();
+        move |p| {
+            if h.to_device.try_send(p).is_err() {
+                h.device_drops.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Packets and bytes sent and received by all members.
+    pub fn totals(&self) -> ((u64, u64), (u64, u64)) {
+        let add = |a: (u64, u64), b: (u64, u64)| (a.0 + b.0, a.1 + b.1);
+        self.members.iter().fold(((0, 0), (0, 0)), |(s, r), m| (add(s, m.sent.read()), add(r, m.received.read())))
+    }
+}
+
+/// The device's side of the tunnel, for its whole life (while members come and
+/// go): packets the OS routes in go to the queue (DNS for other domains is
+/// answered right here), the agent's packets go out through the device, the
+/// reorder timer skips gaps, and the reorder bound follows the members' RTTs.
+/// Dropping the result stops it all.
+pub fn serve_device<D: Device>(device: Arc<D>, config: &ClientConfig, handle: &Arc<ClientHandle>) -> DeviceTasks {
+    let dev = device.clone();
+    let queue = handle.queue.clone();
+    let dns = config.dns.clone();
+    let tun_reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match dev.recv(&mut buf).await {
+                Ok(0) => continue,
+                Ok(n) => match dns.as_ref().map(|d| d.inspect(&buf[..n])) {
+                    Some(Verdict::Answer(reply)) => {
+                        if !reply.is_empty() {
+                            if let Err(e) = dev.send(&reply).await {
+                                tracing::debug!("the device refused a DNS answer: {e}");
+                            }
+                        }
+                    }
+                    _ => queue.push(Bytes::copy_from_slice(&buf[..n])),
+                },
+                Err(e) => {
+                    tracing::error!("reading the tunnel device failed: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    let mut from_links = handle.from_links.lock().ok().and_then(|mut r| r.take());
+    let tun_writer = tokio::spawn(async move {
+        let Some(rx) = from_links.as_mut() else { return };
+        while let Some(p) = rx.recv().await {
+            if let Err(e) = device.send(&p).await {
+                tracing::debug!("the device refused a packet: {e}");
+            }
+        }
+    });
+    let (reseq, sink) = (handle.reseq.clone(), handle.sink());
+    let expiry = tokio::spawn(async move { reseq.expire(sink).await });
+    let h = handle.clone();
+    let bound = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let rtts: Vec<Duration> = h
+                .members
+                .iter()
+                .map(|m| m.rtt_us.load(Ordering::Relaxed))
+                .filter(|&us| us > 0)
+                .map(Duration::from_micros)
+                .collect();
+            if !rtts.is_empty() {
+                h.reseq.set_bound(stripe::bound_for(&rtts));
+            }
+        }
+    });
+    DeviceTasks {
+        _tasks: AbortOnDrop(vec![
+            tun_reader.abort_handle(),
+            tun_writer.abort_handle(),
+            expiry.abort_handle(),
+            bound.abort_handle(),
+        ]),
+    }
+}
+
+/// The tasks [`serve_device`] started; dropped, they stop.
+pub struct DeviceTasks {
+    _tasks: AbortOnDrop,
 }
 
 /// Exchange HELLOs over a fresh stream.
@@ -124,98 +228,48 @@ pub enum Stop {
     Abandon,
 }
 
-/// Carry packets between `device` and the stream until either ends or `shutdown`
-/// completes (with a GOODBYE or not, as it says). `agent` is the HELLO
-/// [`handshake`] returned. The handle's queue outlives the call: run it again on
-/// a new link to carry on. Returns how the link ended (`None`: shutdown).
-#[allow(clippy::too_many_arguments)]
-pub async fn run<D, R, W>(
-    device: Arc<D>,
+/// Carry packets between the tunnel (its queue and [`serve_device`]) and the
+/// stream of member `member` until the stream ends or `shutdown` completes (with
+/// a GOODBYE or not, as it says). `agent` is the HELLO [`handshake`] returned.
+/// Returns how the link ended (`None`: shutdown).
+pub async fn run<R, W>(
     reader: R,
     writer: W,
     (agent, deframer): (Hello, Deframer),
     config: &ClientConfig,
     handle: Arc<ClientHandle>,
+    member: usize,
     shutdown: impl Future<Output = Stop>,
 ) -> Option<LinkEnd>
 where
-    D: Device,
     R: Inlet,
     W: Outlet + 'static,
 {
     let epoch = Instant::now();
-    // The queue outlives links: a new link after a reconnect starts afresh.
-    handle.queue.reopen(config.caps, agent.caps);
+    let stats = handle.members[member.min(handle.members.len() - 1)].clone();
+    let lane = Lane::new(config.caps, agent.caps);
     let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(64);
     let writer_task =
-        tokio::spawn(link::write_loop(handle.queue.clone(), ctl_rx, writer, config.batch, handle.stats.clone()));
+        tokio::spawn(link::write_loop(handle.queue.clone(), lane.clone(), ctl_rx, writer, config.batch, stats.clone()));
     let pinger = tokio::spawn(link::ping_loop(ctl_tx.clone(), config.ping_every, epoch));
-
-    // Device -> queue (DNS for other domains is answered right here).
-    let dev = device.clone();
-    let queue = handle.queue.clone();
-    let dns = config.dns.clone();
-    let tun_reader = tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        loop {
-            match dev.recv(&mut buf).await {
-                Ok(0) => continue,
-                Ok(n) => match dns.as_ref().map(|d| d.inspect(&buf[..n])) {
-                    Some(Verdict::Answer(reply)) => {
-                        if !reply.is_empty() {
-                            if let Err(e) = dev.send(&reply).await {
-                                tracing::debug!("the device refused a DNS answer: {e}");
-                            }
-                        }
-                    }
-                    _ => queue.push(Bytes::copy_from_slice(&buf[..n])),
-                },
-                Err(e) => {
-                    tracing::error!("reading the tunnel device failed: {e}");
-                    return;
-                }
-            }
-        }
-    });
-
-    // Stream -> device, through a bounded hand-off so a slow device cannot stall acks.
-    let (dev_tx, mut dev_rx) = mpsc::channel::<Bytes>(1024);
-    let dev = device.clone();
-    let tun_writer = tokio::spawn(async move {
-        while let Some(p) = dev_rx.recv().await {
-            if let Err(e) = dev.send(&p).await {
-                tracing::debug!("the device refused a packet: {e}");
-            }
-        }
-    });
     // Dropped before its end (its caller gave up on the link), run leaves no task behind.
-    let _tasks = AbortOnDrop(vec![
-        writer_task.abort_handle(),
-        pinger.abort_handle(),
-        tun_reader.abort_handle(),
-        tun_writer.abort_handle(),
-    ]);
-    let h = handle.clone();
-    let on_packet = move |p: Bytes| {
-        if dev_tx.try_send(p).is_err() {
-            h.device_drops.fetch_add(1, Ordering::Relaxed);
-        }
-    };
-    let reading =
-        link::read_loop(reader, deframer, on_packet, ctl_tx, handle.queue.clone(), handle.stats.clone(), epoch);
+    let _tasks = AbortOnDrop(vec![writer_task.abort_handle(), pinger.abort_handle()]);
+    let (reseq, mut sink) = (handle.reseq.clone(), handle.sink());
+    let on_packet = move |seq, p| reseq.deliver(seq, p, &mut sink);
+    let reading = link::read_loop(reader, deframer, on_packet, ctl_tx, lane.clone(), stats, epoch);
 
     let (ended, stop) = tokio::select! {
         end = reading => (Some(end), Stop::Goodbye),
         stop = shutdown => (None, stop),
     };
     pinger.abort();
-    tun_reader.abort();
     match stop {
-        Stop::Goodbye => handle.queue.close(),
-        Stop::Abandon => handle.queue.abandon(),
+        Stop::Goodbye => lane.close(),
+        Stop::Abandon => lane.abandon(),
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
-    tun_writer.abort();
+    // What this member's gap held back is not waited for.
+    handle.reseq.flush(&mut handle.sink());
     ended
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::link::{self, ClientConfig, ClientHandle, Stop};
 use crate::aws::SsmApi;
-use forwarder::wire::{Deframer, Hello};
+use forwarder::wire::{caps, Deframer, Hello};
 use ssm_channel::port::{Live, PortConfig};
 use ssm_channel::session::SessionConfig;
 use ssm_channel::transport::Trust;
@@ -89,6 +89,8 @@ pub struct Target<'a> {
     pub rotate_after: Option<Duration>,
     /// News of network changes and wake-ups (see [`crate::daemon::netwatch`]).
     pub network_changed: watch::Receiver<u64>,
+    /// Member sessions to stripe the tunnel over (1: no striping).
+    pub sessions: usize,
 }
 
 impl Target<'_> {
@@ -118,6 +120,22 @@ pub struct LinkState {
     pub rotations: u64,
     /// Websocket reconnects of the sessions before the current one.
     pub earlier_reconnects: u64,
+    /// The member sessions beyond the first (striping), in order.
+    pub members: Vec<MemberState>,
+    /// Why the tunnel has fewer member sessions than asked, if it does.
+    pub striping_note: Option<String>,
+}
+
+/// What `status` shows about one member session beyond the first.
+#[derive(Debug, Default, Clone)]
+pub struct MemberState {
+    /// `connected`, `connecting`, or `waiting (attempt N)`.
+    pub state: String,
+    pub session_id: String,
+    pub live: Arc<Mutex<Live>>,
+    /// Sessions opened for this member after its first.
+    pub replacements: u64,
+    pub last_error: Option<String>,
 }
 
 fn port_config(live: Arc<Mutex<Live>>, network_changed: watch::Receiver<u64>) -> PortConfig {
@@ -180,8 +198,8 @@ pub async fn connect_first(t: &Target<'_>, candidates: &[String]) -> anyhow::Res
 /// service's websocket was up the whole time (PINGs go out every few seconds,
 /// so a live agent is never that quiet). During an outage of our own network
 /// the websocket is down and this waits.
-async fn silent(handle: &ClientHandle, live: &Mutex<Live>) {
-    let reads = || handle.stats.reads.load(std::sync::atomic::Ordering::Relaxed);
+async fn silent(handle: &ClientHandle, member: usize, live: &Mutex<Live>) {
+    let reads = || handle.members[member].reads.load(std::sync::atomic::Ordering::Relaxed);
     let mut last = reads();
     let mut quiet = Duration::ZERO;
     let tick = Duration::from_secs(1);
@@ -209,14 +227,50 @@ enum Next {
     Rotated(Box<Uplink>),
 }
 
-/// Carry packets over `up`, replacing it whenever it fails (and on schedule,
-/// with `t.rotate_after`), until `stop` turns true. Returns the session to
-/// close then (`None`: stopped between sessions).
+/// Carry the tunnel: the device's side for its whole life, the first member
+/// over `up` (see [`lead`]) and, when the agent stripes, `t.sessions - 1` more
+/// members beside it (see [`follow`]), until `stop` turns true. Returns the
+/// first member's session to close then (the others close their own).
 pub async fn supervise(
     t: &Target<'_>,
     candidates: &Candidates,
-    mut up: Uplink,
+    up: Uplink,
     device: Arc<impl Device>,
+    handle: Arc<ClientHandle>,
+    state: Arc<Mutex<LinkState>>,
+    stop: watch::Receiver<bool>,
+) -> Option<PortSession> {
+    let _device = link::serve_device(device, &t.client, &handle);
+    let wanted = t.sessions.min(handle.members.len());
+    let stripes = up.agent.0.caps & caps::STRIPE != 0;
+    let extra = if wanted > 1 && stripes { wanted - 1 } else { 0 };
+    if wanted > 1 && !stripes {
+        let why = format!(
+            "the ec2-agent on {} ({}) does not stripe; the tunnel uses one session (update it with `ssm-proxy agent install`)",
+            up.instance, up.agent.0.software
+        );
+        warn!("{why}");
+        lock(&state).striping_note = Some(why);
+    }
+    lock(&state).members = vec![MemberState::default(); extra];
+    let followers =
+        futures_util::future::join_all((1..=extra).map(|k| follow(t, k, handle.clone(), state.clone(), stop.clone())));
+    let (leader, _) = tokio::join!(lead(t, candidates, up, handle.clone(), state.clone(), stop), followers);
+    leader
+}
+
+fn lock(state: &Mutex<LinkState>) -> std::sync::MutexGuard<'_, LinkState> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The first member: carries packets over `up`, replacing it whenever it fails
+/// (and on schedule, with `t.rotate_after`), failing over to another instance
+/// if need be, until `stop` turns true. Returns the session to close then
+/// (`None`: stopped between sessions).
+async fn lead(
+    t: &Target<'_>,
+    candidates: &Candidates,
+    mut up: Uplink,
     handle: Arc<ClientHandle>,
     state: Arc<Mutex<LinkState>>,
     stop: watch::Receiver<bool>,
@@ -230,11 +284,11 @@ pub async fn supervise(
             let shutdown = async move {
                 tokio::select! {
                     _ = stop_rx.wait_for(|s| *s) => Stop::Goodbye,
-                    () = silent(&h, &l) => Stop::Abandon,
+                    () = silent(&h, 0, &l) => Stop::Abandon,
                 }
             };
             // Dropped at the end of this block, which stops the old link's tasks.
-            let run = link::run(device.clone(), reader, writer, agent, &t.client, handle.clone(), shutdown);
+            let run = link::run(reader, writer, agent, &t.client, handle.clone(), 0, shutdown);
             let rotation = rotate(t, &instance);
             tokio::pin!(run, rotation);
             tokio::select! {
@@ -276,6 +330,128 @@ pub async fn supervise(
             }
         };
     }
+}
+
+/// Member `k` (1-based beyond the first) of a striped tunnel: a session to the
+/// instance the first member is on, carried until it fails or is rotated, then
+/// replaced on its own, with backoff while none can be had, until `stop`.
+/// The other members carry the traffic meanwhile.
+async fn follow(
+    t: &Target<'_>,
+    k: usize,
+    handle: Arc<ClientHandle>,
+    state: Arc<Mutex<LinkState>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let set = |f: &dyn Fn(&mut MemberState)| {
+        if let Some(m) = lock(&state).members.get_mut(k - 1) {
+            f(m);
+        }
+    };
+    let mut failures = 0u32;
+    let mut opened = 0u64;
+    let mut next: Option<Uplink> = None;
+    while !*stop.borrow() {
+        let up = match next.take() {
+            Some(up) => Ok(up),
+            None => {
+                set(&|m| m.state = "connecting".into());
+                tokio::select! {
+                    r = member_session(t, &state) => r,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        };
+        let up = match up {
+            Ok(up) => up,
+            Err(e) => {
+                failures += 1;
+                let why = format!("{e:#}");
+                if failures == 1 {
+                    warn!(member = k + 1, "no session for this member: {why}; the others carry the tunnel");
+                }
+                set(&|m| {
+                    m.state = format!("waiting (attempt {failures})");
+                    m.last_error = Some(why.clone());
+                });
+                let base = Duration::from_millis(500).saturating_mul(1 << failures.min(6)).min(MAX_BACKOFF);
+                tokio::select! {
+                    () = tokio::time::sleep(base.mul_f64(0.75 + fastrand::f64() / 2.0)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
+        };
+        failures = 0;
+        opened += 1;
+        set(&|m| {
+            m.state = "connected".into();
+            m.session_id = up.session.session_id.clone();
+            m.live = up.live.clone();
+            m.replacements = opened - 1;
+            m.last_error = None;
+        });
+        info!(member = k + 1, session = %up.session.session_id, "member session up");
+        next = carry_member(t, k, up, &handle, &stop).await;
+    }
+}
+
+/// A new member session to the instance the first member is on, whose agent
+/// joins it to our others.
+async fn member_session(t: &Target<'_>, state: &Mutex<LinkState>) -> anyhow::Result<Uplink> {
+    let instance = lock(state).instance_id.clone();
+    let up = connect(&t.quick(), &instance).await?;
+    if up.agent.0.caps & caps::STRIPE == 0 {
+        let software = up.agent.0.software.clone();
+        let _ = up.session.close(t.api).await;
+        anyhow::bail!("the ec2-agent on {instance} ({software}) does not stripe");
+    }
+    Ok(up)
+}
+
+/// Carry member `k` over `up` until it ends, is rotated (returns the new
+/// session) or `stop`; its session is closed either way.
+async fn carry_member(
+    t: &Target<'_>,
+    k: usize,
+    up: Uplink,
+    handle: &Arc<ClientHandle>,
+    stop: &watch::Receiver<bool>,
+) -> Option<Uplink> {
+    let Uplink { instance, mut session, live, reader, writer, agent } = up;
+    let mut stop_rx = stop.clone();
+    let (h, l) = (handle.clone(), live.clone());
+    let shutdown = async move {
+        tokio::select! {
+            _ = stop_rx.wait_for(|s| *s) => Stop::Goodbye,
+            () = silent(&h, k, &l) => Stop::Abandon,
+        }
+    };
+    let run = link::run(reader, writer, agent, &t.client, handle.clone(), k, shutdown);
+    let rotation = rotate(t, &instance);
+    tokio::pin!(run, rotation);
+    let next = tokio::select! {
+        end = &mut run => {
+            if !*stop.borrow() {
+                let why = end.map_or_else(|| "its agent went silent".to_string(), |e| e.to_string());
+                warn!(member = k + 1, "member session ended ({why}); replacing it");
+            }
+            None
+        }
+        done = &mut session.task => {
+            let why = finish(t.api, &session.session_id, done).await.err().map_or_else(|| "terminated".into(), |e| format!("{e:#}"));
+            warn!(member = k + 1, "member session ended ({why}); replacing it");
+            None
+        }
+        new = &mut rotation => {
+            info!(member = k + 1, session = %new.session.session_id, "member session rotated");
+            Some(new)
+        }
+    };
+    if !session.task.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_secs(10), session.close(t.api)).await;
+    }
+    next
 }
 
 /// After `t.rotate_after` (never without one), a new session to `instance`

@@ -158,6 +158,38 @@ impl Lab {
         speed.parse().unwrap_or(0.0)
     }
 
+    /// Send the vpc's test file from the laptop to a sink in the vpc through the
+    /// tunnel, check that the sink got it byte for byte (sha256), and return
+    /// the bytes per second.
+    pub fn upload_blob(&self, max_secs: u64) -> f64 {
+        const SINK: &str = "import hashlib, socket, sys\n\
+s = socket.create_server(('10.10.0.2', 9000))\n\
+print('ready', flush=True)\n\
+c, _ = s.accept()\n\
+h, n = hashlib.sha256(), 0\n\
+while True:\n    d = c.recv(1 << 16)\n    if not d: break\n    h.update(d); n += len(d)\n\
+print(n, h.hexdigest(), flush=True)\n";
+        const SEND: &str = "import socket, sys, time\n\
+c = socket.create_connection(('10.10.0.2', 9000))\n\
+t = time.monotonic(); n = 0\n\
+with open(sys.argv[1], 'rb') as f:\n    while d := f.read(1 << 16):\n        c.sendall(d); n += len(d)\n\
+c.shutdown(socket.SHUT_WR); c.recv(1)\n\
+print(n / (time.monotonic() - t))\n";
+        let mut sink = Command::new("ip");
+        sink.args(["netns", "exec", &self.ns("vpc"), "python3", "-c", SINK]).stdout(Stdio::piped());
+        let mut sink = netns::KillOnDrop(sink.spawn().expect("python3 sink"));
+        let mut lines = BufReader::new(sink.0.stdout.take().expect("stdout")).lines();
+        assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"), "the sink did not start");
+        let blob = self.dir().join("www/blob");
+        let mut send = self.laptop("timeout");
+        send.args([&max_secs.to_string(), "python3", "-c", SEND, blob.to_str().expect("path")]);
+        let speed = ok(send.output().expect("python3 sender"), "upload");
+        let got = lines.next().and_then(Result::ok).unwrap_or_default();
+        let size = std::fs::metadata(&blob).expect("blob").len();
+        assert_eq!(got, format!("{size} {}", self.log("blob.sha256").trim()), "upload corrupted or cut short");
+        speed.parse().unwrap_or(0.0)
+    }
+
     /// `ssm-proxy stop --name NAME`; the daemon must exit cleanly within 20 s.
     pub fn stop(&self, daemon: &mut netns::KillOnDrop, name: &str) {
         ok(self.ssm_proxy(&["stop", "--name", name]), "stop");
