@@ -10,17 +10,24 @@ and ping latency, idle and under a bulk download, for
            ec2-agent), to tell the cost of a hop from the cost of our code,
 
 on the clean link and on a 40 ms RTT link (netem-lite, 20 ms each way). Prints a
-Markdown table. Numbers, not asserts.
+Markdown table. Numbers, not asserts. "tunnel fast" and "tunnel stock" use one
+SSM session; "tunnel stock x4" stripes over four.
 
   sudo scripts/bench_tunnel.py [--seconds 10] [--bin target/release] [--quick]
-                               [--paths "tunnel fast,tunnel stock"] [--links clean]
-                               [--costs]
+                               [--paths "tunnel fast,tunnel stock x4"] [--links clean]
+                               [--costs] [--striped [--json FILE]]
+
+--striped measures striped sessions instead: the stock profile with 1, 2, 4 and
+8 sessions (--sessions "1,2,4,8") on both links: one TCP flow's download, four
+flows' download, and ping p50/p99 idle and under the one-flow download; the
+rows also go to FILE as JSON (scripts/plot_striping.py draws them).
 
 --costs adds, for tunnel paths, what one pgbench transaction costs each of the
 three processes on the way (daemon, emulator, ec2-agent): system calls and
 context switches, counted with `perf stat` during one more pgbench run.
 """
 import argparse
+import json
 import os
 import re
 import shutil
@@ -79,8 +86,8 @@ def pings(count, interval):
     return p(0.5), p(0.99), count - len(times)
 
 
-def iperf(seconds, reverse):
-    args = ["iperf3", "-c", "10.10.0.2", "-t", str(seconds), "-J"] + (["-R"] if reverse else [])
+def iperf(seconds, reverse, flows=1):
+    args = ["iperf3", "-c", "10.10.0.2", "-t", str(seconds), "-J", "-P", str(flows)] + (["-R"] if reverse else [])
     for _ in range(3):  # the server takes one test at a time and may still be closing the last
         out = sh(inn("laptop", args), check=False)
         m = re.search(r'"sum_received":\s*{[^}]*"bits_per_second":\s*([\d.e+]+)', out)
@@ -141,11 +148,34 @@ def measure(seconds):
     return {"down": down, "up": up, "rr": rr, "idle": idle, "loaded": loaded}
 
 
-def start_tunnel(bin_dir):
+def measure_striped(seconds):
+    idle = pings(150, 0.02)
+    bulk = subprocess.Popen(inn("laptop", ["iperf3", "-c", "10.10.0.2", "-R", "-t", str(seconds + 4)]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)
+    loaded = pings(max(100, seconds * 20), 0.05)
+    bulk.wait()
+    time.sleep(1)
+    down1 = iperf(seconds, True)
+    down4 = iperf(seconds, True, flows=4)
+    return {"down1": down1, "down4": down4, "idle": idle, "loaded": loaded}
+
+
+def tunnel_path(what):
+    """("fast" | "stock", sessions) of a path named "tunnel PROFILE" or "tunnel PROFILE xN"."""
+    parts = what.split()
+    sessions = int(parts[2][1:]) if len(parts) > 2 else 1
+    return parts[1], sessions
+
+
+def start_tunnel(bin_dir, sessions=1):
     env = {**os.environ, **lab_env()}
     log = open(f"{DIR}/daemon.log", "w")
+    # Builds from before striping know no --sessions (and use one session).
+    helps = subprocess.run([f"{bin_dir}/ssm-proxy", "start", "--help"], capture_output=True, text=True).stdout
+    striping = ["--sessions", str(sessions)] if "--sessions" in helps else []
     p = subprocess.Popen(inn("laptop", [f"{bin_dir}/ssm-proxy", "start", "--instance-id", "i-0123456789abcdef0",
-                                        "--cidr", "10.10.0.0/16", "--name", "bench"]),
+                                        "--cidr", "10.10.0.0/16", "--name", "bench"] + striping),
                          env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     line = p.stdout.readline()
     if " up: " not in line:
@@ -225,6 +255,9 @@ def main():
     ap.add_argument("--links", help="comma-separated subset of: clean, 40ms")
     ap.add_argument("--costs", action="store_true",
                     help="per pgbench transaction: syscalls and context switches of each process (perf stat)")
+    ap.add_argument("--striped", action="store_true", help="striped sessions through the stock profile")
+    ap.add_argument("--sessions", default="1,2,4,8", help="with --striped: the session counts")
+    ap.add_argument("--json", help="with --striped: write the rows here too")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (network namespaces)")
@@ -243,6 +276,8 @@ def main():
         want = a.links.replace(" ", "").split(",")
         links = [l for l in [("clean", ""), ("40 ms RTT", "20 0")] if l[0].split(" ")[0] + ("ms" if l[1] else "") in want
                  or l[0] in want]
+    if a.striped:
+        return striped(bin_dir, links, a)
     paths = ["direct", "openvpn-tcp", "openvpn-tcp relayed", "tunnel fast"] + ([] if a.quick else ["tunnel stock"])
     if a.paths:
         paths = [p.strip() for p in a.paths.split(",")]
@@ -251,7 +286,7 @@ def main():
     try:
         for link, impair in links:
             for what in paths:
-                profile = "stock" if what == "tunnel stock" else "fast"
+                profile, sessions = tunnel_path(what) if what.startswith("tunnel") else ("fast", 1)
                 print(f"bench: {what} on the {link} link...", file=sys.stderr)
                 lab_up(bin_dir, profile, impair)
                 try:
@@ -265,7 +300,7 @@ def main():
                         r = measure(a.seconds)
                         openvpn(False)
                     else:
-                        p = start_tunnel(bin_dir)
+                        p = start_tunnel(bin_dir, sessions)
                         r = measure(a.seconds)
                         if a.costs:
                             costs.append((link, what, process_costs(a.seconds, p.pid)))
@@ -296,6 +331,41 @@ def main():
             sc = ", ".join(f"{n} {v[0]:.1f}" for n, v in per.items())
             cs = ", ".join(f"{n} {v[1]:.2f}" for n, v in per.items())
             print(f"| {link} | {what} | {tps:.0f} | {sc} | {cs} |")
+
+
+def striped(bin_dir, links, a):
+    counts = [int(n) for n in a.sessions.split(",")]
+    rows = []
+    try:
+        for link, impair in links:
+            for n in counts:
+                print(f"bench: stock profile, {n} sessions, {link} link...", file=sys.stderr)
+                lab_up(bin_dir, "stock", impair)
+                try:
+                    p = start_tunnel(bin_dir, n)
+                    time.sleep(2)  # every member up
+                    r = measure_striped(a.seconds)
+                    st = subprocess.run(inn("laptop", [f"{bin_dir}/ssm-proxy", "status"]), capture_output=True,
+                                        text=True, env={**os.environ, **lab_env()})
+                    print(f"bench: {n} sessions on the {link} link, tunnel status:\n{st.stdout}{st.stderr}",
+                          file=sys.stderr)
+                    stop_tunnel(p)
+                    rows.append({"link": link, "sessions": n, **r})
+                finally:
+                    lab_down()
+    finally:
+        lab_down()
+    base = {row["link"]: row["down1"] for row in rows if row["sessions"] == 1 and row["down1"]}
+    print("| link | sessions | one flow down Mbit/s | x one session | four flows down Mbit/s | "
+          "ping idle p50 / p99 ms | ping under one-flow download p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["down1"] / base[r["link"]] if r["down1"] and base.get(r["link"]) else None
+        print(f"| {r['link']} | {r['sessions']} | {fmt(r['down1'])} | {fmt(ratio, '{:.2f}')} | {fmt(r['down4'])} | "
+              f"{fmt_ping(r['idle'])} | {fmt_ping(r['loaded'])} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

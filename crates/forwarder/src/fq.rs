@@ -86,6 +86,8 @@ pub struct FqCodel {
     packets: usize,
     hasher: std::collections::hash_map::RandomState,
     stats: QueueStats,
+    /// The bucket of the packet [`FqCodel::dequeue`] returned last.
+    last: usize,
 }
 
 /// The flow a packet belongs to: IP version, addresses, protocol and, for TCP/UDP
@@ -123,6 +125,7 @@ impl FqCodel {
             packets: 0,
             hasher: Default::default(),
             stats: QueueStats::default(),
+            last: 0,
         }
     }
 
@@ -140,6 +143,17 @@ impl FqCodel {
 
     pub fn stats(&self) -> QueueStats {
         self.stats
+    }
+
+    /// How many flow buckets there are.
+    pub fn buckets(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// The flow bucket of the packet dequeued last (a striped link numbers
+    /// each bucket's packets on their own, so flows wait only for themselves).
+    pub fn last_bucket(&self) -> usize {
+        self.last
     }
 
     fn bucket_of(&self, packet: &[u8]) -> usize {
@@ -221,6 +235,7 @@ impl FqCodel {
                 Some(p) => {
                     self.buckets[idx].deficit -= p.len() as i64;
                     self.stats.dequeued += 1;
+                    self.last = idx;
                     return Some(p);
                 }
                 None => {

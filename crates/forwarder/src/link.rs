@@ -199,8 +199,8 @@ struct Inner {
     fq: FqCodel,
     /// The lanes whose writers drain the queue: each is woken by a new packet.
     lanes: Vec<Arc<Lane>>,
-    /// The number of the next packet a striped lane takes.
-    next_seq: u32,
+    /// The number of the next packet of each flow bucket a striped lane takes.
+    next_seq: Vec<u32>,
 }
 
 /// Packets waiting to enter the stream (or, striped, any of the streams).
@@ -218,7 +218,7 @@ pub struct TxQueue {
 impl TxQueue {
     pub fn new(config: FqConfig) -> Arc<Self> {
         Arc::new(TxQueue {
-            inner: Mutex::new(Inner { fq: FqCodel::new(config), lanes: Vec::new(), next_seq: 0 }),
+            inner: Mutex::new(Inner { fq: FqCodel::new(config), lanes: Vec::new(), next_seq: Vec::new() }),
             limit: AtomicUsize::new(usize::MAX),
             blocked: AtomicBool::new(false),
             space: Notify::new(),
@@ -324,7 +324,7 @@ impl Drop for Attached<'_> {
 /// Write queued packets (coalesced, at most `batch` bytes per write) and control
 /// frames into `writer` until `lane` is closed; then a GOODBYE. With acks on,
 /// an ACK goes out whenever more has been read, and packets only while the
-/// window has room. Striped, every packet taken gets the queue's next number.
+/// window has room. Striped, every packet taken gets its flow bucket's next number.
 pub async fn write_loop(
     queue: Arc<TxQueue>,
     lane: Arc<Lane>,
@@ -374,10 +374,15 @@ pub async fn write_loop(
                 let Some(p) = next(&mut g.fq, now) else { break };
                 stats.sent.add(p.len());
                 if lane.striped {
-                    let seq = g.next_seq;
-                    g.next_seq = seq.wrapping_add(1);
+                    let flow = g.fq.last_bucket();
+                    if g.next_seq.len() <= flow {
+                        let n = g.fq.buckets();
+                        g.next_seq.resize(n.max(flow + 1), 0);
+                    }
+                    let seq = g.next_seq[flow];
+                    g.next_seq[flow] = seq.wrapping_add(1);
                     packet_bytes += wire::HEADER_LEN + wire::SEQ_LEN + p.len();
-                    wire::encode_seq_packet(seq, &p, &mut out);
+                    wire::encode_seq_packet(flow as u16, seq, &p, &mut out);
                 } else {
                     packet_bytes += wire::HEADER_LEN + p.len();
                     wire::encode_packet(&p, &mut out);
@@ -506,13 +511,13 @@ pub enum LinkEnd {
 }
 
 /// Read frames until the stream ends: packets go to `on_packet` (with their
-/// number if striped), PINGs are answered through `control`, PONGs update the
+/// flow bucket and number if striped), PINGs are answered through `control`, PONGs update the
 /// RTT, ACKs open `lane`'s window, and what was read is acknowledged through
 /// `lane`'s writer.
 pub async fn read_loop(
     mut reader: impl Inlet,
     mut deframer: Deframer,
-    mut on_packet: impl FnMut(Option<u32>, Bytes),
+    mut on_packet: impl FnMut(Option<(u16, u32)>, Bytes),
     control: mpsc::Sender<Frame>,
     lane: Arc<Lane>,
     stats: Arc<LinkStats>,
@@ -529,10 +534,10 @@ pub async fn read_loop(
                     read += (wire::HEADER_LEN + p.len()) as u64;
                     on_packet(None, p);
                 }
-                Ok(Some(Frame::Seq { seq, packet })) => {
+                Ok(Some(Frame::Seq { flow, seq, packet })) => {
                     stats.received.add(packet.len());
                     read += (wire::HEADER_LEN + wire::SEQ_LEN + packet.len()) as u64;
-                    on_packet(Some(seq), packet);
+                    on_packet(Some((flow, seq)), packet);
                 }
                 Ok(Some(Frame::Ack(n))) => {
                     lane.peer_acked.fetch_max(n, Ordering::AcqRel);

@@ -34,8 +34,9 @@ pub const T_ACK: u8 = 0x06;
 pub const T_STATUS: u8 = 0x07;
 pub const T_SEQ: u8 = 0x08;
 
-/// Bytes a SEQ frame adds to its packet beyond the header: the sequence number.
-pub const SEQ_LEN: usize = 4;
+/// Bytes a SEQ frame adds to its packet beyond the header: the flow and the
+/// sequence number.
+pub const SEQ_LEN: usize = 6;
 
 /// Who sent a HELLO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,8 +61,8 @@ pub mod caps {
     /// sessions) with the same client id. A connection whose HELLO carries it
     /// joins the client's running session as one more member instead of taking
     /// its flows over, and when both HELLOs carry it, packets travel as SEQ
-    /// frames (one sequence per direction across all members) so that the
-    /// receiver can put them back in order.
+    /// frames (numbered per flow bucket across all members) so that the
+    /// receiver can put each flow back in order.
     pub const STRIPE: u32 = 1 << 4;
 }
 
@@ -128,8 +129,10 @@ impl Reason {
 pub enum Frame {
     Hello(Hello),
     Packet(Bytes),
-    /// A packet of a striped link with its place in the sender's sequence.
+    /// A packet of a striped link with its place in its flow's sequence.
     Seq {
+        /// The sender's flow bucket: packets are numbered per bucket.
+        flow: u16,
         seq: u32,
         packet: Bytes,
     },
@@ -175,7 +178,7 @@ fn put_header(out: &mut BytesMut, kind: u8, len: usize) {
 pub fn encode(frame: &Frame, out: &mut BytesMut) {
     match frame {
         Frame::Packet(p) => encode_packet(p, out),
-        Frame::Seq { seq, packet } => encode_seq_packet(*seq, packet, out),
+        Frame::Seq { flow, seq, packet } => encode_seq_packet(*flow, *seq, packet, out),
         Frame::Ping(t) => {
             put_header(out, T_PING, 8);
             out.put_u64(*t);
@@ -256,11 +259,13 @@ pub fn encode_packet(packet: &[u8], out: &mut BytesMut) {
     out.put_slice(p);
 }
 
-/// Append one SEQ frame: `packet` as number `seq` of a striped link.
-pub fn encode_seq_packet(seq: u32, packet: &[u8], out: &mut BytesMut) {
+/// Append one SEQ frame: `packet` as number `seq` of flow bucket `flow` of a
+/// striped link.
+pub fn encode_seq_packet(flow: u16, seq: u32, packet: &[u8], out: &mut BytesMut) {
     let p = &packet[..packet.len().min(MAX_BODY - SEQ_LEN)];
     out.reserve(HEADER_LEN + SEQ_LEN + p.len());
     put_header(out, T_SEQ, SEQ_LEN + p.len());
+    out.put_u16(flow);
     out.put_u32(seq);
     out.put_slice(p);
 }
@@ -375,7 +380,7 @@ impl Deframer {
         match kind {
             T_HELLO | T_PACKET | T_GOODBYE | T_STATUS => {}
             T_SEQ if len > SEQ_LEN => {}
-            T_SEQ => return Err(WireError::BadLength { kind, len, expected: "at least 5" }),
+            T_SEQ => return Err(WireError::BadLength { kind, len, expected: "at least 7" }),
             T_PING | T_PONG | T_ACK if len == 8 => {}
             T_PING | T_PONG | T_ACK => return Err(WireError::BadLength { kind, len, expected: "8" }),
             other => return Err(WireError::UnknownType(other)),
@@ -390,8 +395,9 @@ impl Deframer {
             T_PACKET => Frame::Packet(body),
             T_SEQ => {
                 let mut body = body;
+                let flow = body.get_u16();
                 let seq = body.get_u32();
-                Frame::Seq { seq, packet: body }
+                Frame::Seq { flow, seq, packet: body }
             }
             T_PING => Frame::Ping(u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8]))),
             T_PONG => Frame::Pong(u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8]))),

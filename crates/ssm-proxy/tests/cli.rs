@@ -88,3 +88,13 @@ fn the_systemd_unit_for_a_configured_tunnel_passes_systemd_analyze_verify() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no tunnel named \"staging\""));
 }
+
+#[test]
+fn a_session_count_outside_1_to_16_is_refused_before_anything_starts() {
+    for n in ["0", "17", "four"] {
+        let o = ssm_proxy(&["start", "--instance-id", "i-0abc123def4567890", "--cidr", "10.0.0.0/16", "--sessions", n]);
+        assert!(!o.status.success(), "--sessions {n} was accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--sessions"), "the error must name the option: {err}");
+    }
+}

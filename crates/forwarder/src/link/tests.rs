@@ -61,7 +61,7 @@ async fn a_sparse_packet_passes_a_full_window() {
     assert!(!more.is_empty() && more.iter().all(|&p| p == 1000), "{more:?}");
 }
 
-/// The numbers of the SEQ frames a writer sends within `wait`.
+/// The numbers of the SEQ frames a writer sends within `wait` (all of one flow).
 async fn seqs_sent(link: &mut tokio::io::DuplexStream, deframer: &mut Deframer, wait: Duration) -> Vec<u32> {
     let mut seqs = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -80,7 +80,7 @@ async fn seqs_sent(link: &mut tokio::io::DuplexStream, deframer: &mut Deframer, 
 }
 
 /// Two striped lanes drain one queue: every packet goes out once, numbered
-/// in the order taken; a lane whose window is full leaves the rest to the
+/// in the order taken (one flow here, so one sequence); a lane whose window is full leaves the rest to the
 /// other, and a plain lane (an old peer) sends no numbers.
 #[tokio::test(flavor = "current_thread")]
 async fn striped_lanes_share_one_numbered_queue() {

@@ -31,7 +31,7 @@ fn all_frames() -> Vec<Frame> {
         Frame::Goodbye { reason: Reason::Shutdown, message: "agent stopping".into() },
         Frame::Status(r#"{"software":"ec2-agent 0.1.0","sessions":2}"#.into()),
         Frame::Packet(Bytes::from(vec![0x60; 1400])),
-        Frame::Seq { seq: 0xfffe_0001, packet: Bytes::from_static(&[0x45, 0, 0, 20]) },
+        Frame::Seq { flow: 513, seq: 0xfffe_0001, packet: Bytes::from_static(&[0x45, 0, 0, 20]) },
     ]
 }
 
@@ -203,12 +203,12 @@ fn the_link_mtu_is_the_smaller_hello_and_never_below_ipv6s_minimum() {
 }
 
 #[test]
-fn a_seq_frame_is_its_number_then_the_packet() {
+fn a_seq_frame_is_its_flow_and_number_then_the_packet() {
     let mut out = BytesMut::new();
-    encode(&Frame::Seq { seq: 7, packet: Bytes::from_static(&[0x45, 1]) }, &mut out);
-    assert_eq!(&out[..], &[T_SEQ, 0, 6, 0, 0, 0, 7, 0x45, 1]);
+    encode(&Frame::Seq { flow: 3, seq: 7, packet: Bytes::from_static(&[0x45, 1]) }, &mut out);
+    assert_eq!(&out[..], &[T_SEQ, 0, 8, 0, 3, 0, 0, 0, 7, 0x45, 1]);
     // A number without a packet is not a frame.
     let mut d = Deframer::new();
-    d.push(&[T_SEQ, 0, 4, 0, 0, 0, 7]);
-    assert!(matches!(d.next_frame(), Err(WireError::BadLength { kind: T_SEQ, len: 4, .. })));
+    d.push(&[T_SEQ, 0, 6, 0, 3, 0, 0, 0, 7]);
+    assert!(matches!(d.next_frame(), Err(WireError::BadLength { kind: T_SEQ, len: 6, .. })));
 }

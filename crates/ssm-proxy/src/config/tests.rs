@@ -26,6 +26,7 @@ instance_ids = ["i-0abc123def4567891", "i-0abc123def4567890"]
 instance_tags = { Role = "ssm-proxy", Env = "prod" }
 cidrs = ["10.8.0.0/16"]
 rotate_after = "55m"
+sessions = 8
 "#;
 
 #[test]
@@ -48,6 +49,7 @@ fn a_good_file_gives_validated_tunnels() {
     assert_eq!(fleet.instance_ids, ["i-0abc123def4567890", "i-0abc123def4567891"]);
     assert_eq!(fleet.instance_tags, [("Env".into(), "prod".into()), ("Role".into(), "ssm-proxy".into())]);
     assert_eq!(fleet.rotate_after, Some(std::time::Duration::from_secs(55 * 60)));
+    assert_eq!((fleet.sessions, prod.sessions), (Some(8), None));
     let staging = find(&[p], "staging").expect("staging");
     assert_eq!((staging.region, staging.agent_port, staging.dns_auto), (None, None, false));
 }
@@ -92,6 +94,10 @@ fn errors_name_the_file_the_line_and_the_problem() {
         ),
         ("[tunnels.prod]\n", &["line 1", "unknown field `tunnels`"]),
         ("[tunnel.prod]\ninstance_id = \"i-0abc123def4567890\"\ncidrs = [\"10.0.0.0/16\"]\nagent_port = 70000\n", &["line 4"]),
+        (
+            "[tunnel.prod]\ninstance_id = \"i-0abc123def4567890\"\ncidrs = [\"10.0.0.0/16\"]\nsessions = 0\n",
+            &["sessions: between 1 and 16"],
+        ),
     ];
     let dir = tempfile::tempdir().expect("tempdir");
     for (i, (text, words)) in cases.iter().enumerate() {
