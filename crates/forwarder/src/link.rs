@@ -367,28 +367,10 @@ pub async fn write_loop(
         } else {
             None
         };
-        let mut packet_bytes = 0;
-        if let Some((limit, next)) = take {
-            let mut g = queue.lock();
-            while packet_bytes < limit {
-                let Some(p) = next(&mut g.fq, now) else { break };
-                stats.sent.add(p.len());
-                if lane.striped {
-                    let flow = g.fq.last_bucket();
-                    if g.next_seq.len() <= flow {
-                        let n = g.fq.buckets();
-                        g.next_seq.resize(n.max(flow + 1), 0);
-                    }
-                    let seq = g.next_seq[flow];
-                    g.next_seq[flow] = seq.wrapping_add(1);
-                    packet_bytes += wire::HEADER_LEN + wire::SEQ_LEN + p.len();
-                    wire::encode_seq_packet(flow as u16, seq, &p, &mut out);
-                } else {
-                    packet_bytes += wire::HEADER_LEN + p.len();
-                    wire::encode_packet(&p, &mut out);
-                }
-            }
-        }
+        let packet_bytes = match take {
+            Some((limit, next)) => take_packets(&queue, &lane, limit, next, now, &stats, &mut out),
+            None => 0,
+        };
         if packet_bytes > 0 && queue.blocked.swap(false, Ordering::AcqRel) {
             queue.space.notify_one();
         }
@@ -425,6 +407,40 @@ pub async fn write_loop(
             },
         }
     }
+}
+
+/// Frames up to `limit` bytes of packets that `next` takes from `queue` into
+/// `out` (SEQ frames, numbered per flow bucket, when `lane` stripes); their bytes.
+fn take_packets(
+    queue: &TxQueue,
+    lane: &Lane,
+    limit: usize,
+    next: fn(&mut FqCodel, Instant) -> Option<Bytes>,
+    now: Instant,
+    stats: &LinkStats,
+    out: &mut BytesMut,
+) -> usize {
+    let mut packet_bytes = 0;
+    let mut g = queue.lock();
+    while packet_bytes < limit {
+        let Some(p) = next(&mut g.fq, now) else { break };
+        stats.sent.add(p.len());
+        if lane.striped {
+            let flow = g.fq.last_bucket();
+            if g.next_seq.len() <= flow {
+                let n = g.fq.buckets();
+                g.next_seq.resize(n.max(flow + 1), 0);
+            }
+            let seq = g.next_seq[flow];
+            g.next_seq[flow] = seq.wrapping_add(1);
+            packet_bytes += wire::HEADER_LEN + wire::SEQ_LEN + p.len();
+            wire::encode_seq_packet(flow as u16, seq, &p, out);
+        } else {
+            packet_bytes += wire::HEADER_LEN + p.len();
+            wire::encode_packet(&p, out);
+        }
+    }
+    packet_bytes
 }
 
 /// The writer's half of acknowledgements: the send window, and when to

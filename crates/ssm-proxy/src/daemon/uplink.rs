@@ -246,7 +246,7 @@ pub async fn supervise(
     let extra = if wanted > 1 && stripes { wanted - 1 } else { 0 };
     if wanted > 1 && !stripes {
         let why = format!(
-            "the ec2-agent on {} ({}) does not stripe; the tunnel uses one session (update it with `ssm-proxy agent install`)",
+            "the ec2-agent on {} ({}) does not stripe; the tunnel uses one session (update it: `ssm-proxy agent install --upgrade`)",
             up.instance, up.agent.0.software
         );
         warn!("{why}");
