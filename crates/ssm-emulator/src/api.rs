@@ -30,6 +30,8 @@ struct StartSessionRequest {
     document_name: Option<String>,
     #[serde(default)]
     parameters: BTreeMap<String, Vec<String>>,
+    /// Shown in CloudTrail and the console; the API's pattern is `^.{1,256}$`.
+    reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -90,6 +92,16 @@ fn stream_url(shared: &Shared, host: &str, session_id: &str) -> String {
 }
 
 fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> Result<Value, ApiError> {
+    if let Some(r) = &req.reason {
+        let n = r.chars().count();
+        if n == 0 || n > 256 || r.contains(['\n', '\r']) {
+            return Err(err(
+                "ValidationException",
+                "1 validation error detected: Value at 'reason' failed to satisfy constraint: \
+                 Member must satisfy regular expression pattern: ^.{1,256}$",
+            ));
+        }
+    }
     let document = req.document_name.unwrap_or_else(|| "SSM-SessionManagerRunShell".into());
     if shared.config.denied_documents.contains(&document) {
         // IAM evaluates the document as a resource of ssm:StartSession.
@@ -162,7 +174,7 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
     let ordinal = shared.next_ordinal();
     let entry = Arc::new(SessionEntry::new(session_id.clone(), req.target.clone(), tx, token.clone(), ordinal));
     shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(session_id.clone(), entry.clone());
-    info!(session = %session_id, target = %req.target, %document, "StartSession");
+    info!(session = %session_id, target = %req.target, %document, reason = req.reason.as_deref().unwrap_or(""), "StartSession");
     tokio::spawn(async move {
         let why = agent::run(spec, rx).await;
         info!(session = %entry.id, reason = %why, "session ended");

@@ -117,7 +117,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         AgentCommand::Uninstall(a) => return uninstall(a).await,
     };
     let trust = Trust::from_env()?;
-    let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
+    let api = SsmApi::load(
+        &AwsOptions {
+            region: args.region.clone(),
+            profile: args.profile.clone(),
+            reason: Some("ssm-proxy agent".into()),
+        },
+        &trust,
+    )
+    .await?;
     let v = query(&api, &trust, &args.instance_id, args.agent_port).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -141,7 +149,15 @@ async fn query(api: &SsmApi, trust: &Trust, instance: &str, port: u16) -> anyhow
 
 async fn open_shell(args: &InstallArgs) -> anyhow::Result<(SsmApi, Trust, remote::RemoteShell, install::Layout)> {
     let trust = Trust::from_env()?;
-    let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
+    let api = SsmApi::load(
+        &AwsOptions {
+            region: args.region.clone(),
+            profile: args.profile.clone(),
+            reason: Some("ssm-proxy agent".into()),
+        },
+        &trust,
+    )
+    .await?;
     if !args.prefix.starts_with('/') {
         bail!("--prefix {:?} must be an absolute path", args.prefix);
     }

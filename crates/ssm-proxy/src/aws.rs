@@ -27,6 +27,24 @@ const RESUME_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 pub struct AwsOptions {
     pub region: Option<String>,
     pub profile: Option<String>,
+    /// StartSession's Reason on every session (default "ssm-proxy").
+    pub reason: Option<String>,
+}
+
+/// The Reason StartSession carries unless the user gives one.
+pub const DEFAULT_REASON: &str = "ssm-proxy";
+
+/// A StartSession Reason as the service accepts it: 1 to 256 characters, no
+/// line breaks (the API's pattern is `^.{1,256}$`).
+pub fn parse_reason(s: &str) -> Result<String, String> {
+    let n = s.chars().count();
+    if n == 0 || n > 256 {
+        return Err(format!("a reason is 1 to 256 characters ({n} given)"));
+    }
+    if s.chars().any(|c| c == '\n' || c == '\r') {
+        return Err("a reason is one line".into());
+    }
+    Ok(s.to_owned())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +94,7 @@ pub struct SsmApi {
     conf: aws_config::SdkConfig,
     tls: aws_smithy_http_client::tls::TlsContext,
     region: String,
+    reason: String,
 }
 
 fn https_client(
@@ -120,7 +139,8 @@ impl SsmApi {
         let conf = loader.load().await;
         let region = conf.region().map(|r| r.to_string()).ok_or(ApiError::NoRegion)?;
         let client = Arc::new(RwLock::new(aws_sdk_ssm::Client::new(&conf)));
-        Ok(SsmApi { client, conf, tls: ctx, region })
+        let reason = opts.reason.clone().unwrap_or_else(|| DEFAULT_REASON.to_owned());
+        Ok(SsmApi { client, conf, tls: ctx, region, reason })
     }
 
     fn client(&self) -> aws_sdk_ssm::Client {
@@ -168,7 +188,7 @@ impl SsmApi {
         params: &[(&str, String)],
         client_id: uuid::Uuid,
     ) -> Result<StartedSession, ApiError> {
-        let mut req = self.client().start_session().target(instance).reason("ssm-proxy");
+        let mut req = self.client().start_session().target(instance).reason(&self.reason);
         if let Some(d) = document {
             req = req.document_name(d);
         }
@@ -336,5 +356,20 @@ where
             };
             ApiError::Other { action, detail, hint }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_reason;
+
+    #[test]
+    fn a_reason_is_one_line_of_1_to_256_characters() {
+        assert_eq!(parse_reason("INC-42: replica lag").as_deref(), Ok("INC-42: replica lag"));
+        // Characters, not bytes: 256 two-byte letters are fine.
+        assert!(parse_reason(&"é".repeat(256)).is_ok());
+        assert!(parse_reason(&"é".repeat(257)).unwrap_err().contains("257 given"));
+        assert!(parse_reason("").is_err());
+        assert!(parse_reason("two\nlines").unwrap_err().contains("one line"));
     }
 }

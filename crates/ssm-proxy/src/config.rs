@@ -14,6 +14,7 @@
 //! agent_port = 7301               # optional
 //! rotate_after = "55m"            # optional
 //! sessions = 4                    # optional: member sessions to stripe over (1-16)
+//! reason = "on-call: INC-1234"    # optional: StartSession's Reason
 //! ```
 
 use std::collections::BTreeMap;
@@ -51,6 +52,7 @@ struct Raw {
     dns_auto: bool,
     agent_port: Option<u16>,
     sessions: Option<u16>,
+    reason: Option<String>,
 }
 
 /// One validated `[tunnel.NAME]` table.
@@ -69,6 +71,8 @@ pub struct Tunnel {
     pub agent_port: Option<u16>,
     /// Member sessions to stripe the tunnel over.
     pub sessions: Option<u16>,
+    /// StartSession's Reason.
+    pub reason: Option<String>,
     /// The file and line it was defined at, for messages.
     pub source: String,
     /// The file it was defined in.
@@ -181,6 +185,10 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Vec<Tunnel>> {
         if raw.sessions.is_some_and(|n| !(1..=MAX_SESSIONS).contains(&n)) {
             return Err(fail(format!("sessions: between 1 and {MAX_SESSIONS}")));
         }
+        let reason = match &raw.reason {
+            Some(r) => Some(crate::aws::parse_reason(r).map_err(|e| fail(format!("reason: {e}")))?),
+            None => None,
+        };
         out.push(Tunnel {
             name,
             instance_ids,
@@ -193,6 +201,7 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Vec<Tunnel>> {
             dns_auto: raw.dns_auto,
             agent_port: raw.agent_port,
             sessions: raw.sessions,
+            reason,
             source,
             file: path.to_path_buf(),
         });

@@ -61,6 +61,10 @@ pub struct ForwardArgs {
     /// shows N.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     sessions: u16,
+    /// Why you open this session: StartSession's Reason, shown in CloudTrail
+    /// and the Session Manager console (1-256 characters; default "ssm-proxy").
+    #[arg(long, value_name = "TEXT", value_parser = crate::aws::parse_reason)]
+    reason: Option<String>,
 }
 
 pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
@@ -71,7 +75,11 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("reading the bound address")?;
 
     let trust = Trust::from_env()?;
-    let api = SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
+    let api = SsmApi::load(
+        &AwsOptions { region: args.region.clone(), profile: args.profile.clone(), reason: args.reason.clone() },
+        &trust,
+    )
+    .await?;
     let target = match &args.remote_host {
         Some(h) => format!("{h}:{} via {}", args.remote_port, args.instance_id),
         None => format!("{}:{}", args.instance_id, args.remote_port),

@@ -116,6 +116,12 @@ pub struct StartArgs {
     /// gets one.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=i64::from(config::MAX_SESSIONS)))]
     sessions: Option<u16>,
+    /// Why you open the tunnel: StartSession's Reason on every session it
+    /// opens (members, replacements and rotations too), shown in CloudTrail and
+    /// the Session Manager console; a policy can require one (README, IAM).
+    /// 1-256 characters [default: "ssm-proxy"].
+    #[arg(long, value_name = "TEXT", value_parser = crate::aws::parse_reason)]
+    reason: Option<String>,
 }
 
 pub fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -176,6 +182,7 @@ pub fn resolve(mut args: StartArgs) -> anyhow::Result<StartArgs> {
         }
         args.rotate_after = args.rotate_after.or(t.rotate_after);
         args.sessions = args.sessions.or(t.sessions);
+        args.reason = args.reason.or(t.reason);
         if args.cidrs.is_empty() {
             args.cidrs = t.cidrs;
         }
@@ -565,8 +572,11 @@ struct SsmLink {
 impl<D: TunnelDevice> Link<D> for SsmLink {
     async fn connect(&mut self, args: &StartArgs, plan: &Plan) -> anyhow::Result<Answered> {
         let trust = Trust::from_env()?;
-        let api =
-            SsmApi::load(&AwsOptions { region: args.region.clone(), profile: args.profile.clone() }, &trust).await?;
+        let api = SsmApi::load(
+            &AwsOptions { region: args.region.clone(), profile: args.profile.clone(), reason: args.reason.clone() },
+            &trust,
+        )
+        .await?;
         let domains = dns::plan(&args.dns_domains, args.dns_auto, api.region(), &endpoint_overrides())?;
         let candidates = Candidates { ids: args.instance_ids.clone(), tags: args.instance_tags.clone() };
         let instances = candidates.resolve(&api).await?;

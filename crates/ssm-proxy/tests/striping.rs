@@ -119,3 +119,20 @@ fn psql_survives_the_loss_of_one_member_session() {
     drop(psql);
     lab.stop(&mut daemon, "lab");
 }
+
+#[test]
+fn every_member_session_carries_the_reason() {
+    if !require_root("every_member_session_carries_the_reason") {
+        return;
+    }
+    let lab = Lab::up(&prefix("sr"), 1, &[]);
+    let reason = "INC-42: checking the replicas";
+    let mut daemon = lab.start(&["--sessions", "3", "--reason", reason]);
+    let s = wait_status(&lab, Duration::from_secs(30), |s| members(s).iter().all(|m| m == "connected"));
+    assert_eq!(members(&s), ["connected"; 3], "{s}");
+    let log = lab.log("emulator.log");
+    let starts: Vec<&str> = log.lines().filter(|l| l.contains("StartSession")).collect();
+    assert_eq!(starts.len(), 3, "{log}");
+    assert!(starts.iter().all(|l| l.contains(reason)), "every StartSession carries the reason: {starts:?}");
+    lab.stop(&mut daemon, "lab");
+}

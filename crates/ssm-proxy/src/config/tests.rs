@@ -27,6 +27,7 @@ instance_tags = { Role = "ssm-proxy", Env = "prod" }
 cidrs = ["10.8.0.0/16"]
 rotate_after = "55m"
 sessions = 8
+reason = "on-call: INC-1234"
 "#;
 
 #[test]
@@ -50,6 +51,7 @@ fn a_good_file_gives_validated_tunnels() {
     assert_eq!(fleet.instance_tags, [("Env".into(), "prod".into()), ("Role".into(), "ssm-proxy".into())]);
     assert_eq!(fleet.rotate_after, Some(std::time::Duration::from_secs(55 * 60)));
     assert_eq!((fleet.sessions, prod.sessions), (Some(8), None));
+    assert_eq!((fleet.reason.as_deref(), prod.reason.as_deref()), (Some("on-call: INC-1234"), None));
     let staging = find(&[p], "staging").expect("staging");
     assert_eq!((staging.region, staging.agent_port, staging.dns_auto), (None, None, false));
 }
@@ -97,6 +99,10 @@ fn errors_name_the_file_the_line_and_the_problem() {
         (
             "[tunnel.prod]\ninstance_id = \"i-0abc123def4567890\"\ncidrs = [\"10.0.0.0/16\"]\nsessions = 0\n",
             &["sessions: between 1 and 16"],
+        ),
+        (
+            "[tunnel.prod]\ninstance_id = \"i-0abc123def4567890\"\ncidrs = [\"10.0.0.0/16\"]\nreason = \"\"\n",
+            &["reason: a reason is 1 to 256 characters"],
         ),
     ];
     let dir = tempfile::tempdir().expect("tempdir");
