@@ -368,8 +368,8 @@ mod tests {
         assert_eq!(parse_reason("INC-42: replica lag").as_deref(), Ok("INC-42: replica lag"));
         // Characters, not bytes: 256 two-byte letters are fine.
         assert!(parse_reason(&"é".repeat(256)).is_ok());
-        assert!(parse_reason(&"é".repeat(257)).unwrap_err().contains("257 given"));
+        assert!(parse_reason(&"é".repeat(257)).expect_err("too long").contains("257 given"));
         assert!(parse_reason("").is_err());
-        assert!(parse_reason("two\nlines").unwrap_err().contains("one line"));
+        assert!(parse_reason("two\nlines").expect_err("two lines").contains("one line"));
     }
 }

@@ -40,7 +40,10 @@ pub struct ForwardArgs {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     remote_port: u16,
     /// Host to reach from the instance (uses AWS-StartPortForwardingSessionToRemoteHost).
-    #[arg(long)]
+    /// The instance itself (localhost, 127.0.0.1, ::1) uses the local-port
+    /// document instead: SSM agents from 3.3.4851.0 refuse loopback to the
+    /// remote-host document.
+    #[arg(long, value_parser = parse_remote_host)]
     remote_host: Option<String>,
     /// Local port to listen on; 0 picks a free one.
     #[arg(long, default_value_t = 0)]
@@ -67,7 +70,30 @@ pub struct ForwardArgs {
     reason: Option<String>,
 }
 
-pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
+/// `--remote-host`: a host name or address; the instance's own loopback names
+/// become `""`, which [`run`] turns into the local-port document.
+fn parse_remote_host(s: &str) -> Result<String, String> {
+    let h = s.trim();
+    if h.is_empty() {
+        return Err("a host name or address".into());
+    }
+    Ok(if is_loopback_name(h) { String::new() } else { h.to_owned() })
+}
+
+/// Names the instance itself by: localhost, an address in 127.0.0.0/8, ::1.
+fn is_loopback_name(h: &str) -> bool {
+    let bare = h.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare.eq_ignore_ascii_case("localhost.")
+        || bare.parse::<IpAddr>().is_ok_and(|a| a.is_loopback())
+}
+
+pub async fn run(mut args: ForwardArgs) -> anyhow::Result<()> {
+    if args.remote_host.as_deref() == Some("") {
+        // The instance itself: the local-port document reaches its loopback on
+        // every agent; the remote-host one no longer does on the newest.
+        args.remote_host = None;
+    }
     let local = SocketAddr::new(args.local_addr, args.local_port);
     let listener = TcpListener::bind(local).await.with_context(|| {
         format!("cannot listen on {local} (is the port in use? pick another --local-port, or 0 for any)")
@@ -234,5 +260,21 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
 impl<R> Drop for Counted<R> {
     fn drop(&mut self) {
         self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_remote_host;
+
+    #[test]
+    fn the_instances_own_names_become_the_local_port_document() {
+        for own in ["localhost", "LOCALHOST.", "127.0.0.1", "127.1.2.3", "::1", "[::1]"] {
+            assert_eq!(parse_remote_host(own).as_deref(), Ok(""), "{own}");
+        }
+        for other in ["db.internal", "10.0.0.5", "fd00::5", "localhost.example.com"] {
+            assert_eq!(parse_remote_host(other).as_deref(), Ok(other), "{other}");
+        }
+        assert!(parse_remote_host(" ").is_err());
     }
 }

@@ -230,3 +230,22 @@ async fn aws_ca_bundle_is_trusted_by_the_api_and_the_websocket() {
     assert!(emu.shared.counters.websockets.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     stop(guard, stderr);
 }
+
+/// `--remote-host 127.0.0.1` (or localhost, ::1) is the instance itself: it
+/// uses the local-port document, which reaches the instance's loopback on
+/// every agent. Here the remote-host document is refused outright (as an IAM
+/// policy, or the newest agents' loopback deny list, would refuse it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_host_loopback_uses_the_local_port_document() {
+    let echo = echo_server().await;
+    let config =
+        Config { denied_documents: vec!["AWS-StartPortForwardingSessionToRemoteHost".into()], ..Config::default() }
+            .with_instance(INSTANCE, "127.0.0.1");
+    let emu = emulator(config).await;
+    for host in ["127.0.0.1", "localhost", "[::1]"] {
+        let (guard, addr, stderr) = spawn_forward_args(&emu.endpoint_url(), echo.port(), &[], &["--remote-host", host]);
+        echo_round_trip(addr, 7, 64 << 10).await;
+        let err = stop(guard, stderr);
+        assert!(!err.contains("not authorized"), "{host}: {err}");
+    }
+}
