@@ -353,7 +353,9 @@ pub async fn write_loop(
                     "the peer acknowledged more than was sent",
                 ));
             }
-            acking.window.available().min(write_size(acking.window.rate(), batch))
+            let write = write_size(acking.window.rate(), batch);
+            acking.window.set_slack(write);
+            acking.window.available().min(write)
         } else {
             batch
         };

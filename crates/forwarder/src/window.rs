@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 /// Smallest window: a few full-size packets, so interactive traffic never
 /// waits; and no more, since on a path paced to 1 MB/s (a session through the
 /// stock SSM agent) every KiB in flight beyond the path's own is 1 ms of queue.
-pub const MIN_WINDOW: usize = 8 * 1024;
+pub const MIN_WINDOW: usize = 4 * 1024;
 /// Window before the first rate sample.
 pub const INITIAL_WINDOW: usize = 64 * 1024;
 /// Upper bound whatever the estimates say.
@@ -102,6 +102,11 @@ impl Window {
 
     pub fn cwnd(&self) -> usize {
         self.cwnd
+    }
+
+    /// The most bytes the sender writes at once from now on.
+    pub fn set_slack(&mut self, slack: usize) {
+        self.slack = slack;
     }
 
     pub fn min_rtt(&self) -> Option<Duration> {

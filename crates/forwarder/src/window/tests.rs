@@ -186,7 +186,8 @@ fn an_ack_beyond_what_was_sent_is_refused() {
 #[test]
 fn the_window_starts_at_the_initial_size_and_never_below_the_minimum() {
     let t0 = Instant::now();
-    let mut w = Window::new(t0, WRITE);
+    // No write slack: the estimate alone decides.
+    let mut w = Window::new(t0, 0);
     assert_eq!(w.available(), INITIAL_WINDOW);
     // A tiny, slow exchange: the estimate is far below the minimum.
     w.on_send(100, t0);
