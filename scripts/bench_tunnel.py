@@ -133,7 +133,8 @@ def process_costs(seconds, daemon_pid):
             for name, c in out.items()}, tps
 
 
-def measure(seconds):
+def pings_idle_and_under_bulk(seconds):
+    """Ping percentiles idle, then during a one-flow iperf3 download."""
     # Enough samples that p99 is not simply the largest one.
     idle = pings(150, 0.02)
     bulk = subprocess.Popen(inn("laptop", ["iperf3", "-c", "10.10.0.2", "-R", "-t", str(seconds + 4)]),
@@ -142,6 +143,11 @@ def measure(seconds):
     loaded = pings(max(100, seconds * 20), 0.05)
     bulk.wait()
     time.sleep(1)
+    return idle, loaded
+
+
+def measure(seconds):
+    idle, loaded = pings_idle_and_under_bulk(seconds)
     down = iperf(seconds, True)
     up = iperf(seconds, False)
     rr = rr_rate(seconds)
@@ -149,13 +155,7 @@ def measure(seconds):
 
 
 def measure_striped(seconds):
-    idle = pings(150, 0.02)
-    bulk = subprocess.Popen(inn("laptop", ["iperf3", "-c", "10.10.0.2", "-R", "-t", str(seconds + 4)]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(2)
-    loaded = pings(max(100, seconds * 20), 0.05)
-    bulk.wait()
-    time.sleep(1)
+    idle, loaded = pings_idle_and_under_bulk(seconds)
     down1 = iperf(seconds, True)
     down4 = iperf(seconds, True, flows=4)
     return {"down1": down1, "down4": down4, "idle": idle, "loaded": loaded}

@@ -401,15 +401,9 @@ impl Links {
 
     /// The reorder bound from the connections' RTTs.
     fn update_bound(&self) {
-        let rtts: Vec<Duration> = self
-            .live
-            .iter()
-            .map(|l| l.stats.min_rtt_us.load(Ordering::Relaxed))
-            .filter(|&us| us > 0)
-            .map(Duration::from_micros)
-            .collect();
-        if !rtts.is_empty() {
-            self.reseq.set_bound(stripe::bound_for(&rtts));
+        let rtts = self.live.iter().map(|l| l.stats.min_rtt_us.load(Ordering::Relaxed));
+        if let Some(bound) = stripe::bound_for_micros(rtts) {
+            self.reseq.set_bound(bound);
         }
     }
 

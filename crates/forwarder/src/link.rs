@@ -210,6 +210,8 @@ pub struct TxQueue {
     /// Queued bytes above which [`TxQueue::has_room`] says no (the sum of the
     /// lanes' holds, from their writers' rate estimates).
     limit: AtomicUsize,
+    /// The sum of the attached lanes' holds.
+    holds: AtomicUsize,
     /// A producer found no room and waits for [`TxQueue::room`].
     blocked: AtomicBool,
     space: Notify,
@@ -220,6 +222,7 @@ impl TxQueue {
         Arc::new(TxQueue {
             inner: Mutex::new(Inner { fq: FqCodel::new(config), lanes: Vec::new(), next_seq: Vec::new() }),
             limit: AtomicUsize::new(usize::MAX),
+            holds: AtomicUsize::new(0),
             blocked: AtomicBool::new(false),
             space: Notify::new(),
         })
@@ -259,10 +262,9 @@ impl TxQueue {
     }
 
     pub fn detach(&self, lane: &Arc<Lane>) {
-        let mut g = self.lock();
-        g.lanes.retain(|l| !Arc::ptr_eq(l, lane));
-        let holds: usize = g.lanes.iter().map(|l| l.hold.load(Ordering::Relaxed)).sum();
-        drop(g);
+        self.lock().lanes.retain(|l| !Arc::ptr_eq(l, lane));
+        let old = lane.hold.swap(0, Ordering::Relaxed);
+        let holds = self.holds.fetch_sub(old, Ordering::Relaxed) - old;
         if holds > 0 {
             self.set_limit(holds);
         }
@@ -302,12 +304,13 @@ impl TxQueue {
     }
 
     /// Publishes `lane`'s hold and makes the limit the sum of all lanes'.
+    /// (The sum is kept as lanes change their holds, so the writer's hot path
+    /// takes no lock for it.)
     fn set_hold(&self, lane: &Lane, hold: usize) {
-        lane.hold.store(hold, Ordering::Relaxed);
-        let g = self.lock();
-        let total =
-            if g.lanes.len() <= 1 { hold } else { g.lanes.iter().map(|l| l.hold.load(Ordering::Relaxed)).sum() };
-        drop(g);
+        let old = lane.hold.swap(hold, Ordering::Relaxed);
+        // Add before subtracting: the sum never dips below zero.
+        let total = self.holds.fetch_add(hold, Ordering::Relaxed) + hold - old;
+        self.holds.fetch_sub(old, Ordering::Relaxed);
         self.set_limit(total);
     }
 }

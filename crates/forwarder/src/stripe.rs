@@ -27,6 +27,13 @@ pub fn bound_for(rtts: &[Duration]) -> Duration {
     (*max * 2 + Duration::from_millis(10)).clamp(Duration::from_millis(20), Duration::from_secs(1))
 }
 
+/// [`bound_for`] RTTs in microseconds, 0 meaning not measured yet; `None`
+/// while none is.
+pub fn bound_for_micros(rtts_us: impl IntoIterator<Item = u64>) -> Option<Duration> {
+    let rtts: Vec<Duration> = rtts_us.into_iter().filter(|&us| us > 0).map(Duration::from_micros).collect();
+    (!rtts.is_empty()).then(|| bound_for(&rtts))
+}
+
 /// The bound before any RTT is known.
 pub const DEFAULT_BOUND: Duration = Duration::from_millis(100);
 
@@ -144,6 +151,8 @@ mod tests {
         // One member 30 ms slower than the others: its packets are 30 ms late.
         assert_eq!(bound_for(&[ms(40), ms(70), ms(40)]), ms(150));
         assert_eq!(bound_for(&[ms(10), ms(5000)]), Duration::from_secs(1));
+        assert_eq!(bound_for_micros([0, 0]), None);
+        assert_eq!(bound_for_micros([0, 40_000, 70_000]), Some(ms(150)));
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]

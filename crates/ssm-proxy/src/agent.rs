@@ -117,15 +117,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         AgentCommand::Uninstall(a) => return uninstall(a).await,
     };
     let trust = Trust::from_env()?;
-    let api = SsmApi::load(
-        &AwsOptions {
-            region: args.region.clone(),
-            profile: args.profile.clone(),
-            reason: Some("ssm-proxy agent".into()),
-        },
-        &trust,
-    )
-    .await?;
+    let api = load_api(&args.region, &args.profile, &trust).await?;
     let v = query(&api, &trust, &args.instance_id, args.agent_port).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -133,6 +125,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         println!("{}", render(&args.instance_id, &v));
     }
     Ok(())
+}
+
+/// The API client of the `agent` commands, whose sessions say why they exist.
+async fn load_api(region: &Option<String>, profile: &Option<String>, trust: &Trust) -> anyhow::Result<SsmApi> {
+    let opts = AwsOptions { region: region.clone(), profile: profile.clone(), reason: Some("ssm-proxy agent".into()) };
+    Ok(SsmApi::load(&opts, trust).await?)
 }
 
 /// The agent's STATUS, through a Port session of its own.
@@ -149,15 +147,7 @@ async fn query(api: &SsmApi, trust: &Trust, instance: &str, port: u16) -> anyhow
 
 async fn open_shell(args: &InstallArgs) -> anyhow::Result<(SsmApi, Trust, remote::RemoteShell, install::Layout)> {
     let trust = Trust::from_env()?;
-    let api = SsmApi::load(
-        &AwsOptions {
-            region: args.region.clone(),
-            profile: args.profile.clone(),
-            reason: Some("ssm-proxy agent".into()),
-        },
-        &trust,
-    )
-    .await?;
+    let api = load_api(&args.region, &args.profile, &trust).await?;
     if !args.prefix.starts_with('/') {
         bail!("--prefix {:?} must be an absolute path", args.prefix);
     }

@@ -94,27 +94,7 @@ fn a_psql_connection_survives_the_session_being_terminated() {
     // The service ends the session (as an administrator's TerminateSession or the
     // maximum session duration would): the daemon starts a new one to the same
     // instance, and the ec2-agent hands the flows of our client id back.
-    let env: std::collections::HashMap<_, _> = lab.env.iter().cloned().collect();
-    let key = format!("{}:{}", env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]);
-    let terminated = lab.laptop_out(
-        "curl",
-        &[
-            "-sS",
-            "--fail-with-body",
-            "--aws-sigv4",
-            "aws:amz:us-east-1:ssm",
-            "--user",
-            &key,
-            "-H",
-            "X-Amz-Target: AmazonSSM.TerminateSession",
-            "-H",
-            "Content-Type: application/x-amz-json-1.1",
-            "-d",
-            &format!("{{\"SessionId\":\"{old}\"}}"),
-            &env["AWS_ENDPOINT_URL"],
-        ],
-    );
-    ok(terminated, "TerminateSession");
+    lab.terminate_session(&old);
     let s =
         wait_status(&lab, Duration::from_secs(30), |s| s["session_id"] != old.as_str() && s["state"] == "connected");
     assert_eq!(s["state"], "connected", "{s}");

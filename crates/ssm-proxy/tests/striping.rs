@@ -82,28 +82,7 @@ fn psql_survives_the_loss_of_one_member_session() {
     let victim = s["members"][1]["session_id"].as_str().expect("member 2's session").to_string();
 
     // The service ends member 2's session (an administrator's TerminateSession).
-    let env: std::collections::HashMap<_, _> = lab.env.iter().cloned().collect();
-    let key = format!("{}:{}", env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]);
-    let body = format!("{{\"SessionId\":\"{victim}\"}}");
-    let terminated = lab.laptop_out(
-        "curl",
-        &[
-            "-sS",
-            "--fail-with-body",
-            "--aws-sigv4",
-            "aws:amz:us-east-1:ssm",
-            "--user",
-            &key,
-            "-H",
-            "X-Amz-Target: AmazonSSM.TerminateSession",
-            "-H",
-            "Content-Type: application/x-amz-json-1.1",
-            "-d",
-            &body,
-            &env["AWS_ENDPOINT_URL"],
-        ],
-    );
-    ok(terminated, "TerminateSession");
+    lab.terminate_session(&victim);
     // psql answers at once, over the other members, while member 2 is replaced.
     for _ in 0..5 {
         assert_eq!(psql.backend_pid(Duration::from_secs(5)), before, "the same backend, so the same connection");

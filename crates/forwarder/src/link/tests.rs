@@ -6,20 +6,24 @@ use super::*;
 use crate::fq::tests::{pkt, port_of};
 use crate::wire::{caps, Deframer, Frame};
 
-/// The source ports of the packets the writer sends within `wait`.
-async fn ports_sent(link: &mut tokio::io::DuplexStream, deframer: &mut Deframer, wait: Duration) -> Vec<u16> {
-    let mut ports = Vec::new();
+/// The frames a writer sends within `wait`.
+async fn frames_sent(link: &mut tokio::io::DuplexStream, deframer: &mut Deframer, wait: Duration) -> Vec<Frame> {
+    let mut frames = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(Ok(n)) = tokio::time::timeout(wait, link.read(&mut buf)).await {
         assert!(n > 0, "the writer ended");
         deframer.push(&buf[..n]);
         while let Some(f) = deframer.next_frame().expect("well-formed frames") {
-            if let Frame::Packet(p) = f {
-                ports.push(port_of(&p));
-            }
+            frames.push(f);
         }
     }
-    ports
+    frames
+}
+
+/// The source ports of the packets the writer sends within `wait`.
+async fn ports_sent(link: &mut tokio::io::DuplexStream, deframer: &mut Deframer, wait: Duration) -> Vec<u16> {
+    let frames = frames_sent(link, deframer, wait).await;
+    frames.iter().filter_map(|f| if let Frame::Packet(p) = f { Some(port_of(p)) } else { None }).collect()
 }
 
 /// With the window full of a bulk flow's bytes, a ping-sized packet of
@@ -64,16 +68,11 @@ async fn a_sparse_packet_passes_a_full_window() {
 /// The numbers of the SEQ frames a writer sends within `wait` (all of one flow).
 async fn seqs_sent(link: &mut tokio::io::DuplexStream, deframer: &mut Deframer, wait: Duration) -> Vec<u32> {
     let mut seqs = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    while let Ok(Ok(n)) = tokio::time::timeout(wait, link.read(&mut buf)).await {
-        assert!(n > 0, "the writer ended");
-        deframer.push(&buf[..n]);
-        while let Some(f) = deframer.next_frame().expect("well-formed frames") {
-            match f {
-                Frame::Seq { seq, .. } => seqs.push(seq),
-                Frame::Packet(_) => panic!("a striped lane sent a plain PACKET"),
-                _ => {}
-            }
+    for f in frames_sent(link, deframer, wait).await {
+        match f {
+            Frame::Seq { seq, .. } => seqs.push(seq),
+            Frame::Packet(_) => panic!("a striped lane sent a plain PACKET"),
+            _ => {}
         }
     }
     seqs

@@ -154,15 +154,8 @@ pub fn serve_device<D: Device>(device: Arc<D>, config: &ClientConfig, handle: &A
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
-            let rtts: Vec<Duration> = h
-                .members
-                .iter()
-                .map(|m| m.rtt_us.load(Ordering::Relaxed))
-                .filter(|&us| us > 0)
-                .map(Duration::from_micros)
-                .collect();
-            if !rtts.is_empty() {
-                h.reseq.set_bound(stripe::bound_for(&rtts));
+            if let Some(bound) = stripe::bound_for_micros(h.members.iter().map(|m| m.rtt_us.load(Ordering::Relaxed))) {
+                h.reseq.set_bound(bound);
             }
         }
     });

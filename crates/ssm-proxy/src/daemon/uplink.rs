@@ -33,6 +33,13 @@ const RENEW_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait between rounds of attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The wait after the `attempt`-th failed round: exponential from 1 s up to
+/// [`MAX_BACKOFF`], with ±25% jitter.
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(500).saturating_mul(1 << attempt.min(6)).min(MAX_BACKOFF);
+    base.mul_f64(0.75 + fastrand::f64() / 2.0)
+}
+
 /// Which instances may carry the tunnel: these ids, in order, then the online
 /// managed instances that carry all of these tags (looked up again before
 /// every round of new sessions, so replaced instances are found).
@@ -374,9 +381,8 @@ async fn follow(
                     m.state = format!("waiting (attempt {failures})");
                     m.last_error = Some(why.clone());
                 });
-                let base = Duration::from_millis(500).saturating_mul(1 << failures.min(6)).min(MAX_BACKOFF);
                 tokio::select! {
-                    () = tokio::time::sleep(base.mul_f64(0.75 + fastrand::f64() / 2.0)) => {}
+                    () = tokio::time::sleep(backoff(failures)) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
                 continue;
@@ -536,10 +542,8 @@ async fn renew(
                 }
             }
         }
-        let base = Duration::from_millis(500).saturating_mul(1 << attempt.min(6)).min(MAX_BACKOFF);
-        let wait = base.mul_f64(0.75 + fastrand::f64() / 2.0);
         tokio::select! {
-            () = tokio::time::sleep(wait) => {}
+            () = tokio::time::sleep(backoff(attempt)) => {}
             _ = stop.wait_for(|s| *s) => return None,
         }
     }

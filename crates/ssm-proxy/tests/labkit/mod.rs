@@ -190,6 +190,33 @@ print(n / (time.monotonic() - t))\n";
         speed.parse().unwrap_or(0.0)
     }
 
+    /// TerminateSession for `session_id`, as an administrator (or the maximum
+    /// session duration) would end it: a signed API call from the laptop.
+    pub fn terminate_session(&self, session_id: &str) {
+        let env: std::collections::HashMap<_, _> = self.env.iter().cloned().collect();
+        let key = format!("{}:{}", env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]);
+        let body = format!("{{\"SessionId\":\"{session_id}\"}}");
+        let terminated = self.laptop_out(
+            "curl",
+            &[
+                "-sS",
+                "--fail-with-body",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:ssm",
+                "--user",
+                &key,
+                "-H",
+                "X-Amz-Target: AmazonSSM.TerminateSession",
+                "-H",
+                "Content-Type: application/x-amz-json-1.1",
+                "-d",
+                &body,
+                &env["AWS_ENDPOINT_URL"],
+            ],
+        );
+        ok(terminated, "TerminateSession");
+    }
+
     /// `ssm-proxy stop --name NAME`; the daemon must exit cleanly within 20 s.
     pub fn stop(&self, daemon: &mut netns::KillOnDrop, name: &str) {
         ok(self.ssm_proxy(&["stop", "--name", name]), "stop");
