@@ -169,6 +169,7 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
         netns: instance.netns.clone(),
         profile: shared.config.profile,
         buffer_detached: !shared.config.faults.lossy_reconnect,
+        resends: shared.counters.agent_resends.clone(),
     };
     let (tx, rx) = mpsc::channel::<AgentInput>(1024);
     let ordinal = shared.next_ordinal();

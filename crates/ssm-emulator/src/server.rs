@@ -81,6 +81,9 @@ pub struct Counters {
     pub frames_duplicated: AtomicU64,
     pub frames_reordered: AtomicU64,
     pub forced_closes: AtomicU64,
+    /// Messages the agents resent because their ack came later than the RTO
+    /// (on a loaded machine, even a clean link produces some).
+    pub agent_resends: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]

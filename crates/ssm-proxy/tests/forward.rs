@@ -59,7 +59,9 @@ async fn sixty_four_mib_echo(profile: Profile, faults: Faults) {
 
 /// On a clean link nothing may go missing between the websocket and the session:
 /// a message lost on our side shows up as later ones arriving out of order (and
-/// as the agent's resends, which cost 100 ms each).
+/// as the agent's resends, which cost 100 ms each). A duplicate is allowed only
+/// as the copy of a message the agent resent: its RTO is the RTT plus 10 ms, and
+/// on a loaded machine an ack can come later than that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_link_delivers_every_message_in_order_the_first_time() {
     let echo = echo_server().await;
@@ -73,7 +75,13 @@ async fn a_clean_link_delivers_every_message_in_order_the_first_time() {
     let err = stop(guard, stderr);
     let summary = err.lines().find(|l| l.contains("session summary")).unwrap_or_else(|| panic!("no summary:\n{err}"));
     assert!(summary.contains("out_of_order=0"), "{summary}");
-    assert!(summary.contains("duplicates=0"), "{summary}");
+    let duplicates: u64 = summary
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("duplicates="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no duplicates count: {summary}"));
+    let resends = emulator.shared.counters.agent_resends.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(duplicates <= resends, "{duplicates} duplicates but the agent resent {resends}: {summary}");
 }
 
 /// Full speed (no pacing): a drop is repaired by the agent's head-only resend

@@ -12,6 +12,8 @@ pub mod channel;
 mod instance;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -96,6 +98,8 @@ pub struct AgentSpec {
     pub profile: Profile,
     /// Hold frames for a detached client and deliver them when it reattaches.
     pub buffer_detached: bool,
+    /// Where this session's resends are counted (the emulator's counters).
+    pub resends: Arc<AtomicU64>,
 }
 
 /// Frames held for a detached client. MGS's behaviour here is not public; a
@@ -246,7 +250,9 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
                 rt.handle_events().await;
             }
             _ = sleep_until(timer) => {
+                let before = rt.chan.resends;
                 rt.chan.handle_timeout(Instant::now().into_std());
+                rt.spec.resends.fetch_add(rt.chan.resends - before, Ordering::Relaxed);
                 rt.handle_events().await;
             }
             // The agent's read loop: one read of at most 1024 bytes, send, sleep 1 ms.
