@@ -17,6 +17,7 @@ command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v dig >/dev/null || need+=(bind9-dnsutils)
 command -v nc >/dev/null || need+=(netcat-openbsd)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v tinyproxy >/dev/null || need+=(tinyproxy)
 # `service install`'s unit is checked with systemd-analyze verify.
 command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then

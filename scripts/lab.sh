@@ -22,6 +22,9 @@
 # SECOND_INSTANCE=1 adds a second instance, $INSTANCE2, whose ec2-agent listens
 # at 192.168.101.3:7301 in the same namespace (pid in $DIR/agent2.pid); the
 # emulator takes that address for its localhost.
+# PROXY=1 adds a corporate proxy: tinyproxy in the wan namespace at $LAB_PROXY
+# (basic auth), and takes the laptop's default route away, so that the laptop
+# reaches AWS only through the proxy.
 set -euo pipefail
 LAB=${LAB:-lab}
 DIR=/tmp/ssm-proxy-$LAB
@@ -44,6 +47,7 @@ AWS_EC2_METADATA_DISABLED=true
 SSM_PROXY_RUN_DIR=$DIR/run
 LAB_INSTANCE=$INSTANCE
 LAB_INSTANCE2=$INSTANCE2
+LAB_PROXY=http://lab:proxy-secret@192.168.100.1:3128
 EOF
 }
 
@@ -86,6 +90,29 @@ impair() { # impair BIN DELAY_MS LOSS: route everything crossing wan through net
   in_ns wan ip route add default dev "$i" table 101
   in_ns wan ip rule add iif "$LAB-w0" lookup 101 priority 100
   in_ns wan ip rule add iif "$LAB-w1" lookup 101 priority 101
+}
+
+# tinyproxy as a corporate proxy: CONNECT to any port (no ConnectPort line),
+# plain http forwarded, basic auth, a log of every request.
+proxy_up() {
+  mkdir -p "$DIR/proxy" && chown nobody:nogroup "$DIR/proxy"
+  cat > "$DIR/proxy/tinyproxy.conf" <<EOF
+User nobody
+Group nogroup
+Listen 192.168.100.1
+Port 3128
+Timeout 600
+MaxClients 100
+Allow 192.168.100.0/24
+BasicAuth lab proxy-secret
+DisableViaHeader Yes
+LogLevel Info
+LogFile "$DIR/proxy/tinyproxy.log"
+PidFile "$DIR/proxy/tinyproxy.pid"
+EOF
+  spawn wan "$DIR/proxy/stderr.log" tinyproxy -d -c "$DIR/proxy/tinyproxy.conf"
+  wait_port laptop 192.168.100.1 3128
+  in_ns laptop ip route del default
 }
 
 up() {
@@ -154,6 +181,8 @@ up() {
   wait_port instance 127.0.0.1 7301
   wait_port vpc 10.10.0.2 8080
   wait_port vpc 10.10.0.2 5432
+  # Last: it takes the laptop's way to the emulator away.
+  if [ -n "${PROXY:-}" ]; then proxy_up; fi
   trap - ERR
 }
 

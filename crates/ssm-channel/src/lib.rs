@@ -16,4 +16,4 @@ pub use proto::{codec, payloads, session, smux, version};
 #[cfg(feature = "driver")]
 pub mod driver;
 #[cfg(feature = "driver")]
-pub use driver::{port, shell, transport};
+pub use driver::{port, proxy, shell, transport};

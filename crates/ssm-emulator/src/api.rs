@@ -88,6 +88,7 @@ pub fn handle(shared: &Arc<Shared>, target: &str, body: &[u8], host: &str) -> Re
 
 fn stream_url(shared: &Shared, host: &str, session_id: &str) -> String {
     let scheme = &shared.config.stream_url_scheme;
+    let host = shared.config.stream_host.as_deref().unwrap_or(host);
     format!("{scheme}://{host}/v1/data-channel/{session_id}?role=publish_subscribe&cell-number=emulator")
 }
 
@@ -142,7 +143,8 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
             if let Some(h) = &remote_host {
                 properties.insert("host".into(), json!(h));
             }
-            let target = Target { host: remote_host.unwrap_or_else(|| instance.host.clone()), port };
+            let remote = remote_host.is_some();
+            let target = Target { host: remote_host.unwrap_or_else(|| instance.host.clone()), port, remote };
             (Plugin::Port(target), properties)
         }
         // The default shell document: sessionType Standard_Stream, no properties.

@@ -85,6 +85,9 @@ pub struct Config {
     /// Scheme of the StreamUrl handed out: `ws`, or `wss` when a TLS front
     /// end sits before the emulator.
     pub stream_url_scheme: String,
+    /// The host (and port) the StreamUrl names, as AWS names ssmmessages
+    /// rather than the ssm API host. `None`: the API request's Host.
+    pub stream_host: Option<String>,
     /// Session documents the caller's IAM policy does not allow:
     /// StartSession with one of them is AccessDeniedException.
     pub denied_documents: Vec<String>,
@@ -106,6 +109,7 @@ impl Default for Config {
             seed: 1,
             denied_documents: Vec::new(),
             stream_url_scheme: "ws".into(),
+            stream_host: None,
         }
     }
 }

@@ -88,6 +88,10 @@ struct Args {
     /// StreamUrl scheme to hand out: ws, or wss behind a TLS front end.
     #[arg(long, default_value = "ws", value_parser = ["ws", "wss"])]
     stream_url_scheme: String,
+    /// HOST[:PORT] the StreamUrl names instead of the API request's Host (a
+    /// client then needs AWS_ENDPOINT_URL_SSMMESSAGES to reach the emulator).
+    #[arg(long, value_name = "HOST")]
+    stream_host: Option<String>,
 }
 
 fn probability(name: &str, p: f64) -> anyhow::Result<f64> {
@@ -109,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         profile: args.profile,
         seed: args.seed,
         stream_url_scheme: args.stream_url_scheme,
+        stream_host: args.stream_host,
         denied_documents: args.deny_documents,
         faults: Faults {
             drop: probability("drop", args.drop)?,

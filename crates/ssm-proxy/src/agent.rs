@@ -89,6 +89,11 @@ struct InstallArgs {
     /// AWS profile to use.
     #[arg(long)]
     profile: Option<String>,
+    /// HTTP proxy for the AWS API and the data channel, as http://[user:password@]host:port
+    /// [default: HTTPS_PROXY/HTTP_PROXY/ALL_PROXY, bypassed for NO_PROXY hosts, as curl
+    /// reads them; sudo drops these variables unless kept: `sudo --preserve-env=HTTPS_PROXY,NO_PROXY`]
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,6 +110,11 @@ struct StatusArgs {
     /// AWS profile to use.
     #[arg(long)]
     profile: Option<String>,
+    /// HTTP proxy for the AWS API and the data channel, as http://[user:password@]host:port
+    /// [default: HTTPS_PROXY/HTTP_PROXY/ALL_PROXY, bypassed for NO_PROXY hosts, as curl
+    /// reads them; sudo drops these variables unless kept: `sudo --preserve-env=HTTPS_PROXY,NO_PROXY`]
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
     /// Print the agent's answer as JSON.
     #[arg(long)]
     json: bool,
@@ -116,7 +126,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         AgentCommand::Install(a) => return install(a).await,
         AgentCommand::Uninstall(a) => return uninstall(a).await,
     };
-    let trust = Trust::from_env()?;
+    let trust = crate::aws::trust(args.proxy.as_deref())?;
     let api = load_api(&args.region, &args.profile, &trust).await?;
     let v = query(&api, &trust, &args.instance_id, args.agent_port).await?;
     if args.json {
@@ -129,7 +139,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
 /// The API client of the `agent` commands, whose sessions say why they exist.
 async fn load_api(region: &Option<String>, profile: &Option<String>, trust: &Trust) -> anyhow::Result<SsmApi> {
-    let opts = AwsOptions { region: region.clone(), profile: profile.clone(), reason: Some("ssm-proxy agent".into()) };
+    let opts = AwsOptions {
+        region: region.clone(),
+        profile: profile.clone(),
+        reason: Some("ssm-proxy agent".into()),
+        ssmmessages_endpoint: None,
+    };
     Ok(SsmApi::load(&opts, trust).await?)
 }
 
@@ -146,7 +161,7 @@ async fn query(api: &SsmApi, trust: &Trust, instance: &str, port: u16) -> anyhow
 }
 
 async fn open_shell(args: &InstallArgs) -> anyhow::Result<(SsmApi, Trust, remote::RemoteShell, install::Layout)> {
-    let trust = Trust::from_env()?;
+    let trust = crate::aws::trust(args.proxy.as_deref())?;
     let api = load_api(&args.region, &args.profile, &trust).await?;
     if !args.prefix.starts_with('/') {
         bail!("--prefix {:?} must be an absolute path", args.prefix);

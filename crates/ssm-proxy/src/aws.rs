@@ -7,6 +7,7 @@ use aws_sdk_ssm::types::InstanceInformationStringFilter;
 
 use std::sync::{Arc, RwLock};
 
+use ssm_channel::proxy::Proxies;
 use ssm_channel::transport::{Endpoint, Trust};
 
 /// Document names for Port sessions.
@@ -29,6 +30,41 @@ pub struct AwsOptions {
     pub profile: Option<String>,
     /// StartSession's Reason on every session (default "ssm-proxy").
     pub reason: Option<String>,
+    /// Where the data channel goes instead of StartSession's host
+    /// (`--ssmmessages-endpoint`; else `AWS_ENDPOINT_URL_SSMMESSAGES`).
+    pub ssmmessages_endpoint: Option<String>,
+}
+
+/// The variable the SDKs read for the ssmmessages service's endpoint.
+pub const SSMMESSAGES_ENDPOINT_VAR: &str = "AWS_ENDPOINT_URL_SSMMESSAGES";
+
+/// StartSession's stream URL sent to `endpoint` instead (a PrivateLink
+/// interface endpoint, say): its scheme and host replace the URL's (https
+/// becomes wss, http ws), its path, if any, goes in front of the session's
+/// path, and the session's path and query stay as they are. TLS then checks
+/// the endpoint's name, which is the host dialled.
+pub fn rewrite_stream_url(stream_url: &str, endpoint: &str) -> Result<String, String> {
+    let (scheme, rest) = endpoint.split_once("://").unwrap_or(("https", endpoint));
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "https" | "wss" => "wss",
+        "http" | "ws" => "ws",
+        other => return Err(format!("{endpoint:?}: the scheme must be https (or http), not {other:?}")),
+    };
+    let (host, prefix) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p.trim_end_matches('/')));
+    if host.is_empty() || host.contains('@') || host.contains(['?', '#']) {
+        return Err(format!("{endpoint:?}: give the endpoint as https://HOST[:PORT], without credentials or query"));
+    }
+    let (_, after_scheme) =
+        stream_url.split_once("://").ok_or_else(|| format!("the stream URL {stream_url:?} has no scheme"))?;
+    let path = after_scheme.find('/').map_or("/", |i| &after_scheme[i..]);
+    let prefix = if prefix.is_empty() { String::new() } else { format!("/{prefix}") };
+    Ok(format!("{scheme}://{host}{prefix}{path}"))
+}
+
+/// The trust settings (`AWS_CA_BUNDLE`) and proxies (`proxy`, else the
+/// environment's) the API client and the websockets share.
+pub fn trust(proxy: Option<&str>) -> anyhow::Result<Trust> {
+    Ok(Trust::from_env()?.with_proxies(Proxies::new(proxy)?))
 }
 
 /// The Reason StartSession carries unless the user gives one.
@@ -66,6 +102,11 @@ pub enum ApiError {
     BadCredentials { code: String, message: String },
     #[error("{action} failed: {detail}{hint}")]
     Other { action: &'static str, detail: String, hint: &'static str },
+    #[error(
+        "{action} failed through the proxy {proxy}: {detail}. Check the proxy's address and port, that it \
+         allows CONNECT to port 443, and its credentials (http://user:password@host:port)"
+    )]
+    ThroughProxy { action: &'static str, proxy: String, detail: String },
     #[error("session {0} does not exist or has been terminated")]
     SessionNotFound(String),
     #[error("{action} returned no {field}")]
@@ -93,18 +134,54 @@ pub struct SsmApi {
     client: Arc<RwLock<aws_sdk_ssm::Client>>,
     conf: aws_config::SdkConfig,
     tls: aws_smithy_http_client::tls::TlsContext,
+    proxy_config: aws_smithy_http_client::proxy::ProxyConfig,
     region: String,
     reason: String,
+    /// The proxy the API calls go through, for messages.
+    proxy: Option<String>,
+    /// [`AwsOptions::ssmmessages_endpoint`], or the variable's.
+    stream_endpoint: Option<String>,
 }
 
 fn https_client(
     tls: &aws_smithy_http_client::tls::TlsContext,
+    proxy: &aws_smithy_http_client::proxy::ProxyConfig,
 ) -> aws_smithy_runtime_api::client::http::SharedHttpClient {
-    use aws_smithy_http_client::tls;
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
-        .tls_context(tls.clone())
-        .build_https()
+    use aws_smithy_http_client::{tls, Connector};
+    let (tls, proxy) = (tls.clone(), proxy.clone());
+    // What Builder::build_https does, plus the proxy (which only the
+    // connector builder takes).
+    aws_smithy_http_client::Builder::new().build_with_connector_fn(move |settings, components| {
+        let mut builder = Connector::builder();
+        builder.set_connector_settings(settings.cloned());
+        // The sleep makes the connect timeout work.
+        if let Some(components) = components {
+            builder.set_sleep_impl(components.sleep_impl());
+        }
+        builder
+            .proxy_config(proxy.clone())
+            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+            .tls_context(tls.clone())
+            .build()
+    })
+}
+
+/// The SDK's proxy settings for `proxies`: the same variables, or `--proxy`.
+fn proxy_config(proxies: &Proxies) -> Result<aws_smithy_http_client::proxy::ProxyConfig, ApiError> {
+    use aws_smithy_http_client::proxy::ProxyConfig;
+    let Some(url) = proxies.explicit() else {
+        return Ok(if proxies.from_env() { ProxyConfig::from_env() } else { ProxyConfig::disabled() });
+    };
+    let config = ProxyConfig::all(url).map_err(|e| ApiError::Other {
+        action: "proxy setup",
+        detail: format!("{}: {e}", ssm_channel::proxy::redact_userinfo(url)),
+        hint: "",
+    })?;
+    let no_proxy = ["NO_PROXY", "no_proxy"].iter().find_map(|v| std::env::var(v).ok().filter(|v| !v.is_empty()));
+    Ok(match no_proxy {
+        Some(rules) => config.no_proxy(rules),
+        None => config,
+    })
 }
 
 impl SsmApi {
@@ -121,7 +198,8 @@ impl SsmApi {
             detail: e.to_string(),
             hint: "",
         })?;
-        let http = https_client(&ctx);
+        let proxy_cfg = proxy_config(&trust.proxies)?;
+        let http = https_client(&ctx, &proxy_cfg);
         // Without these an API call on a pooled connection that died with the
         // laptop's old network would wait forever.
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
@@ -140,7 +218,24 @@ impl SsmApi {
         let region = conf.region().map(|r| r.to_string()).ok_or(ApiError::NoRegion)?;
         let client = Arc::new(RwLock::new(aws_sdk_ssm::Client::new(&conf)));
         let reason = opts.reason.clone().unwrap_or_else(|| DEFAULT_REASON.to_owned());
-        Ok(SsmApi { client, conf, tls: ctx, region, reason })
+        let endpoint = std::env::var("AWS_ENDPOINT_URL_SSM")
+            .ok()
+            .or_else(|| conf.endpoint_url().map(str::to_owned))
+            .unwrap_or_else(|| format!("https://ssm.{region}.amazonaws.com"));
+        let proxy = trust.proxies.route(&endpoint).map(|r| r.description);
+        let stream_endpoint = opts
+            .ssmmessages_endpoint
+            .clone()
+            .or_else(|| std::env::var(SSMMESSAGES_ENDPOINT_VAR).ok())
+            .filter(|e| !e.trim().is_empty());
+        if let Some(e) = &stream_endpoint {
+            rewrite_stream_url("wss://ssmmessages.example/v1/data-channel/s", e).map_err(|detail| ApiError::Other {
+                action: "the ssmmessages endpoint",
+                detail,
+                hint: "",
+            })?;
+        }
+        Ok(SsmApi { client, conf, tls: ctx, proxy_config: proxy_cfg, region, reason, proxy, stream_endpoint })
     }
 
     fn client(&self) -> aws_sdk_ssm::Client {
@@ -151,7 +246,9 @@ impl SsmApi {
     /// changed they may be bound to an address it no longer has, and a call
     /// on one would wait out its timeout. Credentials stay cached.
     pub fn reset_connections(&self) {
-        let conf = aws_sdk_ssm::config::Builder::from(&self.conf).http_client(https_client(&self.tls)).build();
+        let conf = aws_sdk_ssm::config::Builder::from(&self.conf)
+            .http_client(https_client(&self.tls, &self.proxy_config))
+            .build();
         *self.client.write().unwrap_or_else(|p| p.into_inner()) = aws_sdk_ssm::Client::from_conf(conf);
     }
 
@@ -202,17 +299,27 @@ impl SsmApi {
                     return Err(self.explain_not_connected(instance).await);
                 }
                 let document = document.unwrap_or(SHELL_DOCUMENT);
-                return Err(classify("ssm:StartSession", format!(" on {instance} with {document}"), e));
+                return Err(classify(
+                    self.proxy.as_deref(),
+                    "ssm:StartSession",
+                    format!(" on {instance} with {document}"),
+                    e,
+                ));
             }
         };
         let session_id =
             out.session_id().ok_or(ApiError::Incomplete { action: "StartSession", field: "SessionId" })?.to_owned();
         let token = out.token_value().ok_or(ApiError::Incomplete { action: "StartSession", field: "TokenValue" })?;
         let url = out.stream_url().ok_or(ApiError::Incomplete { action: "StartSession", field: "StreamUrl" })?;
-        Ok(StartedSession {
-            session_id,
-            endpoint: Endpoint { stream_url: url.to_owned(), token: token.to_owned(), client_id },
-        })
+        let url = match &self.stream_endpoint {
+            Some(e) => rewrite_stream_url(url, e).map_err(|detail| ApiError::Other {
+                action: "the ssmmessages endpoint",
+                detail,
+                hint: "",
+            })?,
+            None => url.to_owned(),
+        };
+        Ok(StartedSession { session_id, endpoint: Endpoint { stream_url: url, token: token.to_owned(), client_id } })
     }
 
     async fn explain_not_connected(&self, instance: &str) -> ApiError {
@@ -232,19 +339,16 @@ impl SsmApi {
         let call = self.client().resume_session().session_id(session_id).customize().config_override(quick);
         let out = call.send().await.map_err(|e| match e.code() {
             Some("DoesNotExistException") => ApiError::SessionNotFound(session_id.to_owned()),
-            _ => classify("ssm:ResumeSession", format!(" on session {session_id}"), e),
+            _ => classify(self.proxy.as_deref(), "ssm:ResumeSession", format!(" on session {session_id}"), e),
         })?;
         Ok(out.token_value().filter(|t| !t.is_empty()).map(str::to_owned))
     }
 
     /// TerminateSession; safe to repeat.
     pub async fn terminate_session(&self, session_id: &str) -> Result<(), ApiError> {
-        self.client()
-            .terminate_session()
-            .session_id(session_id)
-            .send()
-            .await
-            .map_err(|e| classify("ssm:TerminateSession", format!(" on session {session_id}"), e))?;
+        self.client().terminate_session().session_id(session_id).send().await.map_err(|e| {
+            classify(self.proxy.as_deref(), "ssm:TerminateSession", format!(" on session {session_id}"), e)
+        })?;
         Ok(())
     }
 
@@ -257,7 +361,7 @@ impl SsmApi {
             .filters(filter)
             .send()
             .await
-            .map_err(|e| classify("ssm:DescribeInstanceInformation", String::new(), e))?;
+            .map_err(|e| classify(self.proxy.as_deref(), "ssm:DescribeInstanceInformation", String::new(), e))?;
         Ok(out.instance_information_list().iter().find(|i| i.instance_id() == Some(instance)).map(|i| InstanceStatus {
             ping_status: i.ping_status().map(|p| p.as_str().to_owned()).unwrap_or_default(),
             agent_version: i.agent_version().unwrap_or_default().to_owned(),
@@ -279,7 +383,8 @@ impl SsmApi {
         let mut pages = req.into_paginator().send();
         let mut ids = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| classify("ssm:DescribeInstanceInformation", String::new(), e))?;
+            let page =
+                page.map_err(|e| classify(self.proxy.as_deref(), "ssm:DescribeInstanceInformation", String::new(), e))?;
             for i in page.instance_information_list() {
                 // The filter asked for Online; an answer that is not is not used.
                 if i.ping_status().is_some_and(|p| p.as_str() == "Online") {
@@ -307,8 +412,9 @@ impl SsmApi {
             if let Some(t) = &token {
                 req = req.next_token(t);
             }
-            let out =
-                req.send().await.map_err(|e| classify("route53:ListHostedZonesByVPC", format!(" for {vpc}"), e))?;
+            let out = req.send().await.map_err(|e| {
+                classify(self.proxy.as_deref(), "route53:ListHostedZonesByVPC", format!(" for {vpc}"), e)
+            })?;
             names.extend(out.hosted_zone_summaries().iter().map(|z| z.name().trim_end_matches('.').to_owned()));
             match out.next_token() {
                 Some(t) if !t.is_empty() => token = Some(t.to_owned()),
@@ -331,7 +437,7 @@ fn string_filter(key: impl Into<String>, value: &str) -> Result<InstanceInformat
 }
 
 /// Maps an SDK error to a message naming the action and what to do.
-fn classify<E, R>(action: &'static str, on: String, err: SdkError<E, R>) -> ApiError
+fn classify<E, R>(proxy: Option<&str>, action: &'static str, on: String, err: SdkError<E, R>) -> ApiError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
@@ -347,6 +453,16 @@ where
         | "SignatureDoesNotMatch" => ApiError::BadCredentials { code, message },
         _ => {
             let detail = DisplayErrorContext(&err).to_string();
+            let unreachable = matches!(err, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_));
+            // A proxy's refusal comes back as a failed CONNECT (https) or as its own
+            // answer to the forwarded request (http): 407, or 401 from some
+            // proxies (tinyproxy). The API itself never answers 401 or 407.
+            let refused = ["StatusCode(407)", "StatusCode(401)", "407 Proxy"].iter().any(|s| detail.contains(s));
+            if let Some(proxy) = proxy.filter(|_| unreachable || refused) {
+                let detail =
+                    if refused { "the proxy wants other credentials (it answered 401/407)".to_owned() } else { detail };
+                return ApiError::ThroughProxy { action, proxy: proxy.to_owned(), detail };
+            }
             let hint = if detail.contains("credentials") || detail.contains("Credentials") {
                 ". No usable AWS credentials: set AWS_PROFILE or --profile, run `aws sso login`, or export AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
             } else if matches!(err, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)) {
@@ -361,7 +477,31 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::parse_reason;
+    use super::{parse_reason, rewrite_stream_url};
+
+    #[test]
+    fn the_ssmmessages_endpoint_replaces_scheme_and_host_and_keeps_the_session_path() {
+        let url =
+            "wss://ssmmessages.us-east-1.amazonaws.com/v1/data-channel/bob-0a1b?role=publish_subscribe&cell-number=AAE";
+        let vpce = "https://vpce-0123-abcd.ssmmessages.us-east-1.vpce.amazonaws.com";
+        assert_eq!(
+            rewrite_stream_url(url, vpce).as_deref(),
+            Ok("wss://vpce-0123-abcd.ssmmessages.us-east-1.vpce.amazonaws.com/v1/data-channel/bob-0a1b?role=publish_subscribe&cell-number=AAE")
+        );
+        // A port, plain http (ws), a path prefix with and without its slash, no scheme.
+        assert_eq!(
+            rewrite_stream_url(url, "http://127.0.0.1:4566/").as_deref(),
+            Ok("ws://127.0.0.1:4566/v1/data-channel/bob-0a1b?role=publish_subscribe&cell-number=AAE")
+        );
+        assert_eq!(
+            rewrite_stream_url("wss://h/v1/data-channel/s", "https://gw.corp/ssm/").as_deref(),
+            Ok("wss://gw.corp/ssm/v1/data-channel/s")
+        );
+        assert_eq!(rewrite_stream_url("wss://h/v1/x", "gw.corp:8443").as_deref(), Ok("wss://gw.corp:8443/v1/x"));
+        for bad in ["ftp://gw.corp", "https://", "https://user:pw@gw.corp", "https://gw.corp?x=1"] {
+            assert!(rewrite_stream_url(url, bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_reason_is_one_line_of_1_to_256_characters() {

@@ -15,6 +15,8 @@
 //! rotate_after = "55m"            # optional
 //! sessions = 4                    # optional: member sessions to stripe over (1-16)
 //! reason = "on-call: INC-1234"    # optional: StartSession's Reason
+//! proxy = "http://proxy.corp:3128" # optional: instead of HTTPS_PROXY/HTTP_PROXY
+//! ssmmessages_endpoint = "https://vpce-0abc.ssmmessages.eu-west-1.vpce.amazonaws.com" # optional
 //! ```
 
 use std::collections::BTreeMap;
@@ -53,6 +55,8 @@ struct Raw {
     agent_port: Option<u16>,
     sessions: Option<u16>,
     reason: Option<String>,
+    proxy: Option<String>,
+    ssmmessages_endpoint: Option<String>,
 }
 
 /// One validated `[tunnel.NAME]` table.
@@ -73,6 +77,10 @@ pub struct Tunnel {
     pub sessions: Option<u16>,
     /// StartSession's Reason.
     pub reason: Option<String>,
+    /// The HTTP proxy for the API and the websocket.
+    pub proxy: Option<String>,
+    /// Where the data channel goes instead of StartSession's host.
+    pub ssmmessages_endpoint: Option<String>,
     /// The file and line it was defined at, for messages.
     pub source: String,
     /// The file it was defined in.
@@ -189,6 +197,12 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Vec<Tunnel>> {
             Some(r) => Some(crate::aws::parse_reason(r).map_err(|e| fail(format!("reason: {e}")))?),
             None => None,
         };
+        if let Some(p) = &raw.proxy {
+            ssm_channel::proxy::Proxies::with_env(Some(p), |_| None).map_err(|e| fail(format!("proxy: {e}")))?;
+        }
+        if let Some(e) = &raw.ssmmessages_endpoint {
+            crate::aws::rewrite_stream_url("wss://h/v1", e).map_err(|e| fail(format!("ssmmessages_endpoint: {e}")))?;
+        }
         out.push(Tunnel {
             name,
             instance_ids,
@@ -202,6 +216,8 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Vec<Tunnel>> {
             agent_port: raw.agent_port,
             sessions: raw.sessions,
             reason,
+            proxy: raw.proxy,
+            ssmmessages_endpoint: raw.ssmmessages_endpoint,
             source,
             file: path.to_path_buf(),
         });

@@ -68,6 +68,16 @@ pub struct ForwardArgs {
     /// and the Session Manager console (1-256 characters; default "ssm-proxy").
     #[arg(long, value_name = "TEXT", value_parser = crate::aws::parse_reason)]
     reason: Option<String>,
+    /// HTTP proxy for the AWS API and the data channel, as http://[user:password@]host:port
+    /// [default: HTTPS_PROXY/HTTP_PROXY/ALL_PROXY, bypassed for NO_PROXY hosts, as curl
+    /// reads them; sudo drops these variables unless kept: `sudo --preserve-env=HTTPS_PROXY,NO_PROXY`]
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
+    /// Send the data channel to this endpoint instead of the host StartSession
+    /// names (a PrivateLink interface endpoint for ssmmessages), as https://HOST[:PORT]
+    /// [default: AWS_ENDPOINT_URL_SSMMESSAGES]. The API endpoint is AWS_ENDPOINT_URL_SSM.
+    #[arg(long, value_name = "URL")]
+    ssmmessages_endpoint: Option<String>,
 }
 
 /// `--remote-host`: a host name or address; the instance's own loopback names
@@ -100,9 +110,14 @@ pub async fn run(mut args: ForwardArgs) -> anyhow::Result<()> {
     })?;
     let bound = listener.local_addr().context("reading the bound address")?;
 
-    let trust = Trust::from_env()?;
+    let trust = crate::aws::trust(args.proxy.as_deref())?;
     let api = SsmApi::load(
-        &AwsOptions { region: args.region.clone(), profile: args.profile.clone(), reason: args.reason.clone() },
+        &AwsOptions {
+            region: args.region.clone(),
+            profile: args.profile.clone(),
+            reason: args.reason.clone(),
+            ssmmessages_endpoint: args.ssmmessages_endpoint.clone(),
+        },
         &trust,
     )
     .await?;

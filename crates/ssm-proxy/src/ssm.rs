@@ -53,7 +53,7 @@ pub async fn open_port_session(
     max_pending_conns: usize,
     also_stop: BoxFuture<'static, ()>,
 ) -> anyhow::Result<PortSession> {
-    let tls = trust.rustls_config()?;
+    let dialer = trust.dialer()?;
     let client_id = uuid::Uuid::new_v4();
     let started = api.start_port_session(instance, port, host, client_id).await?;
     let session_id = started.session_id.clone();
@@ -76,7 +76,7 @@ pub async fn open_port_session(
     });
     // Everything the driver logs (reconnects, the handshake, resends) names its session.
     let span = tracing::info_span!("session", id = %session_id, instance);
-    let driver = port::run(config, started.endpoint, Some(tls), resume, conn_rx, ready_tx, shutdown);
+    let driver = port::run(config, started.endpoint, dialer, resume, conn_rx, ready_tx, shutdown);
     let mut task = tokio::spawn(driver.instrument(span));
     let ready = tokio::select! {
         r = tokio::time::timeout(READY_TIMEOUT, ready_rx) => r,

@@ -122,6 +122,16 @@ pub struct StartArgs {
     /// 1-256 characters [default: "ssm-proxy"].
     #[arg(long, value_name = "TEXT", value_parser = crate::aws::parse_reason)]
     reason: Option<String>,
+    /// HTTP proxy for the AWS API and the data channel, as http://[user:password@]host:port
+    /// [default: HTTPS_PROXY/HTTP_PROXY/ALL_PROXY, bypassed for NO_PROXY hosts, as curl
+    /// reads them; sudo drops these variables unless kept: `sudo --preserve-env=HTTPS_PROXY,NO_PROXY`]
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
+    /// Send the data channel to this endpoint instead of the host StartSession
+    /// names (a PrivateLink interface endpoint for ssmmessages), as https://HOST[:PORT]
+    /// [default: AWS_ENDPOINT_URL_SSMMESSAGES]. The API endpoint is AWS_ENDPOINT_URL_SSM.
+    #[arg(long, value_name = "URL")]
+    ssmmessages_endpoint: Option<String>,
 }
 
 pub fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -183,6 +193,8 @@ pub fn resolve(mut args: StartArgs) -> anyhow::Result<StartArgs> {
         args.rotate_after = args.rotate_after.or(t.rotate_after);
         args.sessions = args.sessions.or(t.sessions);
         args.reason = args.reason.or(t.reason);
+        args.proxy = args.proxy.or(t.proxy);
+        args.ssmmessages_endpoint = args.ssmmessages_endpoint.or(t.ssmmessages_endpoint);
         if args.cidrs.is_empty() {
             args.cidrs = t.cidrs;
         }
@@ -571,9 +583,14 @@ struct SsmLink {
 
 impl<D: TunnelDevice> Link<D> for SsmLink {
     async fn connect(&mut self, args: &StartArgs, plan: &Plan) -> anyhow::Result<Answered> {
-        let trust = Trust::from_env()?;
+        let trust = crate::aws::trust(args.proxy.as_deref())?;
         let api = SsmApi::load(
-            &AwsOptions { region: args.region.clone(), profile: args.profile.clone(), reason: args.reason.clone() },
+            &AwsOptions {
+                region: args.region.clone(),
+                profile: args.profile.clone(),
+                reason: args.reason.clone(),
+                ssmmessages_endpoint: args.ssmmessages_endpoint.clone(),
+            },
             &trust,
         )
         .await?;

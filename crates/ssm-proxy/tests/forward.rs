@@ -257,3 +257,103 @@ async fn remote_host_loopback_uses_the_local_port_document() {
         assert!(!err.contains("not authorized"), "{host}: {err}");
     }
 }
+
+/// A StreamUrl naming a host the laptop cannot reach (as behind PrivateLink,
+/// where ssmmessages' public name is not the way in): without an endpoint the
+/// data channel fails; with AWS_ENDPOINT_URL_SSMMESSAGES, or
+/// --ssmmessages-endpoint, it goes to the endpoint, session path intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ssmmessages_endpoint_carries_the_data_channel_the_stream_url_cannot() {
+    let echo = echo_server().await;
+    // Nothing listens on the discard port.
+    let config =
+        Config { stream_host: Some("127.0.0.1:9".into()), ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
+    let emu = emulator(config).await;
+    let url = format!("http://{}", emu.addr);
+    let err = forward_fails_with(url.clone(), TEST_SECRET_KEY, INSTANCE, &[]).await;
+    assert!(err.contains("127.0.0.1:9"), "expected the StreamUrl's host to fail:\n{err}");
+
+    let (guard, addr, stderr) = spawn_forward_to(&url, echo.port(), &[("AWS_ENDPOINT_URL_SSMMESSAGES", &url)]);
+    echo_round_trip(addr, 7, 256 << 10).await;
+    stop(guard, stderr);
+    let (guard, addr, stderr) = spawn_forward_args(&url, echo.port(), &[], &["--ssmmessages-endpoint", &url]);
+    echo_round_trip(addr, 8, 256 << 10).await;
+    stop(guard, stderr);
+}
+
+/// `forward ARGS` against `url`, which must end on its own within `limit`:
+/// how long it took, and its stderr.
+fn forward_ends_within(url: &str, args: &[&str], limit: Duration) -> (Duration, String) {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ssm-proxy"))
+        .args(["forward", "--instance-id", INSTANCE, "--local-port", "0"])
+        .args(args)
+        .env_clear()
+        .env("AWS_ENDPOINT_URL", url)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ssm-proxy");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut guard = ChildGuard(child);
+    let status = wait_timeout(&mut guard.0, limit);
+    let took = started.elapsed();
+    if status.is_none() {
+        let _ = guard.0.kill();
+    }
+    let err = reader.join().unwrap_or_default();
+    assert!(status.is_some(), "forward {args:?} still ran after {limit:?}:\n{err}");
+    assert!(status.is_some_and(|s| !s.success()), "forward {args:?} succeeded:\n{err}");
+    (took, err)
+}
+
+/// The newest agent (3.3.4851.0) refuses loopback, in any spelling, and the
+/// credential endpoints to the remote-host document: forward ends within 5 s
+/// with the agent's words. The instance's own loopback is still reachable
+/// through the local-port document, which `--remote-host 127.0.0.1` uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_agents_deny_list_is_a_clear_error_within_five_seconds() {
+    let echo = echo_server().await;
+    let config =
+        Config { agent_version: "3.3.4851.0".into(), ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
+    let emu = emulator(config).await;
+    for host in ["127.0.0.1", "localhost"] {
+        let (guard, addr, stderr) = spawn_forward_args(&emu.endpoint_url(), echo.port(), &[], &["--remote-host", host]);
+        echo_round_trip(addr, 9, 64 << 10).await;
+        stop(guard, stderr);
+    }
+    let url = emu.endpoint_url();
+    for host in ["127.1", "0x7f000001", "169.254.170.2", "169.254.169.254"] {
+        let args = ["--remote-host", host, "--remote-port", "80"];
+        let (took, err) = tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || forward_ends_within(&url, &args, Duration::from_secs(5))
+        })
+        .await
+        .expect("join");
+        assert!(err.contains(&format!("Forwarding to IP address {host} is forbidden.")), "{host}: {err}");
+        eprintln!("{host}: refused in {took:?}");
+    }
+}
+
+/// An agent before 3.3.4851.0 lets the remote-host document reach loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_agent_forwards_to_loopback_through_the_remote_host_document() {
+    let echo = echo_server().await;
+    let config = Config { agent_version: "3.3.987.0".into(), ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
+    let emu = emulator(config).await;
+    // 127.1 is not recognised as loopback by the client: the remote-host document carries it.
+    let (guard, addr, stderr) = spawn_forward_args(&emu.endpoint_url(), echo.port(), &[], &["--remote-host", "127.1"]);
+    echo_round_trip(addr, 10, 64 << 10).await;
+    stop(guard, stderr);
+}

@@ -2,6 +2,7 @@
 //! of [`crate::proto`] over it.
 //!
 //! - [`transport`]: the websocket to the service, TLS trust, the open message.
+//! - [`proxy`]: which HTTP proxy a URL goes through, and the CONNECT tunnel.
 //! - [`port`]: a Port session's loop, and the local connections it carries.
 //! - [`shell`]: a shell session's loop.
 //! - `ws`: what both loops share (incoming messages, resume and redial).
@@ -15,6 +16,7 @@ use crate::transport::{Endpoint, TransportError};
 
 mod local;
 pub mod port;
+pub mod proxy;
 pub mod shell;
 pub mod transport;
 mod ws;

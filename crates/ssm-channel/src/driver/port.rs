@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::proto::port::{Port, PortEnd};
 use crate::session::{SessionConfig, Stats, SystemEnvironment};
-use crate::transport::{self, Endpoint, WsStream, PING_INTERVAL};
+use crate::transport::{self, Dialer, Endpoint, WsStream, PING_INTERVAL};
 
 use super::local::{next_queued, Cmd, Locals};
 pub use super::local::{Conn, ConnIo, QueueEnds};
@@ -307,7 +307,7 @@ fn ended(end: &PortEnd) -> Result<SessionEnd, PortError> {
 pub async fn run(
     config: PortConfig,
     endpoint: Endpoint,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    dialer: Dialer,
     resume: Arc<dyn Resume>,
     mut conns: mpsc::Receiver<Conn>,
     ready: oneshot::Sender<Ready>,
@@ -316,10 +316,10 @@ pub async fn run(
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(64);
     let mut port = Port::new(config.session.clone(), config.mux_frame, Box::new(SystemEnvironment));
     let mut locals = Locals::new(cmd_tx, config.read_chunk, ready);
-    let mut socket = Socket::new(transport::connect(&endpoint, tls.clone()).await?);
+    let mut socket = Socket::new(transport::connect(&endpoint, &dialer).await?);
     port.set_connected(true, Instant::now().into_std());
     let mut publisher = Publisher { live: config.live.clone(), next: Instant::now(), pending: false };
-    let redial = || reconnect_loop(resume.clone(), tls.clone(), config.reconnect_for);
+    let redial = || reconnect_loop(resume.clone(), dialer.clone(), config.reconnect_for);
     let mut terminate_deadline: Option<Instant> = None;
     let mut conns_open = true;
     let mut network_changed = config.network_changed.clone();

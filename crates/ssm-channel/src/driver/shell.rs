@@ -27,7 +27,7 @@ use super::ws::{await_opt, next_ws, on_ws_message, reconnect_loop, sleep_until, 
 use crate::codec::PayloadType;
 use crate::port::{BoxFuture, PortError, Resume, SessionEnd, Summary};
 use crate::session::{CloseReason, Event, HandshakeInfo, Session, SessionConfig, MAX_PAYLOAD, SHELL_SESSIONS};
-use crate::transport::{self, Endpoint, WsStream, PING_INTERVAL};
+use crate::transport::{self, Dialer, Endpoint, WsStream, PING_INTERVAL};
 
 /// The terminal size announced to the agent's pseudo terminal.
 const COLUMNS: u16 = 200;
@@ -128,7 +128,7 @@ type WsSink = futures_util::stream::SplitSink<WsStream, WsMessage>;
 pub async fn run(
     config: SessionConfig,
     endpoint: Endpoint,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    dialer: Dialer,
     resume: Arc<dyn Resume>,
     reconnect_for: Duration,
     pipes: ShellPipes,
@@ -136,7 +136,7 @@ pub async fn run(
 ) -> Result<Summary, PortError> {
     let ShellPipes { mut input, output } = pipes;
     let mut session = Session::new(config, Box::new(crate::session::SystemEnvironment));
-    let ws = transport::connect(&endpoint, tls.clone()).await?;
+    let ws = transport::connect(&endpoint, &dialer).await?;
     let (mut ws_tx, ws_rx) = ws.split();
     let mut ws_rx = Some(ws_rx);
     let mut reconnect: Option<BoxFuture<'static, Result<WsStream, PortError>>> = None;
@@ -177,7 +177,7 @@ pub async fn run(
         }
         if ws_rx.is_none() && reconnect.is_none() {
             session.set_connected(false, now.into_std());
-            reconnect = Some(reconnect_loop(resume.clone(), tls.clone(), reconnect_for));
+            reconnect = Some(reconnect_loop(resume.clone(), dialer.clone(), reconnect_for));
         }
         let timer = [session.poll_timeout().map(Instant::from_std), Some(next_ping), terminate_deadline]
             .into_iter()

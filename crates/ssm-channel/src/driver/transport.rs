@@ -12,6 +12,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
 use crate::payloads::OpenDataChannel;
+use crate::proxy::{self, Proxies, ProxyError};
 use crate::version::CLIENT_VERSION;
 
 pub type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -41,14 +42,28 @@ pub enum TransportError {
     },
     #[error("connecting to {0} timed out after 45 s")]
     Timeout(String),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error("the stream URL {0} has no host")]
+    NoHost(String),
 }
 
-/// Trust settings shared by the AWS API client and the websocket.
+/// Trust and proxy settings shared by the AWS API client and the websocket.
 #[derive(Clone, Debug, Default)]
 pub struct Trust {
     /// Extra PEM roots from `AWS_CA_BUNDLE` (or `SSL_CERT_FILE`).
     pub ca_bundle_pem: Option<Vec<u8>>,
     pub ca_bundle_path: Option<String>,
+    /// The HTTP proxies (none by default; see [`Trust::with_proxies`]).
+    pub proxies: Proxies,
+}
+
+/// How a websocket is dialled: the TLS settings and the proxies.
+#[derive(Clone, Debug, Default)]
+pub struct Dialer {
+    /// `None`: tungstenite's own roots.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub proxies: Proxies,
 }
 
 impl Trust {
@@ -60,7 +75,17 @@ impl Trust {
             .or_else(|| std::env::var("SSL_CERT_FILE").ok().filter(|p| !p.is_empty()));
         let Some(path) = path else { return Ok(Trust::default()) };
         let pem = std::fs::read(&path).map_err(|source| TransportError::CaBundle { path: path.clone(), source })?;
-        Ok(Trust { ca_bundle_pem: Some(pem), ca_bundle_path: Some(path) })
+        Ok(Trust { ca_bundle_pem: Some(pem), ca_bundle_path: Some(path), proxies: Proxies::default() })
+    }
+
+    /// The same trust, through `proxies`.
+    pub fn with_proxies(self, proxies: Proxies) -> Trust {
+        Trust { proxies, ..self }
+    }
+
+    /// The websocket's dialer: [`Trust::rustls_config`] and the proxies.
+    pub fn dialer(&self) -> Result<Dialer, TransportError> {
+        Ok(Dialer { tls: Some(self.rustls_config()?), proxies: self.proxies.clone() })
     }
 
     /// A rustls client config: the system's roots plus the bundle.
@@ -112,16 +137,37 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-/// Dials the StreamUrl exactly as given (no extra headers), then sends the
-/// OpenDataChannel frame with a fresh RequestId.
-pub async fn connect(endpoint: &Endpoint, tls: Option<Arc<rustls::ClientConfig>>) -> Result<WsStream, TransportError> {
+/// Dials the StreamUrl exactly as given (no extra headers), directly or
+/// through the proxy for it, then sends the OpenDataChannel frame with a fresh
+/// RequestId.
+pub async fn connect(endpoint: &Endpoint, dialer: &Dialer) -> Result<WsStream, TransportError> {
     let url = endpoint.stream_url.clone();
-    let connector = tls.map(tokio_tungstenite::Connector::Rustls);
-    let dial = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(ws_config()), true, connector);
-    let (mut ws, _resp) = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial)
-        .await
-        .map_err(|_| TransportError::Timeout(redact(&url)))?
-        .map_err(|e| TransportError::Connect { url: redact(&url), source: Box::new(e) })?;
+    let connector = dialer.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+    let connect_err = |e| TransportError::Connect { url: redact(&url), source: Box::new(e) };
+    let mut ws = match dialer.proxies.route(&url) {
+        None => {
+            let dial =
+                tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(ws_config()), true, connector);
+            let (ws, _resp) = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial)
+                .await
+                .map_err(|_| TransportError::Timeout(redact(&url)))?
+                .map_err(connect_err)?;
+            ws
+        }
+        Some(route) => {
+            let (host, port) = host_port(&url).ok_or_else(|| TransportError::NoHost(redact(&url)))?;
+            let dial = async {
+                let tcp = proxy::tunnel(&route, &host, port, HANDSHAKE_TIMEOUT).await?;
+                let upgrade =
+                    tokio_tungstenite::client_async_tls_with_config(url.as_str(), tcp, Some(ws_config()), connector);
+                upgrade.await.map_err(connect_err)
+            };
+            let (ws, _resp) = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial)
+                .await
+                .map_err(|_| TransportError::Timeout(format!("{} through {}", redact(&url), route.description)))??;
+            ws
+        }
+    };
     let open = OpenDataChannel {
         message_schema_version: "1.0".into(),
         request_id: Uuid::new_v4().to_string(),
@@ -130,10 +176,16 @@ pub async fn connect(endpoint: &Endpoint, tls: Option<Arc<rustls::ClientConfig>>
         client_version: CLIENT_VERSION.into(),
     };
     let text = serde_json::to_string(&open).unwrap_or_default();
-    ws.send(WsMessage::Text(text.into()))
-        .await
-        .map_err(|e| TransportError::Connect { url: redact(&url), source: Box::new(e) })?;
+    ws.send(WsMessage::Text(text.into())).await.map_err(connect_err)?;
     Ok(ws)
+}
+
+/// The host (without brackets) and port a ws/wss URL dials.
+fn host_port(url: &str) -> Option<(String, u16)> {
+    let uri: http::Uri = url.parse().ok()?;
+    let default = if uri.scheme_str() == Some("wss") { 443 } else { 80 };
+    let host = uri.host()?.trim_matches(['[', ']']).to_owned();
+    Some((host, uri.port_u16().unwrap_or(default)))
 }
 
 /// Websocket settings for the data channel. tungstenite zero-fills its whole

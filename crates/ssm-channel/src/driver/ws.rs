@@ -13,7 +13,7 @@ use tracing::{debug, info, trace, warn};
 
 use super::{BoxFuture, PortError, Resume};
 use crate::session::FrameError;
-use crate::transport::{self, WsStream};
+use crate::transport::{self, Dialer, WsStream};
 
 /// The reading half of a websocket.
 pub(super) type WsSource = futures_util::stream::SplitStream<WsStream>;
@@ -65,7 +65,7 @@ pub(super) async fn sleep_until(t: Option<Instant>) {
 /// doubling to 5 s) for as long as `give_up_after` allows.
 pub(super) fn reconnect_loop(
     resume: Arc<dyn Resume>,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    dialer: Dialer,
     give_up_after: Duration,
 ) -> BoxFuture<'static, Result<WsStream, PortError>> {
     Box::pin(async move {
@@ -75,7 +75,7 @@ pub(super) fn reconnect_loop(
         loop {
             attempt += 1;
             let err = match resume.resume().await {
-                Ok(Some(endpoint)) => match transport::connect(&endpoint, tls.clone()).await {
+                Ok(Some(endpoint)) => match transport::connect(&endpoint, &dialer).await {
                     Ok(ws) => return Ok(ws),
                     Err(e) => e.to_string(),
                 },

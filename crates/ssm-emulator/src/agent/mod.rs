@@ -9,6 +9,7 @@
 //! attach and detach as the client reconnects.
 
 pub mod channel;
+mod denylist;
 mod instance;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -61,6 +62,8 @@ pub enum ToClient {
 pub struct Target {
     pub host: String,
     pub port: u16,
+    /// From the remote-host document (`host` given): the deny list applies.
+    pub remote: bool,
 }
 
 /// Which session plugin runs.
@@ -446,6 +449,15 @@ impl Runtime {
                 }
                 AgentEvent::HandshakeDone { client_version, mode } => {
                     info!(session = %self.spec.session_id, %client_version, ?mode, "handshake complete");
+                    let t = self.target();
+                    if let Some(refusal) =
+                        t.remote.then(|| denylist::refusal(&self.spec.agent_version, &t.host)).flatten()
+                    {
+                        // The plugin's parameters fail before any dial: the session ends with its output.
+                        warn!(session = %self.spec.session_id, "{refusal}");
+                        self.done = Some(refusal);
+                        continue;
+                    }
                     self.mode = Some(mode);
                     match mode {
                         PortMode::Mux { keepalive } => {
@@ -481,7 +493,7 @@ impl Runtime {
         match &self.spec.plugin {
             Plugin::Port(t) => t.clone(),
             // Never dialled: shell sessions have no port mode.
-            Plugin::Shell { .. } => Target { host: String::new(), port: 0 },
+            Plugin::Shell { .. } => Target { host: String::new(), port: 0, remote: false },
         }
     }
 

@@ -142,7 +142,7 @@ pub struct RemoteShell {
 impl RemoteShell {
     /// StartSession with the default shell document, then the first marker.
     pub async fn open(api: &SsmApi, instance: &str, trust: &Trust) -> anyhow::Result<RemoteShell> {
-        let tls = trust.rustls_config()?;
+        let dialer = trust.dialer()?;
         let client_id = uuid::Uuid::new_v4();
         let started = api.start_shell_session(instance, client_id).await.map_err(|e| {
             anyhow::anyhow!(
@@ -163,7 +163,7 @@ impl RemoteShell {
         let driver = shell::run(
             shell::session_config(),
             started.endpoint,
-            Some(tls),
+            dialer,
             resume,
             Duration::from_secs(60),
             pipes,
