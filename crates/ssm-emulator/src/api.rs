@@ -68,6 +68,13 @@ struct FilterList {
 
 /// Dispatches one API call; `host` is the Host header, used to build StreamUrl.
 pub fn handle(shared: &Arc<Shared>, target: &str, body: &[u8], host: &str) -> Result<Value, ApiError> {
+    if let Some(op) = target.strip_prefix("TrentService.") {
+        let keys: Vec<String> = shared.config.kms_key_id.iter().cloned().collect();
+        return match op {
+            "GenerateDataKey" => shared.kms.generate_data_key(&keys, body),
+            _ => Err(err("UnknownOperationException", format!("KMS operation {op} is not emulated"))),
+        };
+    }
     let op = target.strip_prefix("AmazonSSM.").ok_or_else(|| err("UnknownOperationException", target.to_owned()))?;
     let parse_err = |e: serde_json::Error| err("SerializationException", e.to_string());
     match op {
@@ -172,6 +179,7 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
         profile: shared.config.profile,
         buffer_detached: !shared.config.faults.lossy_reconnect,
         resends: shared.counters.agent_resends.clone(),
+        kms: shared.config.kms_key_id.clone().map(|k| (k, shared.kms.clone())),
     };
     let (tx, rx) = mpsc::channel::<AgentInput>(1024);
     let ordinal = shared.next_ordinal();

@@ -88,6 +88,12 @@ pub struct Config {
     /// The host (and port) the StreamUrl names, as AWS names ssmmessages
     /// rather than the ssm API host. `None`: the API request's Host.
     pub stream_host: Option<String>,
+    /// Refuse a data-channel open without a valid SigV4 signature (403).
+    pub require_signed_open: bool,
+    /// Session Manager preferences with KMS encryption under this key: every
+    /// agent asks its client for KMS encryption, also in shell sessions, and
+    /// the emulator's KMS knows the key.
+    pub kms_key_id: Option<String>,
     /// Session documents the caller's IAM policy does not allow:
     /// StartSession with one of them is AccessDeniedException.
     pub denied_documents: Vec<String>,
@@ -110,6 +116,8 @@ impl Default for Config {
             denied_documents: Vec::new(),
             stream_url_scheme: "ws".into(),
             stream_host: None,
+            require_signed_open: false,
+            kms_key_id: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod kms;
 pub mod route53;
 pub mod server;
 pub mod sigv4;

@@ -92,6 +92,16 @@ struct Args {
     /// client then needs AWS_ENDPOINT_URL_SSMMESSAGES to reach the emulator).
     #[arg(long, value_name = "HOST")]
     stream_host: Option<String>,
+    /// Refuse a data-channel open (the websocket upgrade) that is not SigV4
+    /// signed for ssmmessages, as for clients from plugin 1.2.764.0 on. A
+    /// signature that is present is always checked.
+    #[arg(long)]
+    require_signed_open: bool,
+    /// Session Manager preferences with KMS encryption under KEY (an id,
+    /// alias/NAME or ARN): agents demand the KMS handshake, also for shells,
+    /// and the emulator answers KMS GenerateDataKey for KEY.
+    #[arg(long, value_name = "KEY")]
+    kms_key_id: Option<String>,
 }
 
 fn probability(name: &str, p: f64) -> anyhow::Result<f64> {
@@ -114,6 +124,8 @@ async fn main() -> anyhow::Result<()> {
         seed: args.seed,
         stream_url_scheme: args.stream_url_scheme,
         stream_host: args.stream_host,
+        require_signed_open: args.require_signed_open,
+        kms_key_id: args.kms_key_id,
         denied_documents: args.deny_documents,
         faults: Faults {
             drop: probability("drop", args.drop)?,

@@ -91,6 +91,8 @@ pub struct Shared {
     pub config: Config,
     pub sessions: Mutex<HashMap<String, Arc<SessionEntry>>>,
     pub counters: Counters,
+    /// The data keys GenerateDataKey issued (see [`crate::kms`]).
+    pub kms: Arc<crate::kms::Kms>,
     next_conn: AtomicU64,
     /// Sessions started so far (the last one's ordinal).
     started: AtomicU64,
@@ -102,6 +104,7 @@ impl Shared {
             config,
             sessions: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            kms: Arc::default(),
             next_conn: AtomicU64::new(1),
             started: AtomicU64::new(0),
         }
@@ -245,6 +248,14 @@ fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
     let (Some(session_id), Some(key)) = (session_id, key) else {
         return Response::builder().status(StatusCode::BAD_REQUEST).body(Full::default()).unwrap_or_default();
     };
+    if let Err(why) = check_signed_open(&shared, &req) {
+        warn!(session = %session_id, "refused data-channel open: {why}");
+        shared.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+        return Response::builder()
+            .status(StatusCode::FORBIDDEN)
+            .body(Full::new(Bytes::from(format!("{why}\n"))))
+            .unwrap_or_default();
+    }
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
     tokio::spawn(async move {
         match hyper::upgrade::on(&mut req).await {
@@ -267,6 +278,25 @@ fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
         .header("sec-websocket-accept", accept)
         .body(Full::default())
         .unwrap_or_default()
+}
+
+/// The upgrade's SigV4 signature (session-manager-plugin 1.2.764.0 and later
+/// sign it for `ssmmessages`): checked when present, required with
+/// `--require-signed-open`.
+fn check_signed_open(shared: &Shared, req: &Request<Incoming>) -> Result<(), String> {
+    let headers: Vec<(String, String)> =
+        req.headers().iter().filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned()))).collect();
+    let auth = headers.iter().find(|(k, _)| k == "authorization").map(|(_, v)| v.as_str());
+    match auth {
+        None if shared.config.require_signed_open => Err("the open is not signed (no Authorization header)".into()),
+        None => Ok(()),
+        Some(a) if !a.contains("/ssmmessages/aws4_request") => Err("the open is not signed for ssmmessages".into()),
+        Some(_) => {
+            let uri = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            crate::sigv4::verify("GET", uri, &headers, b"", &shared.config.credentials)
+                .map_err(|e| format!("{}: {}", e.code, e.message))
+        }
+    }
 }
 
 fn close_msg(code: CloseCode, reason: &str) -> WsMessage {

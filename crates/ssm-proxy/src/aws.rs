@@ -7,6 +7,8 @@ use aws_sdk_ssm::types::InstanceInformationStringFilter;
 
 use std::sync::{Arc, RwLock};
 
+mod sign;
+
 use ssm_channel::proxy::Proxies;
 use ssm_channel::transport::{Endpoint, Trust};
 
@@ -319,7 +321,49 @@ impl SsmApi {
             })?,
             None => url.to_owned(),
         };
-        Ok(StartedSession { session_id, endpoint: Endpoint { stream_url: url, token: token.to_owned(), client_id } })
+        let headers = self.data_channel_headers(&url).await?;
+        Ok(StartedSession {
+            session_id,
+            endpoint: Endpoint { stream_url: url, token: token.to_owned(), client_id, headers },
+        })
+    }
+
+    /// The SigV4 headers that sign the websocket upgrade to `url` now, with
+    /// the credentials the API calls use (see [`sign`]).
+    pub async fn data_channel_headers(&self, url: &str) -> Result<Vec<(String, String)>, ApiError> {
+        use aws_credential_types::provider::ProvideCredentials;
+        let fail = |detail: String| ApiError::Other { action: "signing the data channel", detail, hint: "" };
+        let Some(provider) = self.conf.credentials_provider() else {
+            return Err(fail("no credentials".into()));
+        };
+        let credentials =
+            provider.provide_credentials().await.map_err(|e| fail(DisplayErrorContext(&e).to_string()))?;
+        sign::stream_headers(url, &credentials, &self.region, std::time::SystemTime::now()).map_err(fail)
+    }
+
+    /// KMS GenerateDataKey: 64 bytes under `key_id` with `context`, for a
+    /// session whose agent asked for KMS encryption.
+    pub async fn generate_data_key(
+        &self,
+        key_id: &str,
+        context: Vec<(String, String)>,
+    ) -> Result<ssm_channel::session::kms::DataKey, ApiError> {
+        let kms = aws_sdk_kms::Client::new(&self.conf);
+        let mut req =
+            kms.generate_data_key().key_id(key_id).number_of_bytes(ssm_channel::session::kms::DATA_KEY_BYTES as i32);
+        for (k, v) in context {
+            req = req.encryption_context(k, v);
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| classify(self.proxy.as_deref(), "kms:GenerateDataKey", format!(" on {key_id}"), e))?;
+        let ciphertext = out.ciphertext_blob().map(|b| b.as_ref().to_vec());
+        let plaintext = out.plaintext().map(|b| b.as_ref().to_vec());
+        match (ciphertext, plaintext) {
+            (Some(ciphertext), Some(plaintext)) => Ok(ssm_channel::session::kms::DataKey { ciphertext, plaintext }),
+            _ => Err(ApiError::Incomplete { action: "GenerateDataKey", field: "CiphertextBlob and Plaintext" }),
+        }
     }
 
     async fn explain_not_connected(&self, instance: &str) -> ApiError {

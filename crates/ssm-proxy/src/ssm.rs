@@ -64,6 +64,7 @@ pub async fn open_port_session(
         session_id: session_id.clone(),
         stream_url: stream_url.clone(),
         client_id,
+        target: instance.to_owned(),
     });
     let (conn_tx, conn_rx) = mpsc::channel::<Conn>(max_pending_conns);
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -134,14 +135,30 @@ pub struct SsmResume {
     pub session_id: String,
     pub stream_url: String,
     pub client_id: uuid::Uuid,
+    /// The instance, for the KMS encryption context.
+    pub target: String,
 }
 
 impl Resume for SsmResume {
+    fn data_key(
+        &self,
+        request: ssm_channel::session::kms::DataKeyRequest,
+    ) -> BoxFuture<'_, Result<ssm_channel::session::kms::DataKey, String>> {
+        Box::pin(async move {
+            let context = request.context(&self.session_id, &self.target);
+            info!(key = %request.key_id, "the agent asks for KMS encryption: GenerateDataKey");
+            self.api.generate_data_key(&request.key_id, context).await.map_err(|e| e.to_string())
+        })
+    }
+
     fn resume(&self) -> BoxFuture<'_, Result<Option<Endpoint>, String>> {
         Box::pin(async move {
             match self.api.resume_session(&self.session_id).await {
                 Ok(Some(token)) => {
-                    Ok(Some(Endpoint { stream_url: self.stream_url.clone(), token, client_id: self.client_id }))
+                    // Signed afresh for each dial, as the plugin does on every resume.
+                    let headers = self.api.data_channel_headers(&self.stream_url).await.map_err(|e| e.to_string())?;
+                    let stream_url = self.stream_url.clone();
+                    Ok(Some(Endpoint { stream_url, token, client_id: self.client_id, headers }))
                 }
                 Ok(None) | Err(ApiError::SessionNotFound(_)) => Ok(None),
                 Err(e) => Err(e.to_string()),

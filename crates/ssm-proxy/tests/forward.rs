@@ -20,7 +20,9 @@ use tokio::net::{TcpListener, TcpStream};
 async fn sixty_four_mib_echo(profile: Profile, faults: Faults) {
     let echo = echo_server().await;
     let recycle = faults.close_every;
-    let config = Config { profile, faults, ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
+    // Every open, the resumes after each recycle too, must be signed.
+    let config =
+        Config { profile, faults, require_signed_open: true, ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
     let emulator = emulator(config).await;
     let (guard, addr, stderr) = spawn_forward(&emulator, echo.port());
 
@@ -55,6 +57,7 @@ async fn sixty_four_mib_echo(profile: Profile, faults: Faults) {
     }
     let err = stop(guard, stderr);
     assert!(err.contains("ended"), "no clean end message:\n{err}");
+    assert_eq!(c.auth_failures.load(Relaxed), 0, "an open was refused");
 }
 
 /// On a clean link nothing may go missing between the websocket and the session:
@@ -356,4 +359,57 @@ async fn an_older_agent_forwards_to_loopback_through_the_remote_host_document() 
     let (guard, addr, stderr) = spawn_forward_args(&emu.endpoint_url(), echo.port(), &[], &["--remote-host", "127.1"]);
     echo_round_trip(addr, 10, 64 << 10).await;
     stop(guard, stderr);
+}
+
+/// The emulator, like the service for plugin 1.2.764.0 and later, wants the
+/// websocket upgrade SigV4-signed for ssmmessages: `forward` signs it; the
+/// same upgrade without the signature, or signed with a wrong secret, is
+/// refused with 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_channel_open_is_signed_and_an_unsigned_one_is_refused() {
+    use ssm_channel::transport::{connect, Dialer, Endpoint};
+    let echo = echo_server().await;
+    let config = Config { require_signed_open: true, ..Config::default() }.with_instance(INSTANCE, "127.0.0.1");
+    let emu = emulator(config).await;
+    let (guard, addr, stderr) = spawn_forward(&emu, echo.port());
+    echo_round_trip(addr, 11, 256 << 10).await;
+    stop(guard, stderr);
+    assert_eq!(emu.shared.counters.auth_failures.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    let url = format!("ws://{}/v1/data-channel/emulator-0000000000000001?role=publish_subscribe", emu.addr);
+    let unsigned =
+        Endpoint { stream_url: url.clone(), token: "t".into(), client_id: uuid::Uuid::new_v4(), headers: vec![] };
+    let err = connect(&unsigned, &Dialer::default()).await.expect_err("unsigned open").to_string();
+    assert!(err.contains("403"), "{err}");
+    let forged = vec![
+        ("x-amz-date".to_owned(), "20261203T102030Z".to_owned()),
+        (
+            "authorization".to_owned(),
+            "AWS4-HMAC-SHA256 Credential=AKIAEMULATOR00000001/20261203/us-east-1/ssmmessages/aws4_request, SignedHeaders=host;x-amz-date, Signature=00".to_owned(),
+        ),
+    ];
+    let forged = Endpoint { headers: forged, ..unsigned };
+    let err = connect(&forged, &Dialer::default()).await.expect_err("forged open").to_string();
+    assert!(err.contains("403"), "{err}");
+    assert_eq!(emu.shared.counters.auth_failures.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+/// Session Manager preferences with KMS encryption: the agent asks for the
+/// KMSEncryption action; `forward` gets a data key from KMS (aws-sdk-kms
+/// against the emulator's KMS), passes the encryption challenge, and carries
+/// the connection encrypted both ways. The session says it is encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kms_encrypted_port_session_carries_data_both_ways() {
+    let echo = echo_server().await;
+    let config = Config { kms_key_id: Some("alias/ssm-sessions".into()), ..Config::default() }
+        .with_instance(INSTANCE, "127.0.0.1");
+    let emu = emulator(config).await;
+    let (guard, addr, stderr) = spawn_forward(&emu, echo.port());
+    let tasks: Vec<_> = (0..2u64).map(|i| tokio::spawn(echo_round_trip(addr, 20 + i, 2 << 20))).collect();
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t).await.expect("echo within 2 minutes").expect("echo task");
+    }
+    let err = stop(guard, stderr);
+    assert!(err.contains("This session is encrypted using AWS KMS."), "{err}");
+    assert!(err.contains("GenerateDataKey"), "{err}");
 }

@@ -42,11 +42,16 @@ fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
+/// The install tests look at the instance's /tmp (the sent file is removed):
+/// one at a time.
+static ONE_INSTALL_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn agent_install_puts_a_working_agent_on_the_instance_through_ssm() {
     if !require_root("agent_install_puts_a_working_agent_on_the_instance_through_ssm") {
         return;
     }
+    let _one = ONE_INSTALL_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // The instance's sh is bash, as on Amazon Linux: an interactive bash echoes
     // typed input through readline whatever stty says, the harder case for the
     // markers (the demo runs Debian's dash).
@@ -154,6 +159,45 @@ fn agent_install_puts_a_working_agent_on_the_instance_through_ssm() {
     assert!(lab.log("emulator.log").contains("no handshake for this session type"), "{}", lab.log("emulator.log"));
     // The emulator ran each of those as a bash session in the instance namespace.
     assert!(lab.log("emulator.log").contains("program=bash"), "{}", lab.log("emulator.log"));
+}
+
+/// Session Manager preferences with KMS encryption make the agent demand the
+/// KMS handshake on shell sessions too: `agent install` still installs (its
+/// typed binary encrypted), and `agent status` answers through an encrypted
+/// Port session.
+#[test]
+fn agent_install_works_when_session_manager_requires_kms() {
+    if !require_root("agent_install_works_when_session_manager_requires_kms") {
+        return;
+    }
+    let _one = ONE_INSTALL_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up(&prefix("k"), 1, &[("EMULATOR_ARGS", "--kms-key-id alias/ssm-sessions")]);
+    let root = lab.dir().join("instance-root");
+    let root_s = root.to_str().expect("path").to_owned();
+    let run = |args: &[&str]| {
+        lab.laptop(env!("CARGO_BIN_EXE_ssm-proxy"))
+            .args(args)
+            .env("RUST_LOG", "warn,ssm_proxy=info")
+            .output()
+            .expect("run")
+    };
+    let args =
+        ["agent", "install", "--instance-id", INSTANCE, "--agent-port", "7302", "--prefix", &root_s, "--no-systemd"];
+    let out = run(&args);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("GenerateDataKey"), "the shell session asked for KMS: {t}");
+    let pid = installed_pid(&root).expect("the installed agent runs");
+    assert_eq!(
+        std::fs::read(root.join("bin/ec2-agent")).expect("binary"),
+        std::fs::read(bin_dir().join("ec2-agent")).expect("local")
+    );
+    let t = text(&run(&["agent", "status", "--instance-id", INSTANCE, "--agent-port", "7302"]));
+    assert!(t.contains(&format!("on {INSTANCE} (listening on")), "{t}");
+    let log = lab.log("emulator.log");
+    assert!(!log.contains("no handshake for this session type"), "with KMS every session handshakes:\n{log}");
+    let out = run(&["agent", "uninstall", "--instance-id", INSTANCE, "--prefix", &root_s]);
+    assert!(out.status.success() && text(&out).contains(&format!("stopped pid {pid}")), "{}", text(&out));
 }
 
 /// A user whose IAM policy lacks the shell document learns which permission to add.

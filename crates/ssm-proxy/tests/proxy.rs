@@ -86,8 +86,17 @@ fn the_tunnel_and_forward_work_through_a_real_proxy_with_no_direct_route() {
     if !require_root("the_tunnel_and_forward_work_through_a_real_proxy_with_no_direct_route") {
         return;
     }
-    // The newest agent's behaviour (its deny list does not touch the vpc).
-    let lab = Lab::up(&prefix("px"), 8, &[("PROXY", "1"), ("EMULATOR_ARGS", "--agent-version 3.3.4851.0")]);
+    // The newest agent's behaviour (its deny list does not touch the vpc), and
+    // signed opens required (the signature goes through the CONNECT tunnel), and
+    // KMS encryption on (GenerateDataKey goes through the proxy too).
+    let lab = Lab::up(
+        &prefix("px"),
+        8,
+        &[
+            ("PROXY", "1"),
+            ("EMULATOR_ARGS", "--agent-version 3.3.4851.0 --require-signed-open --kms-key-id alias/ssm-sessions"),
+        ],
+    );
     let proxy = lab_var(&lab, "LAB_PROXY");
 
     // Without the proxy nothing reaches the emulator.
@@ -109,6 +118,8 @@ fn the_tunnel_and_forward_work_through_a_real_proxy_with_no_direct_route() {
     let bps = lab.fetch_blob(60);
     eprintln!("8 MiB through the tunnel behind the proxy at {:.2} MB/s", bps / 1e6);
     lab.stop(&mut daemon, "lab");
+    let daemon_log = lab.log("daemon-lab.log");
+    assert!(daemon_log.contains("GenerateDataKey"), "the sessions were not KMS-encrypted:\n{daemon_log}");
 
     // forward, with the proxy given on the command line.
     forward_and_fetch(&lab, &["--proxy", &proxy], &[]);

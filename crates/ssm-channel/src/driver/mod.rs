@@ -11,6 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use crate::session::kms::{DataKey, DataKeyRequest};
 use crate::session::Stats;
 use crate::transport::{Endpoint, TransportError};
 
@@ -29,6 +30,21 @@ pub trait Resume: Send + Sync {
     fn resume(&self) -> BoxFuture<'_, Result<Option<Endpoint>, String>>;
     /// The machine's network changed: drop whatever connections `resume` keeps.
     fn network_changed(&self) {}
+    /// KMS GenerateDataKey for a session whose agent asked for encryption
+    /// (see [`crate::session::kms`]).
+    fn data_key(&self, request: DataKeyRequest) -> BoxFuture<'_, Result<DataKey, String>> {
+        let _ = request;
+        Box::pin(std::future::ready(Err("this client has no KMS access".to_owned())))
+    }
+}
+
+/// The KMS call for `request` as a future the driver can keep.
+pub(crate) fn data_key_call(
+    resume: &std::sync::Arc<dyn Resume>,
+    request: DataKeyRequest,
+) -> BoxFuture<'static, Result<DataKey, String>> {
+    let resume = resume.clone();
+    Box::pin(async move { resume.data_key(request).await })
 }
 
 /// How a session that ran ended.

@@ -323,6 +323,7 @@ pub async fn run(
     let mut terminate_deadline: Option<Instant> = None;
     let mut conns_open = true;
     let mut network_changed = config.network_changed.clone();
+    let mut kms = None;
 
     loop {
         let now = Instant::now();
@@ -349,12 +350,19 @@ pub async fn run(
         .into_iter()
         .flatten()
         .min();
+        if kms.is_none() {
+            kms = port.take_data_key_request().map(|r| super::data_key_call(&resume, r));
+        }
         let accept_local = terminate_deadline.is_none() && port.can_take_local(config.max_backlog);
         let blocked_tx = locals.blocked_sender();
 
         tokio::select! {
             msg = next_ws(&mut socket.rx) => socket.receive(&mut port, msg)?,
             res = await_opt(&mut socket.reconnect) => socket.reconnected(&mut port, res?),
+            key = await_opt(&mut kms) => {
+                kms = None;
+                port.provide_data_key(key);
+            }
             alive = changed(&mut network_changed) => {
                 if !alive {
                     network_changed = None;

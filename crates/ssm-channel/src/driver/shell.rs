@@ -149,6 +149,7 @@ pub async fn run(
     let mut pending = BytesMut::new();
     let mut input_open = true;
     let mut terminate_deadline: Option<Instant> = None;
+    let mut kms = None;
 
     loop {
         let now = Instant::now();
@@ -183,8 +184,15 @@ pub async fn run(
             .into_iter()
             .flatten()
             .min();
+        if kms.is_none() {
+            kms = session.take_data_key_request().map(|r| super::data_key_call(&resume, r));
+        }
         let take_input = input_open && pending.is_empty() && session.can_send();
         tokio::select! {
+            key = await_opt(&mut kms) => {
+                kms = None;
+                session.provide_data_key(key);
+            }
             msg = next_ws(&mut ws_rx) => match on_ws_message(&mut |now, b| session.handle_frame(now, b), msg, reconnects == 0, &mut received_any) {
                 WsOutcome::Handled => {}
                 WsOutcome::Lost => ws_rx = None,

@@ -128,6 +128,9 @@ pub struct Endpoint {
     pub token: String,
     /// Random per process, kept across reconnects.
     pub client_id: Uuid,
+    /// Extra headers for the upgrade request: the SigV4 signature of the open
+    /// (made by the caller, who holds the credentials).
+    pub headers: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -144,10 +147,10 @@ pub async fn connect(endpoint: &Endpoint, dialer: &Dialer) -> Result<WsStream, T
     let url = endpoint.stream_url.clone();
     let connector = dialer.tls.clone().map(tokio_tungstenite::Connector::Rustls);
     let connect_err = |e| TransportError::Connect { url: redact(&url), source: Box::new(e) };
+    let request = upgrade_request(&url, &endpoint.headers).map_err(connect_err)?;
     let mut ws = match dialer.proxies.route(&url) {
         None => {
-            let dial =
-                tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(ws_config()), true, connector);
+            let dial = tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config()), true, connector);
             let (ws, _resp) = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial)
                 .await
                 .map_err(|_| TransportError::Timeout(redact(&url)))?
@@ -159,7 +162,7 @@ pub async fn connect(endpoint: &Endpoint, dialer: &Dialer) -> Result<WsStream, T
             let dial = async {
                 let tcp = proxy::tunnel(&route, &host, port, HANDSHAKE_TIMEOUT).await?;
                 let upgrade =
-                    tokio_tungstenite::client_async_tls_with_config(url.as_str(), tcp, Some(ws_config()), connector);
+                    tokio_tungstenite::client_async_tls_with_config(request, tcp, Some(ws_config()), connector);
                 upgrade.await.map_err(connect_err)
             };
             let (ws, _resp) = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial)
@@ -178,6 +181,23 @@ pub async fn connect(endpoint: &Endpoint, dialer: &Dialer) -> Result<WsStream, T
     let text = serde_json::to_string(&open).unwrap_or_default();
     ws.send(WsMessage::Text(text.into())).await.map_err(connect_err)?;
     Ok(ws)
+}
+
+/// The upgrade request for `url` with `headers` added.
+fn upgrade_request(
+    url: &str,
+    headers: &[(String, String)],
+) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+    let mut request = url.into_client_request()?;
+    for (name, value) in headers {
+        let name =
+            HeaderName::from_bytes(name.as_bytes()).map_err(tokio_tungstenite::tungstenite::http::Error::from)?;
+        let value = HeaderValue::from_str(value).map_err(tokio_tungstenite::tungstenite::http::Error::from)?;
+        request.headers_mut().insert(name, value);
+    }
+    Ok(request)
 }
 
 /// The host (without brackets) and port a ws/wss URL dials.

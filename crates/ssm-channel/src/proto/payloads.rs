@@ -93,6 +93,36 @@ pub struct SessionTypeRequest {
     pub properties: BTreeMap<String, serde_json::Value>,
 }
 
+/// `ActionParameters` of the KMSEncryption action.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct KmsEncryptionRequest {
+    #[serde(rename = "KMSKeyId")]
+    pub kms_key_id: String,
+    /// Random, base64; newer agents put it in the data key's encryption context.
+    #[serde(rename = "Challenge", default, skip_serializing_if = "String::is_empty")]
+    pub challenge: String,
+}
+
+/// `ActionResult` of a successful KMSEncryption action. Go encodes `[]byte`
+/// as standard base64.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct KmsEncryptionResponse {
+    #[serde(rename = "KMSCipherTextKey")]
+    pub kms_cipher_text_key: String,
+    #[serde(rename = "KMSCipherTextHash", default)]
+    pub kms_cipher_text_hash: Option<String>,
+    /// The challenge is in the encryption context.
+    #[serde(rename = "ChallengeAcknowledgement", default)]
+    pub challenge_acknowledgement: bool,
+}
+
+/// PayloadType 8 (agent -> client) and 9 (client -> agent): base64 bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct EncryptionChallenge {
+    #[serde(rename = "Challenge")]
+    pub challenge: String,
+}
+
 /// Client -> agent, PayloadType 6.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase")]

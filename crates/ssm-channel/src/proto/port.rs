@@ -123,6 +123,16 @@ impl Port {
         &self.session
     }
 
+    /// See [`Session::take_data_key_request`].
+    pub fn take_data_key_request(&mut self) -> Option<crate::session::kms::DataKeyRequest> {
+        self.session.take_data_key_request()
+    }
+
+    /// See [`Session::provide_data_key`].
+    pub fn provide_data_key(&mut self, key: Result<crate::session::kms::DataKey, String>) {
+        self.session.provide_data_key(key);
+    }
+
     pub fn stats(&self) -> Stats {
         self.session.stats()
     }

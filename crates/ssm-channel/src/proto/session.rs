@@ -259,6 +259,13 @@ pub struct Session {
     /// reaches the head of its queue, one per 100 ms.
     recent_acks: VecDeque<(SequenceNumber, Uuid)>,
 
+    // KMS encryption (see `kms`).
+    /// The HandshakeRequest waiting for its data key.
+    pending_handshake: Option<crate::payloads::HandshakeRequest>,
+    /// The data key request not yet taken by the driver.
+    data_key_request: Option<kms::DataKeyRequest>,
+    cipher: Option<kms::Cipher>,
+
     stats: Stats,
 }
 
@@ -299,8 +306,23 @@ impl Session {
             events: VecDeque::new(),
             buffered_bytes: 0,
             recent_acks: VecDeque::new(),
+            pending_handshake: None,
+            data_key_request: None,
+            cipher: None,
             stats: Stats::default(),
         }
+    }
+
+    /// The agent asked for KMS encryption: generate a data key for this
+    /// request (KMS GenerateDataKey, 64 bytes, the request's context) and hand
+    /// it to [`Session::provide_data_key`]. Taken once.
+    pub fn take_data_key_request(&mut self) -> Option<kms::DataKeyRequest> {
+        self.data_key_request.take()
+    }
+
+    /// Whether the session's data is KMS-encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.cipher.is_some()
     }
 
     pub fn state(&self) -> &State {
@@ -386,7 +408,19 @@ impl Session {
         if self.in_flight.len() >= self.window.size() {
             return Err(SendError::WindowFull(self.in_flight.len()));
         }
+        if self.cipher.is_some() && payload_type == PayloadType::OUTPUT {
+            let nonce = self.nonce();
+            let sealed = self.cipher.as_ref().map(|c| c.seal(nonce, data)).unwrap_or_default();
+            return Ok(self.enqueue_stream(payload_type, &sealed));
+        }
         Ok(self.enqueue_stream(payload_type, data))
+    }
+
+    /// A fresh random 96-bit nonce, from the environment's randomness.
+    fn nonce(&mut self) -> [u8; 12] {
+        let mut n = [0u8; 12];
+        n.copy_from_slice(&self.env.message_id().as_bytes()[..12]);
+        n
     }
 
     /// Sends the TerminateSession flag (outside the window). The session
@@ -678,9 +712,7 @@ impl Session {
                 match pt {
                     PayloadType::HANDSHAKE_REQUEST => self.on_handshake_request(&msg.payload),
                     PayloadType::HANDSHAKE_COMPLETE => self.on_handshake_complete(&msg.payload),
-                    _ => self.close(CloseReason::HandshakeFailed(
-                        "the agent started a KMS encryption challenge, which Port sessions do not use".into(),
-                    )),
+                    _ => self.on_encryption_challenge(&msg.payload),
                 }
                 true
             }
@@ -694,6 +726,20 @@ impl Session {
                     self.events.push_back(Event::Established { customer_message: String::new() });
                 }
                 let ready = matches!(self.state, State::Established | State::Terminating);
+                let mut msg = msg;
+                if let (true, Some(cipher)) =
+                    (matches!(pt, PayloadType::OUTPUT | PayloadType::STDERR | PayloadType::EXIT_CODE), &self.cipher)
+                {
+                    match cipher.open(&msg.payload) {
+                        Some(plain) => msg.payload = plain,
+                        None => {
+                            self.close(CloseReason::HandshakeFailed(
+                                "a message from the agent failed KMS decryption (wrong key, or altered)".into(),
+                            ));
+                            return true;
+                        }
+                    }
+                }
                 let data_len = if pt == PayloadType::FLAG { 0 } else { msg.payload.len() };
                 if !ready || self.buffered_bytes + data_len > self.config.receive_buffer_bytes {
                     self.stats.dropped_not_ready += 1;
@@ -746,6 +792,7 @@ impl Session {
 }
 
 mod handshake;
+pub mod kms;
 
 #[cfg(test)]
 mod tests;

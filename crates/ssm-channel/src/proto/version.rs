@@ -9,8 +9,9 @@ use std::cmp::Ordering;
 
 /// The ClientVersion we announce: four numeric parts, above 1.2.331.0 so the
 /// agent turns smux keepalive off, and equal to the plugin release whose
-/// behaviour we reproduce.
-pub const CLIENT_VERSION: &str = "1.2.677.0";
+/// behaviour we reproduce: 1.2.764.0, which signs the data channel's open and
+/// is AWS's minimum supported version.
+pub const CLIENT_VERSION: &str = "1.2.764.0";
 
 /// The plugin's rule: both strings must have the same number of dot-separated
 /// numeric parts; anything else is "not comparable" (`None`).

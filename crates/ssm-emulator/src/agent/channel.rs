@@ -31,13 +31,17 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use ssm_channel::codec::{message_type, Flags, Message, PayloadType, SequenceNumber};
 use ssm_channel::payloads::{
-    action_type, Acknowledge, ActionStatus, Flag, HandshakeComplete, HandshakeRequest, HandshakeResponse,
-    RequestedClientAction, SessionTypeRequest,
+    action_type, Acknowledge, ActionStatus, EncryptionChallenge, Flag, HandshakeComplete, HandshakeRequest,
+    HandshakeResponse, KmsEncryptionRequest, KmsEncryptionResponse, RequestedClientAction, SessionTypeRequest,
 };
+use ssm_channel::session::kms::{Cipher, End};
 use ssm_channel::session::Environment;
 use ssm_channel::version::{agent_port_mode, PortMode};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// `ResendSleepInterval`.
 pub const RESEND_TICK: Duration = Duration::from_millis(100);
@@ -69,10 +73,32 @@ pub enum AgentEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Handshake {
     NotStarted,
-    AwaitResponse { started: Instant },
+    AwaitResponse {
+        started: Instant,
+    },
+    /// KMS is on: the encryption challenge is out; the port mode waits.
+    AwaitChallenge {
+        started: Instant,
+        client_version: String,
+        mode: PortMode,
+    },
     Complete,
     Skipped,
     Failed,
+}
+
+/// KMS encryption as the agent runs it (`agent/session/crypto/blockcipher.go`,
+/// `datachannel.go`): the key from the preferences, a random challenge for the
+/// encryption context, the KMS that decrypts the client's data key.
+struct KmsSetup {
+    key_id: String,
+    random_challenge: String,
+    kms: std::sync::Arc<crate::kms::Kms>,
+    session_id: String,
+    target: String,
+    /// The 64 random bytes sent sealed in the EncryptionChallengeRequest.
+    challenge: Vec<u8>,
+    cipher: Option<Cipher>,
 }
 
 /// Session types whose plugin asks for no handshake (without KMS).
@@ -111,6 +137,7 @@ pub struct AgentChannel {
     /// Frames that arrived while the read loop waited, in order.
     held: VecDeque<Vec<u8>>,
     pub resends: u64,
+    kms: Option<KmsSetup>,
 }
 
 impl std::fmt::Debug for AgentChannel {
@@ -151,7 +178,45 @@ impl AgentChannel {
             writing: None,
             held: VecDeque::new(),
             resends: 0,
+            kms: None,
         }
+    }
+
+    /// Session Manager preferences with KMS encryption: the handshake asks
+    /// for it (shells too) and the data is encrypted afterwards.
+    pub fn with_kms(
+        mut self,
+        key_id: String,
+        kms: std::sync::Arc<crate::kms::Kms>,
+        session_id: String,
+        target: String,
+    ) -> Self {
+        let random: Vec<u8> = self.env.message_id().as_bytes().to_vec();
+        self.kms = Some(KmsSetup {
+            key_id,
+            random_challenge: B64.encode(random),
+            kms,
+            session_id,
+            target,
+            challenge: Vec::new(),
+            cipher: None,
+        });
+        self
+    }
+
+    fn random_bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n + 16);
+        while out.len() < n {
+            out.extend_from_slice(self.env.message_id().as_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+
+    fn nonce(&mut self) -> [u8; 12] {
+        let mut n = [0u8; 12];
+        n.copy_from_slice(&self.random_bytes(12));
+        n
     }
 
     /// Sends the HandshakeRequest (PerformHandshake), or skips it for a
@@ -161,22 +226,32 @@ impl AgentChannel {
             return;
         }
         self.next_tick = Some(now + RESEND_TICK);
-        if skips_handshake(&self.session_type) {
+        if skips_handshake(&self.session_type) && self.kms.is_none() {
             self.handshake = Handshake::Skipped;
             self.events.push_back(AgentEvent::HandshakeSkipped);
             return;
         }
-        let req = HandshakeRequest {
-            agent_version: self.agent_version.clone(),
-            requested_client_actions: vec![RequestedClientAction {
-                action_type: action_type::SESSION_TYPE.into(),
-                action_parameters: serde_json::to_value(SessionTypeRequest {
-                    session_type: self.session_type.clone(),
-                    properties: self.properties.clone(),
+        let mut actions = Vec::new();
+        // buildHandshakeRequestPayload: KMSEncryption first when it is on.
+        if let Some(k) = &self.kms {
+            actions.push(RequestedClientAction {
+                action_type: action_type::KMS_ENCRYPTION.into(),
+                action_parameters: serde_json::to_value(KmsEncryptionRequest {
+                    kms_key_id: k.key_id.clone(),
+                    challenge: k.random_challenge.clone(),
                 })
                 .unwrap_or_default(),
-            }],
-        };
+            });
+        }
+        actions.push(RequestedClientAction {
+            action_type: action_type::SESSION_TYPE.into(),
+            action_parameters: serde_json::to_value(SessionTypeRequest {
+                session_type: self.session_type.clone(),
+                properties: self.properties.clone(),
+            })
+            .unwrap_or_default(),
+        });
+        let req = HandshakeRequest { agent_version: self.agent_version.clone(), requested_client_actions: actions };
         let payload = serde_json::to_vec(&req).unwrap_or_default();
         self.handshake = Handshake::AwaitResponse { started: now };
         self.send_stream(now, PayloadType::HANDSHAKE_REQUEST, &payload);
@@ -193,6 +268,13 @@ impl AgentChannel {
 
     /// SendStreamDataMessage: never blocks, never waits for acks.
     pub fn send_output(&mut self, now: Instant, data: &[u8]) {
+        // SendStreamDataMessage encrypts Output (and StdErr, ExitCode) once KMS is set up.
+        if self.kms.as_ref().is_some_and(|k| k.cipher.is_some()) {
+            let nonce = self.nonce();
+            let sealed = self.kms.as_ref().and_then(|k| k.cipher.as_ref()).map(|c| c.seal(nonce, data));
+            self.send_stream(now, PayloadType::OUTPUT, &sealed.unwrap_or_default());
+            return;
+        }
         self.send_stream(now, PayloadType::OUTPUT, data);
     }
 
@@ -250,7 +332,9 @@ impl AgentChannel {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let handshake = match self.handshake {
-            Handshake::AwaitResponse { started } => Some(started + HANDSHAKE_TIMEOUT),
+            Handshake::AwaitResponse { started } | Handshake::AwaitChallenge { started, .. } => {
+                Some(started + HANDSHAKE_TIMEOUT)
+            }
             _ => None,
         };
         match (self.next_tick, handshake) {
@@ -268,6 +352,12 @@ impl AgentChannel {
                     "Handshake timed out. Please ensure that you have the latest version of the session manager plugin."
                         .into(),
                 ));
+            }
+        }
+        if let Handshake::AwaitChallenge { started, .. } = self.handshake {
+            if now >= started + HANDSHAKE_TIMEOUT {
+                self.handshake = Handshake::Failed;
+                self.events.push_back(AgentEvent::Failed("Timed out waiting for encryption challenge.".into()));
             }
         }
         let Some(tick) = self.next_tick else { return };
@@ -377,13 +467,29 @@ impl AgentChannel {
                 self.handle_handshake_response(now, &msg.payload);
                 true
             }
+            PayloadType::ENC_CHALLENGE_RESPONSE => {
+                self.handle_challenge_response(now, &msg.payload);
+                true
+            }
             pt => {
                 if !self.is_established() {
                     return true; // "Handshake still in progress, ignore stream data message"
                 }
                 match pt {
                     PayloadType::OUTPUT => {
-                        self.events.push_back(AgentEvent::Input(msg.payload.clone()));
+                        let input = match self.kms.as_ref().and_then(|k| k.cipher.as_ref()) {
+                            None => msg.payload.clone(),
+                            Some(c) => match c.open(&msg.payload) {
+                                Some(plain) => plain,
+                                None => {
+                                    self.events.push_back(AgentEvent::Failed(
+                                        "Error decrypting stream data message: message authentication failed".into(),
+                                    ));
+                                    return true;
+                                }
+                            },
+                        };
+                        self.events.push_back(AgentEvent::Input(input));
                         return false;
                     }
                     PayloadType::FLAG => {
@@ -435,14 +541,83 @@ impl AgentChannel {
             Handshake::AwaitResponse { started } => started,
             _ => now,
         };
+        let lpf = self.properties.get("type").and_then(|v| v.as_str()) == Some("LocalPortForwarding");
+        let mode = agent_port_mode(&resp.client_version, lpf);
+        if self.kms.is_some() {
+            if let Err(e) = self.finalize_kms(&resp) {
+                self.handshake = Handshake::Failed;
+                self.events.push_back(AgentEvent::Failed(e));
+                return;
+            }
+            // sendEncryptionChallenge: 64 random bytes under our key.
+            let challenge = self.random_bytes(64);
+            let nonce = self.nonce();
+            let sealed = self.kms.as_ref().and_then(|k| k.cipher.as_ref()).map(|c| c.seal(nonce, &challenge));
+            if let Some(k) = self.kms.as_mut() {
+                k.challenge = challenge;
+            }
+            let request = EncryptionChallenge { challenge: B64.encode(sealed.unwrap_or_default()) };
+            self.handshake = Handshake::AwaitChallenge { started, client_version: resp.client_version, mode };
+            self.send_stream(
+                now,
+                PayloadType::ENC_CHALLENGE_REQUEST,
+                &serde_json::to_vec(&request).unwrap_or_default(),
+            );
+            return;
+        }
+        self.complete(now, started, resp.client_version, mode, String::new());
+    }
+
+    /// finalizeKMSEncryption: the client's data key, decrypted by KMS with
+    /// the session's context (and the random challenge if acknowledged).
+    fn finalize_kms(&mut self, resp: &HandshakeResponse) -> Result<(), String> {
+        let Some(k) = self.kms.as_mut() else { return Ok(()) };
+        let action = resp
+            .processed_client_actions
+            .iter()
+            .find(|a| a.action_type == action_type::KMS_ENCRYPTION)
+            .ok_or("the client did not answer the KMSEncryption action")?;
+        let result: KmsEncryptionResponse = action
+            .action_result
+            .clone()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .ok_or("Unmarshalling of KMSEncryptionResponse failed")?;
+        let blob = B64.decode(&result.kms_cipher_text_key).map_err(|e| format!("Unable to retrieve data key, {e}"))?;
+        let mut context = BTreeMap::from([
+            ("aws:ssm:SessionId".to_owned(), k.session_id.clone()),
+            ("aws:ssm:TargetId".to_owned(), k.target.clone()),
+        ]);
+        if result.challenge_acknowledgement {
+            context.insert("aws:ssm:RandomChallenge".to_owned(), k.random_challenge.clone());
+        }
+        let plain =
+            k.kms.decrypt(&blob, &k.key_id, &context).map_err(|e| format!("Unable to retrieve data key, {e}"))?;
+        k.cipher = Some(Cipher::new(&plain, End::Agent).ok_or("Unable to retrieve data key: not 64 bytes")?);
+        Ok(())
+    }
+
+    /// handleEncryptionChallengeResponse: the challenge must come back under the client's key.
+    fn handle_challenge_response(&mut self, now: Instant, payload: &[u8]) {
+        let Handshake::AwaitChallenge { started, client_version, mode } = self.handshake.clone() else { return };
+        let answer = serde_json::from_slice::<EncryptionChallenge>(payload)
+            .ok()
+            .and_then(|c| B64.decode(c.challenge).ok())
+            .and_then(|sealed| self.kms.as_ref()?.cipher.as_ref()?.open(&sealed));
+        if answer.is_none() || answer.as_deref() != self.kms.as_ref().map(|k| k.challenge.as_slice()) {
+            self.handshake = Handshake::Failed;
+            self.events.push_back(AgentEvent::Failed("Encryption challenge does not match!".into()));
+            return;
+        }
+        self.complete(now, started, client_version, mode, "This session is encrypted using AWS KMS.".into());
+    }
+
+    fn complete(&mut self, now: Instant, started: Instant, client_version: String, mode: PortMode, message: String) {
         let complete = HandshakeComplete {
             handshake_time_to_complete: now.duration_since(started).as_nanos() as i64,
-            customer_message: String::new(),
+            customer_message: message,
         };
         self.handshake = Handshake::Complete;
         self.send_stream(now, PayloadType::HANDSHAKE_COMPLETE, &serde_json::to_vec(&complete).unwrap_or_default());
-        let lpf = self.properties.get("type").and_then(|v| v.as_str()) == Some("LocalPortForwarding");
-        let mode = agent_port_mode(&resp.client_version, lpf);
-        self.events.push_back(AgentEvent::HandshakeDone { client_version: resp.client_version, mode });
+        self.events.push_back(AgentEvent::HandshakeDone { client_version, mode });
     }
 }

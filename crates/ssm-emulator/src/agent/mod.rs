@@ -103,6 +103,8 @@ pub struct AgentSpec {
     pub buffer_detached: bool,
     /// Where this session's resends are counted (the emulator's counters).
     pub resends: Arc<AtomicU64>,
+    /// KMS encryption demanded, under this key, checked against the emulator's KMS.
+    pub kms: Option<(String, Arc<crate::kms::Kms>)>,
 }
 
 /// Frames held for a detached client. MGS's behaviour here is not public; a
@@ -183,12 +185,15 @@ pub async fn run(spec: AgentSpec, mut input: mpsc::Receiver<AgentInput>) -> Stri
     // Separate from target events, which are not read while output backs up:
     // the real agent's input writes do not wait for its output.
     let (released_tx, mut released_rx) = mpsc::unbounded_channel();
-    let chan = AgentChannel::new(
+    let mut chan = AgentChannel::new(
         Box::new(SystemEnvironment),
         spec.agent_version.clone(),
         spec.plugin.session_type(),
         spec.properties.clone(),
     );
+    if let Some((key, kms)) = &spec.kms {
+        chan = chan.with_kms(key.clone(), kms.clone(), spec.session_id.clone(), spec.instance_id.clone());
+    }
     let mut rt = Runtime {
         spec,
         chan,

@@ -156,6 +156,7 @@ impl RemoteShell {
             session_id: session_id.clone(),
             stream_url: started.endpoint.stream_url.clone(),
             client_id,
+            target: instance.to_owned(),
         });
         let (io, pipes) = shell::pipes();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -109,16 +109,89 @@ fn handshake_acks_request_answers_seq0_then_establishes() {
     assert_eq!(s.send(b"hello"), Ok(SequenceNumber(1)));
 }
 
+const KMS_REQ: &str = r#"{"AgentVersion":"3.3.2299.0","RequestedClientActions":[{"ActionType":"KMSEncryption","ActionParameters":{"KMSKeyId":"alias/ssm","Challenge":"cmFuZG9tLWNoYWxsZW5nZQ=="}},{"ActionType":"SessionType","ActionParameters":{"SessionType":"Port","Properties":{}}}]}"#;
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).expect("base64")
+}
+
+/// KMS on: the response waits for the data key, carries its ciphertext, the
+/// challenge comes back under our key, and data is sealed both ways.
 #[test]
-fn kms_request_is_refused_not_faked() {
+fn a_kms_handshake_waits_for_the_data_key_then_encrypts_both_ways() {
+    use super::kms::{Cipher, DataKey, DataKeyRequest, End};
     let now = Instant::now();
     let mut s = session(SessionConfig::default());
-    let req = r#"{"AgentVersion":"3.3.987.0","RequestedClientActions":[{"ActionType":"SessionType","ActionParameters":{"SessionType":"Port","Properties":{}}},{"ActionType":"KMSEncryption","ActionParameters":{"KMSKeyId":"k"}}]}"#;
-    s.handle_frame(now, &agent_frame(0, PayloadType::HANDSHAKE_REQUEST, req.as_bytes())).expect("ok");
+    s.handle_frame(now, &agent_frame(0, PayloadType::HANDSHAKE_REQUEST, KMS_REQ.as_bytes())).expect("ok");
     let out = drain(&mut s, now);
-    let resp: HandshakeResponse = serde_json::from_slice(&out[1].payload).expect("json");
-    assert_eq!(resp.processed_client_actions[1].action_status, ActionStatus::FAILED);
+    assert_eq!(acked_seqs(&out), vec![0]);
+    assert!(stream_seqs(&out).is_empty(), "no response before the data key");
+    let req = s.take_data_key_request().expect("asks for a data key");
+    assert_eq!(req, DataKeyRequest { key_id: "alias/ssm".into(), challenge: Some("cmFuZG9tLWNoYWxsZW5nZQ==".into()) });
+    assert_eq!(s.take_data_key_request(), None, "asked once");
+    // A resent request while KMS works changes nothing.
+    s.handle_frame(now, &agent_frame(0, PayloadType::HANDSHAKE_REQUEST, KMS_REQ.as_bytes())).expect("ok");
+    assert!(stream_seqs(&drain(&mut s, now)).is_empty());
+
+    let plaintext: Vec<u8> = (100..164).collect();
+    s.provide_data_key(Ok(DataKey { ciphertext: b"blob".to_vec(), plaintext: plaintext.clone() }));
+    let out = drain(&mut s, now);
+    let resp: HandshakeResponse = serde_json::from_slice(&out[0].payload).expect("json");
+    let kms = &resp.processed_client_actions[0];
+    assert_eq!(kms.action_status, ActionStatus::SUCCESS);
+    let result = kms.action_result.as_ref().expect("result");
+    assert_eq!(result["KMSCipherTextKey"], b64(b"blob"));
+    assert_eq!(result["ChallengeAcknowledgement"], true);
+    assert_eq!(s.poll_event().map(|e| matches!(e, Event::Handshake(_))), Some(true));
+
+    let agent = Cipher::new(&plaintext, End::Agent).expect("key");
+    let challenge = agent.seal([3; 12], b"sixty-four random bytes, more or less");
+    let req = format!(r#"{{"Challenge":"{}"}}"#, b64(&challenge));
+    s.handle_frame(now, &agent_frame(1, PayloadType::ENC_CHALLENGE_REQUEST, req.as_bytes())).expect("ok");
+    let out = drain(&mut s, now);
+    let answer = out.iter().find(|m| m.payload_type == Some(PayloadType::ENC_CHALLENGE_RESPONSE)).expect("answer");
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).expect("json");
+    let opened = agent.open(&unb64(answer["Challenge"].as_str().expect("challenge")));
+    assert_eq!(opened.as_deref(), Some(&b"sixty-four random bytes, more or less"[..]));
+
+    s.handle_frame(now, &agent_frame(2, PayloadType::HANDSHAKE_COMPLETE, COMPLETE.as_bytes())).expect("ok");
+    drain(&mut s, now);
+    assert!(matches!(s.poll_event(), Some(Event::Established { .. })));
+    assert!(s.encrypted());
+    s.send(b"SELECT 1;").expect("sent");
+    let sent = drain(&mut s, now);
+    let data = sent.iter().find(|m| m.payload_type == Some(PayloadType::OUTPUT)).expect("data");
+    assert_ne!(data.payload, b"SELECT 1;", "sealed on the wire");
+    assert_eq!(agent.open(&data.payload).as_deref(), Some(&b"SELECT 1;"[..]));
+    let reply = agent.seal([4; 12], b"1");
+    s.handle_frame(now, &agent_frame(3, PayloadType::OUTPUT, &reply)).expect("ok");
+    assert_eq!(s.poll_event(), Some(Event::Data(b"1".to_vec())));
+    // Tampered: the session ends rather than deliver it.
+    let mut bad = agent.seal([5; 12], b"2");
+    bad[13] ^= 1;
+    s.handle_frame(now, &agent_frame(4, PayloadType::OUTPUT, &bad)).expect("ok");
     assert!(matches!(s.state(), State::Closed(CloseReason::HandshakeFailed(_))));
+}
+
+#[test]
+fn a_kms_failure_answers_failed_and_ends_the_session() {
+    let now = Instant::now();
+    let mut s = session(SessionConfig::default());
+    s.handle_frame(now, &agent_frame(0, PayloadType::HANDSHAKE_REQUEST, KMS_REQ.as_bytes())).expect("ok");
+    drain(&mut s, now);
+    assert!(s.take_data_key_request().is_some());
+    s.provide_data_key(Err("AccessDeniedException: not authorized to perform kms:GenerateDataKey".into()));
+    let out = drain(&mut s, now);
+    let resp: HandshakeResponse = serde_json::from_slice(&out[0].payload).expect("json");
+    assert_eq!(resp.processed_client_actions[0].action_status, ActionStatus::FAILED);
+    assert!(resp.processed_client_actions[0].error.contains("kms:GenerateDataKey"));
+    assert!(matches!(s.state(), State::Closed(CloseReason::HandshakeFailed(e)) if e.contains("kms:GenerateDataKey")));
 }
 
 #[test]
