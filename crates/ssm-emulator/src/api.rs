@@ -167,6 +167,7 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
         other => return Err(err("InvalidDocument", format!("Document {other} is not supported by this emulator"))),
     };
 
+    let is_port = matches!(plugin, Plugin::Port(_));
     let session_id = format!("emulator-{:017x}", rand::random::<u64>() >> 4);
     let token = new_token();
     let spec = AgentSpec {
@@ -179,7 +180,14 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
         profile: shared.config.profile,
         buffer_detached: !shared.config.faults.lossy_reconnect,
         resends: shared.counters.agent_resends.clone(),
-        kms: shared.config.kms_key_id.clone().map(|k| (k, shared.kms.clone())),
+        // isEncryptionEnabled (sessionplugin.go): never for the Port plugin,
+        // unless --kms-port-sessions models an agent that does.
+        kms: shared
+            .config
+            .kms_key_id
+            .clone()
+            .filter(|_| !is_port || shared.config.kms_port_sessions)
+            .map(|k| (k, shared.kms.clone())),
     };
     let (tx, rx) = mpsc::channel::<AgentInput>(1024);
     let ordinal = shared.next_ordinal();

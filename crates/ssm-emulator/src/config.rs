@@ -94,6 +94,10 @@ pub struct Config {
     /// agent asks its client for KMS encryption, also in shell sessions, and
     /// the emulator's KMS knows the key.
     pub kms_key_id: Option<String>,
+    /// Encrypt Port sessions too. amazon-ssm-agent does not (its
+    /// `isEncryptionEnabled` leaves the Port plugin out, with a TODO to make it
+    /// configurable): this models an agent that does.
+    pub kms_port_sessions: bool,
     /// Session documents the caller's IAM policy does not allow:
     /// StartSession with one of them is AccessDeniedException.
     pub denied_documents: Vec<String>,
@@ -118,6 +122,7 @@ impl Default for Config {
             stream_host: None,
             require_signed_open: false,
             kms_key_id: None,
+            kms_port_sessions: false,
         }
     }
 }

@@ -102,6 +102,10 @@ struct Args {
     /// and the emulator answers KMS GenerateDataKey for KEY.
     #[arg(long, value_name = "KEY")]
     kms_key_id: Option<String>,
+    /// With --kms-key-id: encrypt Port sessions too. The stock agent leaves
+    /// them out (isEncryptionEnabled); this models one that does not.
+    #[arg(long, requires = "kms_key_id")]
+    kms_port_sessions: bool,
 }
 
 fn probability(name: &str, p: f64) -> anyhow::Result<f64> {
@@ -126,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         stream_host: args.stream_host,
         require_signed_open: args.require_signed_open,
         kms_key_id: args.kms_key_id,
+        kms_port_sessions: args.kms_port_sessions,
         denied_documents: args.deny_documents,
         faults: Faults {
             drop: probability("drop", args.drop)?,

@@ -40,6 +40,51 @@ pub struct AwsOptions {
 /// The variable the SDKs read for the ssmmessages service's endpoint.
 pub const SSMMESSAGES_ENDPOINT_VAR: &str = "AWS_ENDPOINT_URL_SSMMESSAGES";
 
+/// The DNS suffixes of AWS partitions' public endpoints.
+const AWS_SUFFIXES: [&str; 8] = [
+    "amazonaws.com",
+    "amazonaws.com.cn",
+    "api.aws",
+    "amazonaws.eu",
+    "c2s.ic.gov",
+    "sc2s.sgov.gov",
+    "cloud.adc-e.uk",
+    "csp.hci.ic.gov",
+];
+
+/// Whether `stream_url` is a Session Manager data-channel endpoint for
+/// `region`: `wss://ssmmessages[-fips].REGION.<an AWS partition's suffix>/v1/data-channel/...`.
+/// Checked before the session token is sent, unless an endpoint is
+/// configured (then the user chose where the API and the stream go).
+/// Plugin 1.2.889.0 validates the stream URL too; its rule is not public,
+/// this one is ours.
+pub fn check_stream_url(stream_url: &str, region: &str) -> Result<(), String> {
+    let refuse = |why: &str| {
+        Err(format!(
+            "StartSession returned a stream URL that is not a Session Manager endpoint ({why}): the session token is not \
+             sent there. Behind a private endpoint set AWS_ENDPOINT_URL_SSMMESSAGES (or --ssmmessages-endpoint)"
+        ))
+    };
+    let Some(rest) = stream_url.strip_prefix("wss://") else { return refuse("not wss://") };
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = host.split(':').next().unwrap_or_default().to_ascii_lowercase();
+    let mut labels = host.splitn(3, '.');
+    let (service, in_region, suffix) = (labels.next(), labels.next(), labels.next());
+    if !matches!(service, Some("ssmmessages" | "ssmmessages-fips")) {
+        return refuse(&format!("host {host}"));
+    }
+    if in_region != Some(region) {
+        return refuse(&format!("host {host} is not in {region}"));
+    }
+    if !suffix.is_some_and(|s| AWS_SUFFIXES.contains(&s)) {
+        return refuse(&format!("host {host}"));
+    }
+    if !path.starts_with("v1/data-channel/") {
+        return refuse(&format!("path /{path}"));
+    }
+    Ok(())
+}
+
 /// StartSession's stream URL sent to `endpoint` instead (a PrivateLink
 /// interface endpoint, say): its scheme and host replace the URL's (https
 /// becomes wss, http ws), its path, if any, goes in front of the session's
@@ -143,6 +188,9 @@ pub struct SsmApi {
     proxy: Option<String>,
     /// [`AwsOptions::ssmmessages_endpoint`], or the variable's.
     stream_endpoint: Option<String>,
+    /// The API endpoint is configured (`AWS_ENDPOINT_URL[_SSM]`, a profile):
+    /// its stream URLs are not AWS's to check.
+    custom_endpoint: bool,
 }
 
 fn https_client(
@@ -225,6 +273,7 @@ impl SsmApi {
             .or_else(|| conf.endpoint_url().map(str::to_owned))
             .unwrap_or_else(|| format!("https://ssm.{region}.amazonaws.com"));
         let proxy = trust.proxies.route(&endpoint).map(|r| r.description);
+        let custom_endpoint = std::env::var("AWS_ENDPOINT_URL_SSM").is_ok() || conf.endpoint_url().is_some();
         let stream_endpoint = opts
             .ssmmessages_endpoint
             .clone()
@@ -237,7 +286,17 @@ impl SsmApi {
                 hint: "",
             })?;
         }
-        Ok(SsmApi { client, conf, tls: ctx, proxy_config: proxy_cfg, region, reason, proxy, stream_endpoint })
+        Ok(SsmApi {
+            client,
+            conf,
+            tls: ctx,
+            proxy_config: proxy_cfg,
+            region,
+            reason,
+            proxy,
+            stream_endpoint,
+            custom_endpoint,
+        })
     }
 
     fn client(&self) -> aws_sdk_ssm::Client {
@@ -319,7 +378,15 @@ impl SsmApi {
                 detail,
                 hint: "",
             })?,
-            None => url.to_owned(),
+            None if self.custom_endpoint => url.to_owned(),
+            None => {
+                check_stream_url(url, &self.region).map_err(|detail| ApiError::Other {
+                    action: "StartSession",
+                    detail,
+                    hint: "",
+                })?;
+                url.to_owned()
+            }
         };
         let headers = self.data_channel_headers(&url).await?;
         Ok(StartedSession {
@@ -522,6 +589,33 @@ where
 #[cfg(test)]
 mod tests {
     use super::{parse_reason, rewrite_stream_url};
+
+    #[test]
+    fn only_a_session_manager_endpoint_in_the_region_gets_the_token() {
+        use super::check_stream_url;
+        let ok = "wss://ssmmessages.eu-west-1.amazonaws.com/v1/data-channel/alice-0a1b?role=publish_subscribe&cell-number=AAE";
+        assert_eq!(check_stream_url(ok, "eu-west-1"), Ok(()));
+        assert!(check_stream_url(
+            "wss://ssmmessages-fips.us-gov-west-1.amazonaws.com/v1/data-channel/s",
+            "us-gov-west-1"
+        )
+        .is_ok());
+        assert!(
+            check_stream_url("wss://ssmmessages.cn-north-1.amazonaws.com.cn/v1/data-channel/s", "cn-north-1").is_ok()
+        );
+        assert!(check_stream_url("wss://ssmmessages.eu-west-1.api.aws/v1/data-channel/s", "eu-west-1").is_ok());
+        for bad in [
+            "ws://ssmmessages.eu-west-1.amazonaws.com/v1/data-channel/s",
+            "wss://ssmmessages.eu-west-1.amazonaws.com.evil.example/v1/data-channel/s",
+            "wss://evil.example/v1/data-channel/s",
+            "wss://ssmmessages.us-east-1.amazonaws.com/v1/data-channel/s",
+            "wss://ssm.eu-west-1.amazonaws.com/v1/data-channel/s",
+            "wss://ssmmessages.eu-west-1.amazonaws.com/elsewhere",
+        ] {
+            let err = check_stream_url(bad, "eu-west-1").expect_err(bad);
+            assert!(err.contains("AWS_ENDPOINT_URL_SSMMESSAGES"), "{err}");
+        }
+    }
 
     #[test]
     fn the_ssmmessages_endpoint_replaces_scheme_and_host_and_keeps_the_session_path() {

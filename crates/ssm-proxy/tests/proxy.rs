@@ -94,7 +94,10 @@ fn the_tunnel_and_forward_work_through_a_real_proxy_with_no_direct_route() {
         8,
         &[
             ("PROXY", "1"),
-            ("EMULATOR_ARGS", "--agent-version 3.3.4851.0 --require-signed-open --kms-key-id alias/ssm-sessions"),
+            (
+                "EMULATOR_ARGS",
+                "--agent-version 3.3.4851.0 --require-signed-open --kms-key-id alias/ssm-sessions --kms-port-sessions",
+            ),
         ],
     );
     let proxy = lab_var(&lab, "LAB_PROXY");
