@@ -3,6 +3,7 @@
 //! TCP, UDP and ICMP flows in userspace and opens ordinary sockets to their
 //! destinations. No root, no ip_forward, no firewall changes.
 
+mod admit;
 mod flows;
 mod imds;
 mod packet;
@@ -12,7 +13,7 @@ mod stack;
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,6 +135,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         info!(vpc = %id, %region, "instance VPC");
     }
     let active = Arc::new(AtomicUsize::new(0));
+    let pending = Arc::new(AtomicUsize::new(0));
     let config = Arc::new(AgentConfig {
         vpc,
         listen: args.listen,
@@ -173,30 +175,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         };
-        if active.load(Ordering::Relaxed) >= args.max_clients {
-            warn!(%peer, "refusing a client: --max-clients {} reached", args.max_clients);
-            tokio::spawn(async move {
-                let (_r, mut w) = stream.into_split();
-                let bye = forwarder::wire::Frame::Goodbye {
-                    reason: forwarder::wire::Reason::TooManyClients,
-                    message: "too many clients".into(),
-                };
-                let _ = forwarder::link::write_frame(&mut forwarder::link::Stream::new(&mut w), &bye).await;
-            });
-            continue;
-        }
-        let (config, active, registry) = (config.clone(), active.clone(), registry.clone());
-        active.fetch_add(1, Ordering::Relaxed);
+        // Root is the SSM agent; the limits bind everyone else (see `admit`).
+        let root = stream.local_addr().ok().and_then(|local| admit::peer_uid(peer, local)) == Some(0);
+        let waiting = if root {
+            admit::Slot::exempt(&pending)
+        } else {
+            match admit::Slot::take(&pending, admit::MAX_PENDING) {
+                Some(s) => s,
+                None => {
+                    warn!(%peer, "refusing a connection: {} others have not sent their HELLO yet", admit::MAX_PENDING);
+                    continue;
+                }
+            }
+        };
+        let (config, registry) = (config.clone(), registry.clone());
         // Everything one connection's session logs names its peer.
         let span = tracing::info_span!("connection", %peer);
         let serve = async move {
-            match session::serve(stream, config, peer.to_string(), registry).await {
+            match session::serve(stream, config, peer.to_string(), registry, waiting, root).await {
                 Ok(()) => {}
                 // Connected and left without a word: a port probe, not a client.
                 Err(forwarder::link::LinkEnd::Eof) => tracing::debug!("connection closed before HELLO"),
                 Err(e) => warn!("client session failed: {e}"),
             }
-            active.fetch_sub(1, Ordering::Relaxed);
         };
         tokio::spawn(tracing::Instrument::instrument(serve, span));
     }

@@ -170,18 +170,27 @@ pub struct Attach {
 
 /// Serve one client connection: answer its HELLO, then run its session, or hand
 /// the connection to the session it left behind.
+///
+/// `waiting` holds the connection's place among those yet to say HELLO;
+/// `root`: the peer is root (the SSM agent), whom the client limit does not bind.
 pub async fn serve(
     stream: TcpStream,
     config: Arc<AgentConfig>,
     peer: String,
     registry: Registry,
+    waiting: crate::admit::Slot,
+    root: bool,
 ) -> Result<(), LinkEnd> {
     let _ = stream.set_nodelay(true);
     let (reader, writer) = stream.into_split();
     let (mut reader, mut writer) = (Stream::new(reader), Stream::new(writer));
-    let (hello, deframer) = tokio::time::timeout(Duration::from_secs(30), link::read_hello(&mut reader))
-        .await
-        .map_err(|_| LinkEnd::Eof)??;
+    let read = tokio::time::timeout(crate::admit::HELLO_TIMEOUT, link::read_hello(&mut reader)).await;
+    drop(waiting);
+    let Ok(read) = read else {
+        warn!("no HELLO within {:?}: closed", crate::admit::HELLO_TIMEOUT);
+        return Ok(());
+    };
+    let (hello, deframer) = read?;
     if hello.role != Role::Client || hello.version != wire::VERSION {
         let bye = Frame::Goodbye {
             reason: Reason::UnsupportedVersion,
@@ -208,6 +217,19 @@ pub async fn serve(
         link::write_frame(&mut writer, &Frame::Status(config.status(&registry))).await?;
         return Ok(());
     }
+    let _client = if root {
+        crate::admit::Slot::exempt(&config.active)
+    } else {
+        match crate::admit::Slot::take(&config.active, config.max_clients) {
+            Some(s) => s,
+            None => {
+                warn!(client = %peer, "refusing a client: --max-clients {} reached", config.max_clients);
+                let bye = Frame::Goodbye { reason: Reason::TooManyClients, message: "too many clients".into() };
+                let _ = link::write_frame(&mut writer, &bye).await;
+                return Ok(());
+            }
+        }
+    };
     let id = hello.client_id;
     let mut attach = Attach { reader, writer, deframer, hello, peer };
 
