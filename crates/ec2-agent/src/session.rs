@@ -55,13 +55,13 @@ impl AgentConfig {
         }
     }
 
-    /// The answer to a status query (the asking connection not counted).
+    /// The answer to a status query (which is not a client, so not counted).
     pub fn status(&self, registry: &Registry) -> String {
         serde_json::json!({
             "software": format!("ec2-agent {}", env!("CARGO_PKG_VERSION")),
             "uptime_secs": self.started.elapsed().as_secs(),
             "listen": self.listen.to_string(),
-            "sessions": self.active.load(Ordering::Relaxed).saturating_sub(1),
+            "sessions": self.active.load(Ordering::Relaxed),
             "resumable_sessions": lock(registry).len(),
             "max_clients": self.max_clients,
             "grace_secs": self.grace.as_secs(),

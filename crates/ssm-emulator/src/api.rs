@@ -110,7 +110,7 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
             ));
         }
     }
-    let document = req.document_name.unwrap_or_else(|| "SSM-SessionManagerRunShell".into());
+    let document = req.document_name.clone().unwrap_or_else(|| "SSM-SessionManagerRunShell".into());
     if shared.config.denied_documents.contains(&document) {
         // IAM evaluates the document as a resource of ssm:StartSession.
         return Err(err(
@@ -128,8 +128,50 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
     if instance.ping_status != "Online" {
         return Err(err("TargetNotConnected", format!("{} is not connected.", req.target)));
     }
+    let (plugin, properties) = plugin_for(&document, &req, instance)?;
+    let is_port = matches!(plugin, Plugin::Port(_));
+    let session_id = format!("emulator-{:017x}", rand::random::<u64>() >> 4);
+    let token = new_token();
+    let spec = AgentSpec {
+        session_id: session_id.clone(),
+        instance_id: req.target.clone(),
+        agent_version: shared.config.agent_version.clone(),
+        properties,
+        plugin,
+        netns: instance.netns.clone(),
+        profile: shared.config.profile,
+        buffer_detached: !shared.config.faults.lossy_reconnect,
+        resends: shared.counters.agent_resends.clone(),
+        // isEncryptionEnabled (sessionplugin.go): never for the Port plugin,
+        // unless --kms-port-sessions models an agent that does.
+        kms: shared
+            .config
+            .kms_key_id
+            .clone()
+            .filter(|_| !is_port || shared.config.kms_port_sessions)
+            .map(|k| (k, shared.kms.clone())),
+    };
+    let (tx, rx) = mpsc::channel::<AgentInput>(1024);
+    let ordinal = shared.next_ordinal();
+    let entry = Arc::new(SessionEntry::new(session_id.clone(), req.target.clone(), tx, token.clone(), ordinal));
+    shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(session_id.clone(), entry.clone());
+    info!(session = %session_id, target = %req.target, %document, reason = req.reason.as_deref().unwrap_or(""), "StartSession");
+    tokio::spawn(async move {
+        let why = agent::run(spec, rx).await;
+        info!(session = %entry.id, reason = %why, "session ended");
+        entry.mark_terminated();
+    });
+    Ok(json!({"SessionId": session_id, "TokenValue": token, "StreamUrl": stream_url(shared, host, &session_id)}))
+}
+
+/// The session plugin a document runs, and the properties the agent fills in.
+fn plugin_for(
+    document: &str,
+    req: &StartSessionRequest,
+    instance: &crate::config::Instance,
+) -> Result<(Plugin, BTreeMap<String, Value>), ApiError> {
     let one = |k: &str| req.parameters.get(k).and_then(|v| v.first()).cloned();
-    let (plugin, properties) = match document.as_str() {
+    Ok(match document {
         "AWS-StartPortForwardingSession" | "AWS-StartPortForwardingSessionToRemoteHost" => {
             let remote_host = if document == "AWS-StartPortForwardingSessionToRemoteHost" {
                 Some(one("host").ok_or_else(|| err("ValidationException", "parameter host is required"))?)
@@ -165,41 +207,7 @@ fn start_session(shared: &Arc<Shared>, req: StartSessionRequest, host: &str) -> 
             (Plugin::Shell { command: Some(command), program: instance.shell.clone() }, properties)
         }
         other => return Err(err("InvalidDocument", format!("Document {other} is not supported by this emulator"))),
-    };
-
-    let is_port = matches!(plugin, Plugin::Port(_));
-    let session_id = format!("emulator-{:017x}", rand::random::<u64>() >> 4);
-    let token = new_token();
-    let spec = AgentSpec {
-        session_id: session_id.clone(),
-        instance_id: req.target.clone(),
-        agent_version: shared.config.agent_version.clone(),
-        properties,
-        plugin,
-        netns: instance.netns.clone(),
-        profile: shared.config.profile,
-        buffer_detached: !shared.config.faults.lossy_reconnect,
-        resends: shared.counters.agent_resends.clone(),
-        // isEncryptionEnabled (sessionplugin.go): never for the Port plugin,
-        // unless --kms-port-sessions models an agent that does.
-        kms: shared
-            .config
-            .kms_key_id
-            .clone()
-            .filter(|_| !is_port || shared.config.kms_port_sessions)
-            .map(|k| (k, shared.kms.clone())),
-    };
-    let (tx, rx) = mpsc::channel::<AgentInput>(1024);
-    let ordinal = shared.next_ordinal();
-    let entry = Arc::new(SessionEntry::new(session_id.clone(), req.target.clone(), tx, token.clone(), ordinal));
-    shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(session_id.clone(), entry.clone());
-    info!(session = %session_id, target = %req.target, %document, reason = req.reason.as_deref().unwrap_or(""), "StartSession");
-    tokio::spawn(async move {
-        let why = agent::run(spec, rx).await;
-        info!(session = %entry.id, reason = %why, "session ended");
-        entry.mark_terminated();
-    });
-    Ok(json!({"SessionId": session_id, "TokenValue": token, "StreamUrl": stream_url(shared, host, &session_id)}))
+    })
 }
 
 fn new_token() -> String {
