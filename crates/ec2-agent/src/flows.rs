@@ -57,6 +57,9 @@ pub struct Limits {
     /// The instance's own resolvers: DNS to the client's tunnel resolver goes to the first.
     pub resolvers: Vec<IpAddr>,
     pub max_tcp_flows: usize,
+    /// UDP flows (each an open socket) at once; a new one beyond is refused
+    /// with ICMP administratively prohibited.
+    pub max_udp_flows: usize,
     /// UDP and ping flows idle this long (ms) are closed.
     pub idle_ms: u64,
 }
@@ -132,10 +135,15 @@ impl FlowTable {
                     last.store(now(), Ordering::Relaxed);
                     return Action::Udp { key, open: None };
                 }
-                match self.target(p, key.1, "UDP flow") {
-                    Ok(target) => Action::Udp { key, open: Some(target) },
-                    Err(r) => Action::Refuse(r),
+                let target = match self.target(p, key.1, "UDP flow") {
+                    Ok(target) => target,
+                    Err(r) => return Action::Refuse(r),
+                };
+                if self.udp.len() >= self.limits.max_udp_flows {
+                    warn!(dst = %key.1, "too many UDP flows for this client; refused");
+                    return Action::Refuse(Refusal::Unreachable(Unreachable::Prohibited));
                 }
+                Action::Udp { key, open: Some(target) }
             }
             L4::EchoRequest { id, .. } => {
                 if let Err(r) = self.permitted(p, "ping") {

@@ -68,6 +68,9 @@ struct Args {
     /// TCP connections per client.
     #[arg(long, default_value_t = 4096)]
     max_tcp_flows: usize,
+    /// UDP flows (each an open socket) per client.
+    #[arg(long, default_value_t = 1024)]
+    max_udp_flows: usize,
     /// Keep a client's connections this many seconds after its session is lost,
     /// for the same client to pick up through a new session (0: do not).
     #[arg(long, default_value_t = 120, value_name = "SECS")]
@@ -147,6 +150,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         udp_idle: Duration::from_secs(args.udp_idle.max(1)),
         connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
         max_tcp_flows: args.max_tcp_flows.max(1),
+        max_udp_flows: args.max_udp_flows.max(1),
         resolvers: resolvers(),
         grace: Duration::from_secs(args.grace),
     });

@@ -31,6 +31,7 @@ pub struct AgentConfig {
     pub udp_idle: Duration,
     pub connect_timeout: Duration,
     pub max_tcp_flows: usize,
+    pub max_udp_flows: usize,
     pub resolvers: Vec<IpAddr>,
     /// How long a client's flows outlive its lost connection (zero: not at all).
     pub grace: Duration,
@@ -51,6 +52,7 @@ impl AgentConfig {
             policy: self.policy.clone(),
             resolvers: self.resolvers.clone(),
             max_tcp_flows: self.max_tcp_flows,
+            max_udp_flows: self.max_udp_flows,
             idle_ms: self.udp_idle.as_millis() as u64,
         }
     }

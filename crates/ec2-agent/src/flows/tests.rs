@@ -12,6 +12,7 @@ fn table() -> FlowTable {
         policy: Policy::new(&[], &[], false),
         resolvers: vec!["10.0.0.2".parse().expect("ip")],
         max_tcp_flows: 2,
+        max_udp_flows: 2,
         idle_ms: 30_000,
     };
     FlowTable::new(limits, vec![IpAddr::from(TUNNEL_DNS)])
@@ -110,7 +111,13 @@ fn dns_to_the_tunnel_resolver_goes_to_the_instances_resolver() {
 
 #[test]
 fn without_a_resolver_on_the_instance_dns_is_answered_unreachable() {
-    let limits = Limits { policy: Policy::new(&[], &[], false), resolvers: vec![], max_tcp_flows: 2, idle_ms: 30_000 };
+    let limits = Limits {
+        policy: Policy::new(&[], &[], false),
+        resolvers: vec![],
+        max_tcp_flows: 2,
+        max_udp_flows: 2,
+        idle_ms: 30_000,
+    };
     let mut t = FlowTable::new(limits, vec![IpAddr::from(TUNNEL_DNS)]);
     let query = udp(TUNNEL_DNS, 53);
     assert_eq!(classify(&mut t, &query, false, 0), Action::Refuse(Refusal::Unreachable(Unreachable::Host)));
@@ -149,4 +156,22 @@ fn the_tcp_flow_limit_counts_dials_under_way() {
     let p = packet::parse(&p_raw).expect("packet");
     // One flow in the stack plus one dial under way: the limit of two is reached.
     assert_eq!(t.classify(&p, false, 1, || 0), Action::Refuse(Refusal::Reset));
+}
+
+#[test]
+fn the_udp_flow_limit_refuses_a_new_flow_and_keeps_the_open_ones() {
+    let mut t = table();
+    for dport in [1000, 1001] {
+        let p_raw = udp([10, 0, 1, 5], dport);
+        let p = packet::parse(&p_raw).expect("packet");
+        let Action::Udp { key, open: Some(_) } = t.classify(&p, false, 0, || 0) else { panic!("a new flow") };
+        t.udp_opened(key, 0);
+    }
+    let p_raw = udp([10, 0, 1, 5], 1002);
+    let p = packet::parse(&p_raw).expect("packet");
+    assert_eq!(t.classify(&p, false, 0, || 0), Action::Refuse(Refusal::Unreachable(Unreachable::Prohibited)));
+    // The open ones still pass.
+    let p_raw = udp([10, 0, 1, 5], 1000);
+    let p = packet::parse(&p_raw).expect("packet");
+    assert!(matches!(t.classify(&p, false, 0, || 0), Action::Udp { open: None, .. }));
 }
