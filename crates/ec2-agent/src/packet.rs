@@ -15,6 +15,8 @@ pub enum L4<'a> {
         seq: u32,
         syn: bool,
         ack: bool,
+        /// The acknowledgment number (meaningful when `ack`).
+        ack_number: u32,
         rst: bool,
         payload_len: usize,
     },
@@ -58,6 +60,7 @@ pub fn parse(packet: &[u8]) -> Option<Parsed<'_>> {
             seq: t.sequence_number(),
             syn: t.syn(),
             ack: t.ack(),
+            ack_number: t.acknowledgment_number(),
             rst: t.rst(),
             payload_len: t.payload().len(),
         },
@@ -90,11 +93,19 @@ pub fn echo_reply(from: IpAddr, to: IpAddr, id: u16, seq: u16, payload: &[u8]) -
     Some(out)
 }
 
-/// Answer a TCP segment with a reset (connection refused, or denied by policy).
+/// Answer a TCP segment with a reset (connection refused, denied by policy,
+/// or a connection this agent does not know, say after a restart), as RFC 793
+/// says: a segment with an ACK gets `<SEQ=SEG.ACK><CTL=RST>`, which the peer
+/// accepts (a reset with another sequence number is ignored, RFC 5961, and the
+/// connection would hang); one without gets `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`.
 pub fn tcp_reset(p: &Parsed<'_>) -> Option<Vec<u8>> {
-    let L4::Tcp { sport, dport, seq, syn, payload_len, .. } = p.l4 else { return None };
-    let ack = seq.wrapping_add(payload_len as u32).wrapping_add(u32::from(syn));
-    let b = builder(p.dst, p.src)?.tcp(dport, sport, 0, 0).rst().ack(ack);
+    let L4::Tcp { sport, dport, seq, syn, ack, ack_number, payload_len, .. } = p.l4 else { return None };
+    let b = if ack {
+        builder(p.dst, p.src)?.tcp(dport, sport, ack_number, 0).rst()
+    } else {
+        let ack = seq.wrapping_add(payload_len as u32).wrapping_add(u32::from(syn));
+        builder(p.dst, p.src)?.tcp(dport, sport, 0, 0).rst().ack(ack)
+    };
     let mut out = Vec::new();
     b.write(&mut out, &[]).ok()?;
     Some(out)
@@ -166,6 +177,26 @@ mod tests {
         let Some(TransportSlice::Tcp(t)) = s.transport else { panic!("not tcp") };
         assert!(t.rst() && t.ack());
         assert_eq!((t.source_port(), t.destination_port(), t.acknowledgment_number()), (5432, 40000, 1001));
+    }
+
+    /// A segment of a connection the agent does not know (it restarted): the
+    /// reset carries the segment's ACK number as its sequence number and no
+    /// ACK, so the peer's kernel takes it and the application sees a reset.
+    #[test]
+    fn a_reset_for_an_established_segment_uses_its_ack_number() {
+        let mut pkt = Vec::new();
+        PacketBuilder::ipv4([100, 127, 0, 1], [10, 0, 1, 5], 64)
+            .tcp(40000, 5432, 1000, 64240)
+            .ack(777_777)
+            .psh()
+            .write(&mut pkt, b"select 1;")
+            .expect("build");
+        let p = parse(&pkt).expect("parse");
+        let rst = tcp_reset(&p).expect("rst");
+        let s = SlicedPacket::from_ip(&rst).expect("slice");
+        let Some(TransportSlice::Tcp(t)) = s.transport else { panic!("not tcp") };
+        assert!(t.rst() && !t.ack());
+        assert_eq!((t.source_port(), t.destination_port(), t.sequence_number()), (5432, 40000, 777_777));
     }
 
     #[test]

@@ -248,3 +248,39 @@ fn instances_found_by_tag_carry_the_tunnel_and_take_over_from_each_other() {
     ok(get(), "curl through the second instance");
     lab.stop(&mut daemon, "lab");
 }
+
+/// The instance's ec2-agent killed under an open psql and restarted: the
+/// tunnel reconnects on its own, the psql connection (whose state died with
+/// the agent) is reset rather than left hanging, and new connections work.
+#[test]
+fn an_agent_restarted_under_psql_resets_its_connection_and_the_tunnel_comes_back() {
+    if !require_root("an_agent_restarted_under_psql_resets_its_connection_and_the_tunnel_comes_back") {
+        return;
+    }
+    let lab = Lab::up(&prefix("r"), 2, &[]);
+    let mut daemon = lab.start(&[]);
+    let mut psql = Psql::open(&lab);
+    psql.backend_pid(Duration::from_secs(10));
+
+    lab.kill_first_agent();
+    std::thread::sleep(Duration::from_secs(2));
+    lab.restart_first_agent();
+    let restarted = Instant::now();
+    let s = wait_status(&lab, Duration::from_secs(90), |s| s["state"] == "connected");
+    let lost = psql.lost_within(Duration::from_secs(90));
+    eprintln!("agent restarted; tunnel {s}; psql lost its connection after {lost:?}");
+    assert!(
+        lost.is_some(),
+        "the old psql connection hung instead of being reset:\n{}\n{}",
+        lab.log("daemon-lab.log"),
+        lab.log("agent.log")
+    );
+    let answer = ok(lab.laptop_out("psql", &["-h", "10.10.0.2", "-U", "postgres", "-tAc", "select 6 * 7"]), "psql");
+    assert_eq!(answer, "42");
+    lab.fetch_blob(60);
+    eprintln!(
+        "a new psql answered and 2 MiB came through {:.1} s after the restart",
+        restarted.elapsed().as_secs_f64()
+    );
+    lab.stop(&mut daemon, "lab");
+}

@@ -234,6 +234,32 @@ print(n / (time.monotonic() - t))\n";
     }
 
     /// `kill -9` the first instance's ec2-agent (after checking the pid is it).
+    /// Starts the instance's ec2-agent again, as lab.sh does (its pid replaces
+    /// the old one in agent.pid; `down` stops it with the namespace).
+    pub fn restart_first_agent(&self) {
+        let vpc = "vpc-0a1b2c3d4e5f60718 us-east-1";
+        let log =
+            std::fs::OpenOptions::new().append(true).create(true).open(self.dir().join("agent.log")).expect("log");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns("instance"),
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+            ])
+            .arg(bin_dir().join("ec2-agent"))
+            .args(["--listen", "127.0.0.1:7301", "--vpc", vpc])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start the ec2-agent again");
+        std::fs::write(self.dir().join("agent.pid"), child.id().to_string()).expect("agent.pid");
+    }
+
     pub fn kill_first_agent(&self) {
         let pid = self.log("agent.pid").trim().to_string();
         let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -342,6 +368,18 @@ impl Psql {
             }
         });
         Psql { _child: child, input, lines }
+    }
+
+    /// Asks again and waits for the connection to be lost (psql exits): how
+    /// long that took, or `None` if psql answered or was still waiting.
+    pub fn lost_within(&mut self, within: Duration) -> Option<Duration> {
+        use std::io::Write;
+        let started = Instant::now();
+        let _ = self.input.write_all(b"select pg_backend_pid();\n").and_then(|()| self.input.flush());
+        match self.lines.recv_timeout(within) {
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Some(started.elapsed()),
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+        }
     }
 
     /// The server process behind this connection: the same answer means the
