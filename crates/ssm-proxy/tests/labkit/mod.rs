@@ -258,6 +258,9 @@ print(n / (time.monotonic() - t))\n";
             .spawn()
             .expect("start the ec2-agent again");
         std::fs::write(self.dir().join("agent.pid"), child.id().to_string()).expect("agent.pid");
+        // Reaped when it ends (lab.sh down kills everything in the namespace).
+        let mut child = child;
+        std::thread::spawn(move || child.wait());
     }
 
     pub fn kill_first_agent(&self) {
