@@ -145,6 +145,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         started: std::time::Instant::now(),
         max_clients: args.max_clients,
         active: active.clone(),
+        sessions: Arc::new(AtomicUsize::new(0)),
         policy: Policy::new(&args.allow, &args.deny, args.only),
         mtu: args.mtu.max(forwarder::wire::MIN_MTU),
         udp_idle: Duration::from_secs(args.udp_idle.max(1)),

@@ -41,8 +41,10 @@ pub struct AgentConfig {
     pub listen: std::net::SocketAddr,
     pub started: Instant,
     pub max_clients: usize,
-    /// Connections being served (sessions, parked ones included).
+    /// Client connections past their HELLO (what `--max-clients` bounds).
     pub active: Arc<std::sync::atomic::AtomicUsize>,
+    /// Client sessions running (a striped client's members make one).
+    pub sessions: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl AgentConfig {
@@ -63,7 +65,7 @@ impl AgentConfig {
             "software": format!("ec2-agent {}", env!("CARGO_PKG_VERSION")),
             "uptime_secs": self.started.elapsed().as_secs(),
             "listen": self.listen.to_string(),
-            "sessions": self.active.load(Ordering::Relaxed),
+            "sessions": self.sessions.load(Ordering::Relaxed),
             "resumable_sessions": lock(registry).len(),
             "max_clients": self.max_clients,
             "grace_secs": self.grace.as_secs(),
@@ -251,7 +253,9 @@ pub async fn serve(
     if resumable {
         lock(&registry).insert(id, tx.clone());
     }
+    let running = crate::admit::Slot::exempt(&config.sessions);
     run_session(attach, rx, config).await;
+    drop(running);
     // Unless a newer session of the same client took the entry meanwhile.
     let mut r = lock(&registry);
     if r.get(&id).is_some_and(|t| t.same_channel(&tx)) {
