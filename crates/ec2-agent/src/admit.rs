@@ -10,7 +10,7 @@
 //! peer's and whose remote address is ours, asked of the kernel (see
 //! [`peer_uid`]). Not found (another OS, a race): treated as not root.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,9 +77,11 @@ pub fn peer_uid(_peer: SocketAddr, _local: SocketAddr) -> Option<u32> {
     None
 }
 
+#[cfg(target_os = "linux")]
 /// `SOCK_DIAG_BY_FAMILY`: the netlink message type of an inet_diag request.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 
+#[cfg(target_os = "linux")]
 /// A netlink `inet_diag_req_v2` for the one TCP socket whose local end is
 /// `peer` and remote end `local` (in any state). Layout (linux/inet_diag.h):
 /// nlmsghdr (len, type, flags, seq, pid), then family, protocol, ext, pad,
@@ -101,8 +103,8 @@ fn diag_request(peer: SocketAddr, local: SocketAddr) -> Vec<u8> {
     for a in [peer.ip(), local.ip()] {
         let mut addr = [0u8; 16];
         match a {
-            IpAddr::V4(v4) => addr[..4].copy_from_slice(&v4.octets()),
-            IpAddr::V6(v6) => addr = v6.octets(),
+            std::net::IpAddr::V4(v4) => addr[..4].copy_from_slice(&v4.octets()),
+            std::net::IpAddr::V6(v6) => addr = v6.octets(),
         }
         m.extend_from_slice(&addr);
     }
@@ -111,6 +113,7 @@ fn diag_request(peer: SocketAddr, local: SocketAddr) -> Vec<u8> {
     m
 }
 
+#[cfg(target_os = "linux")]
 /// The uid in the kernel's answer: an `inet_diag_msg` after the 16-byte
 /// nlmsghdr (family, state, timer, retrans, the 48-byte id, expires, rqueue,
 /// wqueue, uid), or `None` for an error (no such socket) or a short reply.
@@ -127,6 +130,7 @@ fn diag_uid(reply: &[u8]) -> Option<u32> {
 mod tests {
     use super::*;
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn an_error_or_a_short_reply_names_no_one() {
         const NLMSG_ERROR: u16 = 2; // the kernel's answer when no socket matches
@@ -139,6 +143,7 @@ mod tests {
         assert_eq!(diag_uid(&[]), None);
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn the_request_names_the_peers_socket() {
         let m = diag_request("127.0.0.1:36646".parse().expect("addr"), "127.0.0.1:7301".parse().expect("addr"));

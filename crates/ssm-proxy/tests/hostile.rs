@@ -3,7 +3,8 @@
 //! slow-loris of more connections than the agent lets wait for a HELLO, and
 //! floods it with connects, while the tunnel starts and carries a download.
 //! The agent stays up, refuses each with a log line, and the tunnel (whose
-//! connections come from root, the SSM agent) is not locked out. Root only.
+//! connections come from root, the SSM agent) is not locked out. The same
+//! user then turns on the laptop daemon's control socket. Root only.
 
 mod labkit;
 mod netns;
@@ -64,16 +65,67 @@ elif mode == "flood":
         except OSError:
             pass
     print(f"flood: {n} connects", flush=True)
+elif mode == "ctl-garbage":
+    # The daemon's control socket: n bad requests, each must get an error.
+    bad = [b"{{{\n", b'{"cmd":"reboot"}\n', b"\x00\xff" * 8 + b"\n", b"x" * 65536]
+    refused = 0
+    for req in bad[:n]:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(sys.argv[3])
+        try:
+            s.sendall(req)
+        except OSError:
+            pass
+        reply = b""
+        try:
+            while chunk := s.recv(65536):
+                reply += chunk
+        except OSError:
+            pass
+        refused += b'"error"' in reply
+        s.close()
+    print(f"ctl-garbage: {refused}/{n} refused with an error", flush=True)
+elif mode == "ctl-flood":
+    # n silent connections to the control socket, held for a few seconds.
+    socks, refused = [], 0
+    for i in range(n):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sys.argv[3])
+        socks.append(s)
+    time.sleep(1)
+    for s in socks:
+        s.setblocking(False)
+        try:
+            refused += s.recv(1) == b""
+        except BlockingIOError:
+            pass
+        except OSError:
+            refused += 1
+    print(f"ctl-flood: {n} opened, {refused} refused at once, {n - refused} held", flush=True)
+    time.sleep(int(sys.argv[4]))
 "#;
 
+/// A local user (nobody) on the instance, running the attacker script.
 fn attacker(lab: &Lab, args: &[&str]) -> Command {
+    attacker_in(lab, "instance", args)
+}
+
+/// The attacker script as nobody in namespace `ns`.
+fn attacker_in(lab: &Lab, ns: &str, args: &[&str]) -> Command {
     let script = lab.dir().join("attacker.py");
     std::fs::write(&script, ATTACKER).expect("script");
+    let mut c = nobody_in(lab, ns, "/usr/bin/python3");
+    c.arg(&script).args(args);
+    c
+}
+
+/// `program` as nobody in namespace `ns`, with the lab's environment.
+fn nobody_in(lab: &Lab, ns: &str, program: &str) -> Command {
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", &lab.ns("instance"), "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg("/usr/bin/python3")
-        .arg(&script)
-        .args(args)
+    c.args(["netns", "exec", &lab.ns(ns), "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(program)
+        .envs(lab.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null());
     c
 }
@@ -119,4 +171,45 @@ fn a_local_users_garbage_slow_loris_and_flood_do_not_lock_the_tunnel_out() {
     assert!(log.contains("the peer sent garbage"), "{log}");
     assert!(log.contains("others have not sent their HELLO yet"), "the slow-loris beyond 64 was refused: {log}");
     assert!(log.contains("no HELLO within 10s"), "{log}");
+}
+
+/// The daemon's control socket is open to every local user (status is for
+/// anyone): garbage, an over-long request and a flood of silent connections
+/// from one are refused with a log line, the owner's status still answers
+/// during the flood, the user cannot stop the tunnel, and it carries on.
+#[test]
+fn a_local_user_cannot_stop_or_jam_the_daemons_control_socket() {
+    if !require_root("a_local_user_cannot_stop_or_jam_the_daemons_control_socket") {
+        return;
+    }
+    let lab = Lab::up(&prefix("c"), 4, &[]);
+    let mut daemon = lab.start(&[]);
+    let sock = lab.run_dir().join("lab.sock");
+    let sock = sock.to_str().expect("path");
+
+    let flood = attacker_in(&lab, "laptop", &["ctl-flood", "200", sock, "4"]).stdout(Stdio::piped()).spawn();
+    std::thread::sleep(Duration::from_secs(2));
+    let during = ok(lab.ssm_proxy(&["status", "--name", "lab"]), "root's status during the flood");
+    let flood = text(&netns::wait_with_deadline(flood.expect("flood"), Duration::from_secs(30), || {}));
+    eprintln!("{flood}");
+    assert!(during.contains("lab"), "{during}");
+    assert!(flood.contains("200 opened, 168 refused at once, 32 held"), "{flood}");
+
+    let garbage = text(&attacker_in(&lab, "laptop", &["ctl-garbage", "4", sock]).output().expect("garbage"));
+    eprintln!("{garbage}");
+    assert!(garbage.contains("4/4 refused with an error"), "{garbage}");
+
+    let stop = nobody_in(&lab, "laptop", env!("CARGO_BIN_EXE_ssm-proxy")).args(["stop", "--name", "lab"]).output();
+    let stop = stop.expect("stop as nobody");
+    assert!(!stop.status.success(), "nobody stopped the tunnel: {}", text(&stop));
+    assert!(text(&stop).contains("only root or the user who started this tunnel"), "{}", text(&stop));
+    let status = nobody_in(&lab, "laptop", env!("CARGO_BIN_EXE_ssm-proxy")).args(["status", "--name", "lab"]).output();
+    assert!(status.expect("status as nobody").status.success(), "anyone may ask for the status");
+
+    lab.fetch_blob(60);
+    let log = lab.log("daemon-lab.log");
+    for line in ["others are in progress", "request longer than 4096 bytes", "bad request", "refused a stop"] {
+        assert!(log.contains(line), "no log line {line:?}:\n{log}");
+    }
+    lab.stop(&mut daemon, "lab");
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -153,8 +153,21 @@ pub fn socket_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))
 }
 
+/// The longest request line read; a longer one is refused unread.
+pub const MAX_REQUEST: u64 = 4096;
+/// Requests in progress at once from users other than root and the owner;
+/// beyond it a connection is closed at once. Each holds at most
+/// [`REQUEST_TIMEOUT`].
+pub const MAX_OTHERS: usize = 32;
+/// How long a peer has to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serve the control socket until dropped. `status` builds the answer; `stop` is
 /// called (once per accepted request) when an authorised peer asks to stop.
+///
+/// Anyone on the machine may connect, so everyone but root and the owner
+/// shares [`MAX_OTHERS`] places: a local user's flood or slow-loris cannot
+/// keep the owner from `status` or `stop`. Every refusal is logged.
 pub async fn serve(
     listener: UnixListener,
     owner_uid: u32,
@@ -163,21 +176,45 @@ pub async fn serve(
 ) {
     let status = std::sync::Arc::new(status);
     let stop = std::sync::Arc::new(stop);
+    let others = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_OTHERS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        let place = match uid {
+            Some(u) if u == 0 || u == owner_uid => None,
+            _ => match others.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    tracing::warn!(?uid, "control socket: refusing a connection: {MAX_OTHERS} others are in progress");
+                    continue;
+                }
+            },
+        };
         let (status, stop) = (status.clone(), stop.clone());
         tokio::spawn(async move {
-            let uid = stream.peer_cred().map(|c| c.uid()).ok();
+            let _place = place;
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
-            let read = tokio::time::timeout(Duration::from_secs(5), BufReader::new(r).read_line(&mut line)).await;
-            if !matches!(read, Ok(Ok(n)) if n > 0) {
-                return;
-            }
-            let reply = answer(&line, uid, owner_uid, &*status, &*stop);
+            let mut r = BufReader::new(r).take(MAX_REQUEST);
+            let reply = match tokio::time::timeout(REQUEST_TIMEOUT, r.read_line(&mut line)).await {
+                Ok(Ok(0)) => return, // connected and left: a probe
+                Ok(Ok(_)) if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST => {
+                    tracing::warn!(?uid, "control socket: a request longer than {MAX_REQUEST} bytes: refused");
+                    Reply::refused(format!("request longer than {MAX_REQUEST} bytes"))
+                }
+                Ok(Ok(_)) => answer(&line, uid, owner_uid, &*status, &*stop),
+                Ok(Err(e)) => {
+                    tracing::warn!(?uid, "control socket: unreadable request: {e}");
+                    Reply::refused(format!("bad request: {e}"))
+                }
+                Err(_) => {
+                    tracing::warn!(?uid, "control socket: no request within {REQUEST_TIMEOUT:?}: closed");
+                    return;
+                }
+            };
             if let Ok(mut text) = serde_json::to_string(&reply) {
                 text.push('\n');
                 let _ = w.write_all(text.as_bytes()).await;
@@ -186,11 +223,16 @@ pub async fn serve(
     }
 }
 
+impl Reply {
+    fn refused(error: String) -> Reply {
+        Reply { status: None, error: Some(error), stopping: false }
+    }
+}
+
 /// The answer to one request line from a peer with `peer_uid` (`None`: the
 /// kernel did not say): `status` for anyone, `stop` for root and the
 /// tunnel's owner only.
 fn answer(line: &str, peer_uid: Option<u32>, owner_uid: u32, status: &dyn Fn() -> Status, stop: &dyn Fn()) -> Reply {
-    let refuse = |error: String| Reply { status: None, error: Some(error), stopping: false };
     match serde_json::from_str::<Request>(line) {
         Ok(req) if req.cmd == "status" => Reply { status: Some(status()), error: None, stopping: false },
         Ok(req) if req.cmd == "stop" => match peer_uid {
@@ -198,10 +240,19 @@ fn answer(line: &str, peer_uid: Option<u32>, owner_uid: u32, status: &dyn Fn() -
                 stop();
                 Reply { status: None, error: None, stopping: true }
             }
-            _ => refuse("only root or the user who started this tunnel may stop it".into()),
+            _ => {
+                tracing::warn!(uid = ?peer_uid, "control socket: refused a stop: not root or the tunnel's owner");
+                Reply::refused("only root or the user who started this tunnel may stop it".into())
+            }
         },
-        Ok(req) => refuse(format!("unknown command {:?}", req.cmd)),
-        Err(e) => refuse(format!("bad request: {e}")),
+        Ok(req) => {
+            tracing::warn!(uid = ?peer_uid, "control socket: unknown command {:?}", req.cmd);
+            Reply::refused(format!("unknown command {:?}", req.cmd))
+        }
+        Err(e) => {
+            tracing::warn!(uid = ?peer_uid, "control socket: bad request: {e}");
+            Reply::refused(format!("bad request: {e}"))
+        }
     }
 }
 
@@ -449,5 +500,33 @@ mod tests {
         }
         assert!(ask(&path, "reboot").await.is_err());
         assert_eq!(tunnel_names(dir.path()), vec!["t".to_string()]);
+    }
+
+    /// A request line past the limit is refused without reading the rest,
+    /// and a silent connection does not hold up anyone's status.
+    #[tokio::test]
+    async fn a_long_or_silent_request_is_refused_and_status_still_answers() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_path(dir.path(), "t");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(serve(listener, 0, || Status { name: "t".into(), ..Status::default() }, || {}));
+        let _silent: Vec<UnixStream> = futures_util::future::join_all((0..8).map(|_| UnixStream::connect(&path)))
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut long = UnixStream::connect(&path).await.expect("connect");
+        // 64 KiB with no newline: the daemon reads 4 KiB of it, answers, closes.
+        let _ = long.write_all(&vec![b'x'; 64 * 1024]).await;
+        // Read up to the end or the reset the unread rest of the request earns.
+        let (mut reply, mut buf) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n @ 1..) = long.read(&mut buf).await {
+            reply.extend_from_slice(&buf[..n]);
+        }
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.contains("request longer than 4096 bytes"), "{reply:?}");
+        let s = status_of(dir.path(), "t").await.expect("status while others are silent");
+        assert_eq!(s.name, "t");
     }
 }
