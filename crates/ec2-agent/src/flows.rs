@@ -50,6 +50,17 @@ pub enum Refusal {
     Unreachable(Unreachable),
 }
 
+impl Refusal {
+    /// What tells the client, about its packet `raw` (parsed as `p`): a reset
+    /// or an ICMP destination unreachable; `None` when none can be built.
+    pub fn reply(self, raw: &[u8], p: &Parsed<'_>) -> Option<Vec<u8>> {
+        match self {
+            Refusal::Reset => crate::packet::tcp_reset(p),
+            Refusal::Unreachable(kind) => crate::packet::unreachable(raw, p, kind),
+        }
+    }
+}
+
 /// The flow table's settings, from the agent's configuration.
 #[derive(Debug, Clone)]
 pub struct Limits {

@@ -3,13 +3,7 @@
 //! TCP, UDP and ICMP flows in userspace and opens ordinary sockets to their
 //! destinations. No root, no ip_forward, no firewall changes.
 
-mod admit;
-mod flows;
-mod imds;
-mod packet;
-mod policy;
-mod session;
-mod stack;
+use ec2_agent::{admit, imds, session};
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -22,8 +16,8 @@ use clap::Parser;
 use ipnet::IpNet;
 use tracing::{error, info, warn};
 
-use crate::policy::Policy;
-use crate::session::AgentConfig;
+use ec2_agent::policy::Policy;
+use ec2_agent::session::AgentConfig;
 
 /// Default loopback port: what `ssm-proxy start --agent-port` assumes unless told.
 

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use forwarder::dns::pending::Pending;
 use forwarder::fq::FqConfig;
 use forwarder::link::{self, Lane, LinkEnd, LinkStats, Stream, TxQueue};
 use forwarder::stripe::{self, Resequencer};
@@ -23,6 +24,7 @@ use crate::flows::{Action, EchoKey, FlowTable, Limits, Refusal};
 use crate::packet::{self, Unreachable, L4};
 use crate::policy::Policy;
 use crate::stack::{flow_key, FlowKey, Stack};
+use crate::udp::{resolver_gone, UdpFlow, DNS_DEADLINE_MS};
 
 #[derive(Debug)]
 pub struct AgentConfig {
@@ -82,56 +84,6 @@ impl AgentConfig {
 /// Set once: the first refused ping socket is explained in the log, later ones not.
 static PING_DENIED_LOGGED: AtomicBool = AtomicBool::new(false);
 
-struct UdpFlow {
-    /// Datagrams for the destination, sent by the flow's task.
-    to_remote: mpsc::Sender<Bytes>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl UdpFlow {
-    /// The flow's task on a connected `socket`: sends what `to_remote` carries
-    /// (`what` names it in the log) and hands each receive to `on_recv` with
-    /// the flow's `last`; the flow ends when `on_recv` returns false.
-    /// `last` is the flow's last-activity clock in the [`FlowTable`].
-    fn start(
-        socket: UdpSocket,
-        capacity: usize,
-        last: Arc<AtomicU64>,
-        what: &'static str,
-        mut on_recv: impl FnMut(std::io::Result<&[u8]>, &AtomicU64) -> bool + Send + 'static,
-    ) -> UdpFlow {
-        let (to_remote, mut outgoing) = mpsc::channel::<Bytes>(capacity);
-        let l = last;
-        let task = tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            loop {
-                tokio::select! {
-                    out = outgoing.recv() => match out {
-                        Some(d) => {
-                            if let Err(e) = socket.send(&d).await {
-                                debug!(peer = ?socket.peer_addr().ok(), "{what} not sent: {e}");
-                            }
-                        }
-                        None => return,
-                    },
-                    r = socket.recv(&mut buf) => {
-                        if !on_recv(r.map(|n| &buf[..n]), &l) {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        UdpFlow { to_remote, task }
-    }
-}
-
-impl Drop for UdpFlow {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 struct Session {
     config: Arc<AgentConfig>,
     queue: Arc<TxQueue>,
@@ -148,7 +100,7 @@ struct Session {
 }
 
 /// What this agent announces in its HELLO.
-const AGENT_CAPS: u32 = caps::PING | caps::IPV6 | caps::ACK | caps::STRIPE;
+pub const AGENT_CAPS: u32 = caps::PING | caps::IPV6 | caps::ACK | caps::STRIPE;
 
 /// Most connections one striping client may have at once; a further one
 /// replaces the oldest (which its client has most likely given up on).
@@ -170,6 +122,12 @@ pub struct Attach {
     deframer: Deframer,
     hello: Hello,
     peer: String,
+}
+
+impl std::fmt::Debug for Attach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attach").field("peer", &self.peer).field("hello", &self.hello).finish_non_exhaustive()
+    }
 }
 
 /// Serve one client connection: answer its HELLO, then run its session, or hand
@@ -561,10 +519,7 @@ impl Session {
     }
 
     fn refuse(&self, raw: &[u8], p: &packet::Parsed<'_>, how: Refusal) {
-        self.reply(match how {
-            Refusal::Reset => packet::tcp_reset(p),
-            Refusal::Unreachable(kind) => packet::unreachable(raw, p, kind),
-        });
+        self.reply(how.reply(raw, p));
     }
 
     /// Does what the flow table says `raw` asks for.
@@ -627,6 +582,9 @@ impl Session {
             }
         }
         if let Some(flow) = self.udp.get(&key) {
+            if let Some(dns) = &flow.dns {
+                lock(dns).sent(payload, ms_since(self.epoch));
+            }
             if flow.to_remote.try_send(Bytes::copy_from_slice(payload)).is_err() {
                 debug!(dst = %key.1, "UDP flow backlogged; datagram dropped");
             }
@@ -695,6 +653,9 @@ impl Session {
     }
 
     /// A UDP flow for `key`, whose datagrams go to `target` (normally `key.1`).
+    /// A flow to the tunnel resolver remembers its queries: when the
+    /// instance's resolver is unreachable they are answered SERVFAIL (see
+    /// [`Pending`]), not left to time out in silence.
     fn open_udp(&self, key: FlowKey, target: SocketAddr, last: Arc<AtomicU64>) -> std::io::Result<UdpFlow> {
         let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }
             .map_err(|_| std::io::Error::other("bind address"))?;
@@ -703,11 +664,26 @@ impl Session {
         std_sock.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(std_sock)?;
         let (queue, epoch) = (self.queue.clone(), self.epoch);
-        Ok(UdpFlow::start(socket, 256, last, "UDP datagram", move |r, last| match r {
+        let dns = self.flows.is_tunnel_resolver(key.1).then(|| Arc::new(Mutex::new(Pending::default())));
+        let pending = dns.clone();
+        let mut flow = UdpFlow::start(socket, 256, last, "UDP datagram", move |r, last| match r {
             Ok(d) => {
                 last.store(ms_since(epoch), Ordering::Relaxed);
+                if let Some(p) = &pending {
+                    lock(p).answered(d);
+                }
                 if let Some(pkt) = packet::udp(key.1, key.0, d) {
                     queue.push(Bytes::from(pkt));
+                }
+                true
+            }
+            Err(e) if pending.is_some() && resolver_gone(&e) => {
+                let fails = pending.as_ref().map(|p| lock(p).fail_all()).unwrap_or_default();
+                warn!(resolver = %target, "the instance's resolver is unreachable ({e}): {} queries answered SERVFAIL", fails.len());
+                for reply in fails {
+                    if let Some(pkt) = packet::udp(key.1, key.0, &reply) {
+                        queue.push(Bytes::from(pkt));
+                    }
                 }
                 true
             }
@@ -724,7 +700,9 @@ impl Session {
                 true
             }
             Err(_) => false,
-        }))
+        });
+        flow.dns = dns;
+        Ok(flow)
     }
 
     /// The ping socket for one `ping` of the client: the kernel gives it its
@@ -770,7 +748,15 @@ impl Session {
     }
 
     fn expire_udp(&mut self) {
-        let (udp, echo) = self.flows.expire(ms_since(self.epoch));
+        let now = ms_since(self.epoch);
+        // Queries the instance's resolver left unanswered: SERVFAIL now.
+        for (key, flow) in &self.udp {
+            let Some(dns) = &flow.dns else { continue };
+            for reply in lock(dns).expire(now, DNS_DEADLINE_MS) {
+                self.reply(packet::udp(key.1, key.0, &reply));
+            }
+        }
+        let (udp, echo) = self.flows.expire(now);
         for k in &udp {
             self.udp.remove(k);
         }

@@ -119,6 +119,12 @@ pub struct Stack {
     pub opened: u64,
 }
 
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack").field("flows", &self.flows.len()).field("opened", &self.opened).finish_non_exhaustive()
+    }
+}
+
 fn now(epoch: std::time::Instant) -> smoltcp::time::Instant {
     smoltcp::time::Instant::from_micros(epoch.elapsed().as_micros() as i64)
 }

@@ -162,6 +162,7 @@ pub fn refusal(query: &[u8]) -> Option<Vec<u8>> {
     reply.build_bytes_vec().ok()
 }
 
+pub mod pending;
 pub mod tcp;
 
 #[cfg(test)]

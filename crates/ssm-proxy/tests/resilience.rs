@@ -284,3 +284,49 @@ fn an_agent_restarted_under_psql_resets_its_connection_and_the_tunnel_comes_back
     );
     lab.stop(&mut daemon, "lab");
 }
+
+/// The instance's resolver gone, two ways: its answers dropped (a blackhole:
+/// the agent answers SERVFAIL when its deadline passes) and its process
+/// killed (port unreachable: SERVFAIL at once). Never silence; a name that
+/// resolved before the fault did resolve.
+#[test]
+fn the_instances_resolver_gone_is_answered_servfail_not_silence() {
+    if !require_root("the_instances_resolver_gone_is_answered_servfail_not_silence") {
+        return;
+    }
+    let lab = Lab::up(&prefix("r"), 1, &[]);
+    let mut daemon = lab.start(&["--dns-domain", "corp.internal"]);
+    let server = tunnel_status(&lab)["dns_server"].as_str().expect("a DNS server in status").to_string();
+    let dig = |name: &str, secs: u32| {
+        let t = Instant::now();
+        let out = lab.laptop_out("dig", &[&format!("+time={secs}"), "+tries=1", &format!("@{server}"), name]);
+        (text(&out), t.elapsed())
+    };
+    let (before, _) = dig("db.corp.internal", 3);
+    assert!(before.contains("status: NOERROR") && before.contains("10.10.0.2"), "{before}");
+
+    // Blackholed: dnsmasq is up and gets the query, but its answer to the
+    // instance goes nowhere (a blackhole route for the instance's address).
+    let vpc = lab.ns("vpc");
+    let route = |op: &str| {
+        let args = ["netns", "exec", vpc.as_str(), "ip", "route", op, "blackhole", "10.10.0.1/32"];
+        ok(Command::new("ip").args(args).output().expect("ip route"), "ip route");
+    };
+    route("add");
+    let (blackholed, took) = dig("api.corp.internal", 15);
+    eprintln!("blackholed resolver: answered in {took:?}");
+    assert!(blackholed.contains("status: SERVFAIL"), "{blackholed}");
+    route("del");
+
+    // Killed: the port is closed and the instance's kernel says so.
+    let pid = lab.log("dnsmasq.pid").trim().to_string();
+    ok(Command::new("kill").arg(&pid).output().expect("kill"), "kill dnsmasq");
+    std::thread::sleep(Duration::from_millis(300));
+    let (killed, took) = dig("web.corp.internal", 5);
+    eprintln!("killed resolver: answered in {took:?}");
+    assert!(killed.contains("status: SERVFAIL"), "{killed}");
+
+    let log = lab.log("agent.log");
+    assert!(log.contains("the instance's resolver is unreachable"), "{log}");
+    lab.stop(&mut daemon, "lab");
+}
