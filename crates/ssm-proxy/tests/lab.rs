@@ -349,3 +349,37 @@ fn a_tunnel_named_in_the_config_file_starts_by_name() {
     assert_eq!(s["dns_domains"], serde_json::json!(["corp.internal"]));
     lab.stop(&mut daemon, "vpc");
 }
+
+/// The daemon SIGKILLed in the middle of a download, then simply started
+/// again (no `cleanup`): the new tunnel comes up, holds exactly one route per
+/// CIDR, carries the download in full, and `stop` leaves the routes as they
+/// were before the first start.
+#[test]
+fn kill_9_mid_transfer_then_start_again_leaves_no_duplicate_route() {
+    if !require_root("kill_9_mid_transfer_then_start_again_leaves_no_duplicate_route") {
+        return;
+    }
+    let lab = Lab::up(&prefix("m"), 8, &[]);
+    let before = main_routes(&lab);
+    let mut first = lab.start(&[]);
+    let curl = lab
+        .laptop("curl")
+        .args(["-sS", "--limit-rate", "2M", "-m", "20", "-o", "/dev/null", "http://10.10.0.2:8080/blob"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("curl");
+    let _curl = netns::KillOnDrop(curl);
+    std::thread::sleep(Duration::from_secs(1));
+    let moving = tunnel_status(&lab);
+    assert!(moving["received"]["bytes"].as_u64().unwrap_or(0) > 1 << 20, "mid-transfer: {moving}");
+    ok(Command::new("kill").args(["-9", &first.0.id().to_string()]).output().expect("kill"), "kill -9");
+    let _ = wait_exit(&mut first, Duration::from_secs(10));
+
+    let mut again = lab.start(&[]);
+    let routes = main_routes(&lab);
+    let ours: Vec<&str> = routes.lines().filter(|l| l.starts_with("10.10.0.0/16")).collect();
+    assert_eq!(ours.len(), 1, "one route for the CIDR:\n{routes}");
+    lab.fetch_blob(60);
+    lab.stop(&mut again, "lab");
+    assert_eq!(main_routes(&lab), before, "stop restored the table");
+}

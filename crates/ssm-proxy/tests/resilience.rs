@@ -330,3 +330,41 @@ fn the_instances_resolver_gone_is_answered_servfail_not_silence() {
     assert!(log.contains("the instance's resolver is unreachable"), "{log}");
     lab.stop(&mut daemon, "lab");
 }
+
+/// The emulator (the whole AWS side: service and SSM agent) killed and
+/// started again under an open psql: every session is gone and cannot be
+/// resumed, so the tunnel starts new ones by itself; the ec2-agent keeps the
+/// client's flows through its grace period, so the psql connection carries on.
+#[test]
+fn the_tunnel_comes_back_with_new_sessions_after_the_service_restarts() {
+    if !require_root("the_tunnel_comes_back_with_new_sessions_after_the_service_restarts") {
+        return;
+    }
+    let lab = Lab::up(&prefix("e"), 2, &[]);
+    let mut daemon = lab.start(&["--sessions", "2"]);
+    let mut psql = Psql::open(&lab);
+    let before = psql.backend_pid(Duration::from_secs(10));
+    let sessions = |s: &serde_json::Value| -> Vec<String> {
+        s["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["session_id"].as_str().map(String::from))
+            .collect()
+    };
+    let old = sessions(&tunnel_status(&lab));
+    assert_eq!(old.len(), 2, "{old:?}");
+
+    lab.restart_emulator();
+    let t = Instant::now();
+    let after = psql.backend_pid(Duration::from_secs(90));
+    eprintln!("psql answered {:?} after the emulator came back", t.elapsed());
+    assert_eq!(after, before, "the same backend, so the same connection");
+    let s = wait_status(&lab, Duration::from_secs(30), |s| s["state"] == "connected" && sessions(s).len() == 2);
+    let new = sessions(&s);
+    assert_eq!(new.len(), 2, "{s}");
+    assert!(new.iter().all(|id| !old.contains(id)), "new sessions, not resumed ones: {old:?} -> {new:?}");
+    lab.fetch_blob(60);
+    drop(psql);
+    lab.stop(&mut daemon, "lab");
+}

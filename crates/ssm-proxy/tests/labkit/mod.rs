@@ -263,6 +263,54 @@ print(n / (time.monotonic() - t))\n";
         std::thread::spawn(move || child.wait());
     }
 
+    /// Kill the emulator (the AWS side: every session and websocket with it)
+    /// and start it again with the same command line, as a service restart
+    /// would look to the laptop; returns once it listens again.
+    pub fn restart_emulator(&self) {
+        let pids = ok(Command::new("ip").args(["netns", "pids", &self.ns("aws")]).output().expect("ip"), "netns pids");
+        let (pid, cmdline) = pids
+            .lines()
+            .find_map(|p| {
+                let c = std::fs::read(format!("/proc/{p}/cmdline")).ok()?;
+                String::from_utf8_lossy(&c).contains("ssm-emulator").then(|| (p.to_string(), c))
+            })
+            .expect("the emulator's process");
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        ok(Command::new("kill").args(["-9", &pid]).output().expect("kill"), "kill the emulator");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log =
+            std::fs::OpenOptions::new().append(true).create(true).open(self.dir().join("emulator.log")).expect("log");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns("aws")])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start the emulator again");
+        // Reaped when it ends (lab.sh down kills everything in the namespace).
+        std::thread::spawn(move || child.wait());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let up = Command::new("ip")
+                .args(["netns", "exec", &self.ns("laptop"), "bash", "-c", "exec 3<>/dev/tcp/192.168.102.2/4566"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if up {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the emulator did not listen again:\n{}", self.log("emulator.log"));
+    }
+
     pub fn kill_first_agent(&self) {
         let pid = self.log("agent.pid").trim().to_string();
         let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
