@@ -16,7 +16,8 @@
 #
 # LAB (default "lab") prefixes namespace, interface and file names, so a test lab
 # and a demo lab can coexist. PROFILE (fast|stock) selects the emulator's pacing;
-# EMULATOR_ARGS adds emulator options (faults). The vpc serves a BLOB_MIB MiB file.
+# EMULATOR_ARGS adds emulator options (faults), AGENT_ARGS the first ec2-agent's
+# (limits). The vpc serves a BLOB_MIB MiB file.
 # IMPAIR="DELAY_MS LOSS" (say "20 0.005") makes the laptop<->aws link slow and
 # lossy both ways through netem-lite in the wan namespace (this kernel has no netem).
 # SECOND_INSTANCE=1 adds a second instance, $INSTANCE2, whose ec2-agent listens
@@ -168,8 +169,9 @@ up() {
   spawn aws "$DIR/emulator.log" "$bin/ssm-emulator" --listen 192.168.102.2:4566 \
     --instance "$INSTANCE=127.0.0.1" --netns "$INSTANCE=$(ns instance)" "${second[@]}" --profile "${PROFILE:-fast}" \
     --hosted-zone "$VPC=private.lab" ${EMULATOR_ARGS:-}
+  # shellcheck disable=SC2086
   spawn instance "$DIR/agent.log" setpriv --reuid=nobody --regid=nogroup --clear-groups \
-    "$bin/ec2-agent" --listen 127.0.0.1:7301 --vpc "$VPC us-east-1"
+    "$bin/ec2-agent" --listen 127.0.0.1:7301 --vpc "$VPC us-east-1" ${AGENT_ARGS:-}
   echo $! > "$DIR/agent.pid"
   if [ -n "${SECOND_INSTANCE:-}" ]; then
     spawn instance "$DIR/agent2.log" setpriv --reuid=nobody --regid=nogroup --clear-groups \

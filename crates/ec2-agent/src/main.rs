@@ -204,9 +204,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every TCP, UDP and ping flow holds a socket, and services start with a
+/// soft limit of 1,024 open files (systemd's default): raise it to the hard
+/// limit, and say so when even that is below what the flow limits allow.
+fn raise_open_files(args: &Args) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let want = hard.min(1 << 20);
+    let mut have = soft;
+    if soft < want {
+        match setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+            Ok(()) => {
+                info!("open files: {soft} -> {want}");
+                have = want;
+            }
+            Err(e) => warn!("open files stay at {soft} (cannot raise them to {want}: {e})"),
+        }
+    }
+    let need = (args.max_tcp_flows + args.max_udp_flows) as u64;
+    if have < need + 64 {
+        warn!("open files are limited to {have}: fewer than one client's --max-tcp-flows and --max-udp-flows ({need}); flows beyond get ICMP host unreachable");
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
+    raise_open_files(&args);
     // One thread: every packet crosses several tasks (device or socket, queue,
     // stream), and on a multi-threaded runtime each crossing could wake another
     // core. Measured in the lab (bench_tunnel.py, clean link): 290-305 -> 430-446
