@@ -3,7 +3,8 @@
 #
 #   laptop .100.2 ── .100.1 wan .102.1 ── .102.2 aws .101.1 ── .101.2 instance 10.10.0.1 ── 10.10.0.2 vpc
 #   (ssm-proxy)      (router; netem-lite)    (ssm-emulator :4566)  (ec2-agent :7301, nobody)   (postgres, http, dns)
-#   (addresses in 192.168.0.0/16; the laptop's default gateway is wan)
+#   (addresses in 192.168.0.0/16; the laptop's default gateway is wan; the instance
+#   and the vpc also share the IPv6 /64 fd10:10::/64, as fd10:10::1 and fd10:10::2)
 #
 # The emulator plays the AWS side and the instance's SSM agent: for the
 # instance it dials from the instance namespace (--netns), so the ec2-agent
@@ -134,21 +135,25 @@ up() {
   link aws "$LAB-a1" 192.168.101.1/24 instance "$LAB-i0" 192.168.101.2/24
   link instance "$LAB-i1" 10.10.0.1/24 vpc "$LAB-v0" 10.10.0.2/24
   in_ns vpc ip addr add 10.10.0.3/24 dev "$LAB-v0"   # a second host, for a second tunnel
+  # The VPC's IPv6 /64 (a ULA) beside its IPv4 one; the instance is on it too.
+  in_ns instance ip -6 addr add fd10:10::1/64 dev "$LAB-i1" nodad
+  in_ns vpc ip -6 addr add fd10:10::2/64 dev "$LAB-v0" nodad
   # Unprivileged ping sockets for the agent's user, as on Amazon Linux.
   in_ns instance sysctl -qw net.ipv4.ping_group_range="0 2147483647"
 
   # vpc: an HTTP server with a test file, a DNS server, PostgreSQL.
   head -c $(( ${BLOB_MIB:-50} << 20 )) /dev/urandom > "$DIR/www/blob"
   sha256sum "$DIR/www/blob" | cut -d' ' -f1 > "$DIR/blob.sha256"
-  spawn vpc "$DIR/http.log" python3 -m http.server 8080 --bind 0.0.0.0 --directory "$DIR/www"
+  spawn vpc "$DIR/http.log" python3 -m http.server 8080 --bind :: --directory "$DIR/www"
   in_ns vpc dnsmasq --no-resolv --no-hosts --bind-interfaces --listen-address=10.10.0.2 \
-    --address=/db.corp.internal/10.10.0.2 --address=/db.private.lab/10.10.0.2 --log-queries --pid-file="$DIR/dnsmasq.pid" --log-facility="$DIR/dnsmasq.log" </dev/null >/dev/null 2>&1
+    --address=/db.corp.internal/10.10.0.2 --address=/db.private.lab/10.10.0.2 \
+    --address=/db6.corp.internal/10.10.0.2 --address=/db6.corp.internal/fd10:10::2 --log-queries --pid-file="$DIR/dnsmasq.pid" --log-facility="$DIR/dnsmasq.log" </dev/null >/dev/null 2>&1
   local pgbin; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
   mkdir -p "$DIR/pg" && chown postgres "$DIR/pg"
   runuser -u postgres -- "$pgbin/initdb" -A trust -U postgres -D "$DIR/pg/data" >"$DIR/initdb.log" 2>&1
-  echo "host all all 0.0.0.0/0 trust" >> "$DIR/pg/data/pg_hba.conf"
+  printf 'host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n' >> "$DIR/pg/data/pg_hba.conf"
   in_ns vpc runuser -u postgres -- "$pgbin/pg_ctl" -s -D "$DIR/pg/data" -l "$DIR/pg/log" \
-    -o "-c listen_addresses=10.10.0.2 -c unix_socket_directories=$DIR/pg" start </dev/null >/dev/null 2>&1
+    -o "-c listen_addresses=10.10.0.2,fd10:10::2 -c unix_socket_directories=$DIR/pg" start </dev/null >/dev/null 2>&1
 
   if [ -n "${IMPAIR:-}" ]; then impair "$bin" $IMPAIR; fi
 

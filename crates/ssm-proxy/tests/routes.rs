@@ -53,14 +53,18 @@ async fn next_matching<T>(dev: &TunDevice, mut pick: impl FnMut(&[u8]) -> Option
 }
 
 /// A LAN on a veth pair: 192.168.77.1/24, default gateway .254, and a "corporate VPN"
-/// route 10.66.0.0/16 via .66.
+/// route 10.66.0.0/16 via .66; in IPv6 the same as fd77::1/64, fd77::fe and
+/// fd66::/48 via fd77::66.
 fn lan() {
     netns::run("ip", &["link", "add", "lan0", "type", "veth", "peer", "name", "lan1"]);
     netns::run("ip", &["addr", "add", "192.168.77.1/24", "dev", "lan0"]);
+    netns::run("ip", &["-6", "addr", "add", "fd77::1/64", "dev", "lan0", "nodad"]);
     netns::run("ip", &["link", "set", "lan0", "up"]);
     netns::run("ip", &["link", "set", "lan1", "up"]);
     netns::run("ip", &["route", "add", "default", "via", "192.168.77.254"]);
     netns::run("ip", &["route", "add", "10.66.0.0/16", "via", "192.168.77.66"]);
+    netns::run("ip", &["-6", "route", "add", "default", "via", "fd77::fe"]);
+    netns::run("ip", &["-6", "route", "add", "fd66::/48", "via", "fd77::66"]);
 }
 
 fn spawn_ping(args: &[&str]) -> std::thread::JoinHandle<std::process::Output> {
@@ -189,7 +193,18 @@ fn conflicts_pins_and_exact_restore() {
         assert!(found.iter().any(|c| matches!(c, Conflict::Connected { ifname, .. } if ifname == "lan0")), "{found:?}");
         assert!(find_conflicts(&[net("0.0.0.0/0")], &entries, &ifaces, None)
             .contains(&Conflict::DefaultRoute { cidr: net("0.0.0.0/0") }));
-        assert_eq!(find_conflicts(&[net("10.77.0.0/16"), net("fd77::/64")], &entries, &ifaces, None), vec![]);
+        assert_eq!(find_conflicts(&[net("10.77.0.0/16"), net("fd55::/64")], &entries, &ifaces, None), vec![]);
+        // The same in IPv6: a routed range, a connected one, the default route.
+        let found = find_conflicts(&[net("fd66::/32")], &entries, &ifaces, None);
+        assert!(
+            matches!(found.as_slice(), [Conflict::Routed { existing, ifname, .. }]
+                if existing.starts_with("fd66::/48 via fd77::66 dev lan0") && ifname == "lan0"),
+            "{found:?}"
+        );
+        let found = find_conflicts(&[net("fd77::/48")], &entries, &ifaces, None);
+        assert!(found.iter().any(|c| matches!(c, Conflict::Connected { ifname, .. } if ifname == "lan0")), "{found:?}");
+        assert!(find_conflicts(&[net("::/0")], &entries, &ifaces, None)
+            .contains(&Conflict::DefaultRoute { cidr: net("::/0") }));
 
         let dev = make_device("ssmp1");
         // The AWS endpoint 10.77.5.5 (a VPC endpoint address, say) must stay on the LAN.
@@ -205,11 +220,25 @@ fn conflicts_pins_and_exact_restore() {
             }]
         );
 
+        // And an IPv6 endpoint inside an IPv6 tunnel range.
+        let endpoint6: IpAddr = "fd55::5".parse().expect("addr");
+        let pins6 = endpoint_pins(&[endpoint6], &[net("fd55::/64")], &entries, Some(dev.index())).expect("pins");
+        assert_eq!(
+            pins6,
+            vec![Route { dest: net("fd55::5/128"), gateway: Some("fd77::fe".parse().expect("gw")), ifindex: lan0 }]
+        );
+
         let (journal, leftover) = Journal::open(run_dir.path(), "lab").expect("journal");
         assert!(leftover.is_none());
         let mut guard = RouteGuard::new(table, Some(journal));
         guard.add(pins[0].clone(), "lan0").expect("pin");
         guard.add(Route::via_interface(net("10.77.0.0/16"), dev.index()), dev.name()).expect("route");
+        guard.add(pins6[0].clone(), "lan0").expect("pin v6");
+        guard.add(Route::via_interface(net("fd55::/64"), dev.index()), dev.name()).expect("route v6");
+        assert!(netns::run("ip", &["-6", "route", "get", "fd55::5"]).contains("via fd77::fe dev lan0"));
+        assert!(netns::run("ip", &["-6", "route", "get", "fd55::6"]).contains("dev ssmp1"));
+        let dup6 = guard.add(Route::via_interface(net("fd55::/64"), dev.index()), dev.name());
+        assert!(dup6.is_err(), "duplicate IPv6 route accepted");
         assert!(netns::run("ip", &["route", "get", "10.77.5.5"]).contains("via 192.168.77.254 dev lan0"));
         assert!(netns::run("ip", &["route", "get", "10.77.5.6"]).contains("dev ssmp1"));
         assert!(netns::run("ip", &["route", "get", "10.66.1.1"]).contains("via 192.168.77.66"));
@@ -238,6 +267,10 @@ fn hold(run_dir: &str) -> ! {
         let mut guard = RouteGuard::new(table, Some(journal));
         guard.add(pins[0].clone(), "lan0").expect("pin");
         guard.add(Route::via_interface(net("10.77.0.0/16"), dev.index()), dev.name()).expect("route");
+        let pins6 =
+            endpoint_pins(&["fd55::5".parse().expect("addr")], &[net("fd55::/64")], &entries, None).expect("pins");
+        guard.add(pins6[0].clone(), "lan0").expect("pin v6");
+        guard.add(Route::via_interface(net("fd55::/64"), dev.index()), dev.name()).expect("route v6");
         println!("READY");
         tokio::time::sleep(Duration::from_secs(600)).await;
         drop(guard);
@@ -277,8 +310,10 @@ fn sigkill_then_cleanup_restores_table() {
     let after_kill = netns::run("ip", &["route", "show"]);
     assert!(!after_kill.contains("ssmp2"), "{after_kill}");
     assert!(after_kill.contains("10.77.5.5 via 192.168.77.254"), "{after_kill}");
+    let after_kill6 = netns::run("ip", &["-6", "route", "show"]);
+    assert!(!after_kill6.contains("ssmp2") && after_kill6.contains("fd55::5 via fd77::fe"), "{after_kill6}");
 
-    let cleanup = |expect: &str| {
+    let cleanup = |expected: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_ssm-proxy"))
             .arg("cleanup")
             .env("SSM_PROXY_RUN_DIR", dir)
@@ -286,12 +321,14 @@ fn sigkill_then_cleanup_restores_table() {
             .expect("run ssm-proxy cleanup");
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{text}");
-        assert!(text.contains(expect), "expected {expect:?} in:\n{text}");
+        for expect in expected {
+            assert!(text.contains(expect), "expected {expect:?} in:\n{text}");
+        }
     };
-    cleanup("removed route 10.77.5.5/32 via 192.168.77.254");
+    cleanup(&["removed route 10.77.5.5/32 via 192.168.77.254", "removed route fd55::5/128 via fd77::fe"]);
     assert_eq!(netns::route_snapshot(), before, "cleanup restored the table exactly");
     assert_eq!(std::fs::read_dir(run_dir.path()).expect("dir").count(), 0, "journal and lock removed");
-    cleanup("nothing to clean up");
+    cleanup(&["nothing to clean up"]);
 }
 
 /// Every change the watcher reports within `for_at_most` (stops at the first

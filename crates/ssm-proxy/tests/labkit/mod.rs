@@ -393,8 +393,13 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// A lab prefix unique to this process and this call (tests of one binary
+/// run at once, so two of them giving the same tag still get two labs):
+/// the tag, the pid and a letter; short enough for interface names.
 pub fn prefix(tag: &str) -> String {
-    format!("{tag}{}", std::process::id() % 100_000)
+    static CALLS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 26;
+    format!("{tag}{}{}", std::process::id() % 100_000, char::from(b'a' + n))
 }
 
 /// One psql session held open from the laptop, asked one query at a time.
