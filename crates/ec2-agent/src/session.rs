@@ -161,10 +161,13 @@ pub async fn serve(
         let _ = link::write_frame(&mut writer, &bye).await;
         return Err(LinkEnd::Wire(wire::WireError::BadHello("unsupported version or role")));
     }
+    // An all-zero id names no one in particular: such clients never share state.
+    let resumable = hello.client_id != [0; 16] && !config.grace.is_zero();
+    let known = resumable && lock(&registry).contains_key(&hello.client_id);
     let reply = Hello {
         version: wire::VERSION,
         role: Role::Agent,
-        caps: AGENT_CAPS,
+        caps: if known { AGENT_CAPS } else { AGENT_CAPS | caps::FRESH },
         mtu: config.mtu,
         client_id: hello.client_id,
         software: format!("ec2-agent {}", env!("CARGO_PKG_VERSION")),
@@ -195,8 +198,6 @@ pub async fn serve(
     let id = hello.client_id;
     let mut attach = Attach { reader, writer, deframer, hello, peer };
 
-    // An all-zero id names no one in particular: such clients never share state.
-    let resumable = id != [0; 16] && !config.grace.is_zero();
     if resumable {
         let parked = lock(&registry).get(&id).cloned();
         if let Some(tx) = parked {

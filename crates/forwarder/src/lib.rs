@@ -19,6 +19,7 @@ pub mod ip;
 pub mod link;
 pub mod reorder;
 pub mod stripe;
+pub mod tcpwatch;
 pub mod timer;
 pub mod window;
 pub mod wire;

@@ -64,6 +64,12 @@ pub mod caps {
     /// frames (numbered per flow bucket across all members) so that the
     /// receiver can put each flow back in order.
     pub const STRIPE: u32 = 1 << 4;
+    /// Agent only: the agent holds no flows of this client id (it started a
+    /// new session for it: the agent restarted, the client was away past the
+    /// grace period, or this is another instance). Whatever the client had
+    /// open through its previous session is gone; a client that had one
+    /// resets those connections itself ([`crate::tcpwatch`]).
+    pub const FRESH: u32 = 1 << 5;
 }
 
 /// Optional HELLO fields, as `type: u8, length: u8, value`.

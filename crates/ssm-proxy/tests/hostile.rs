@@ -1,7 +1,8 @@
 //! Hostile input at the ec2-agent's port. Anyone on the instance can connect
 //! to 127.0.0.1:7301; here a local user (nobody) sends garbage, holds a
-//! slow-loris of more connections than the agent lets wait for a HELLO, and
-//! floods it with connects, while the tunnel starts and carries a download.
+//! slow-loris of more connections than the agent lets wait for a HELLO,
+//! holds every client slot with valid HELLOs, and floods it with connects,
+//! while the tunnel starts and carries a download.
 //! The agent stays up, refuses each with a log line, and the tunnel (whose
 //! connections come from root, the SSM agent) is not locked out. The same
 //! user then turns on the laptop daemon's control socket. Root only.
@@ -10,6 +11,7 @@ mod labkit;
 mod netns;
 
 use labkit::*;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -65,6 +67,40 @@ elif mode == "flood":
         except OSError:
             pass
     print(f"flood: {n} connects", flush=True)
+elif mode == "hello":
+    # n clients that each say a valid HELLO (forwarder wire format: type 1,
+    # u16 length; "SSMP", version 1, role client, caps 0, MTU 1500, an id)
+    # and hold their session for the given seconds.
+    import struct
+    seconds = int(sys.argv[3])
+    socks, accepted, refused, other = [], 0, 0, []
+    for i in range(n):
+        body = b"SSMP" + struct.pack("!BBHIH", 1, 1, 0, 0, 1500) + os.urandom(16)
+        s = socket.create_connection(AGENT, timeout=10)
+        s.sendall(struct.pack("!BH", 1, len(body)) + body)
+        def frame():
+            # One frame: (type, body), or None when nothing comes in time.
+            try:
+                head = s.recv(3, socket.MSG_WAITALL)
+                kind, length = struct.unpack("!BH", head)
+                return kind, s.recv(length, socket.MSG_WAITALL) if length else b""
+            except (OSError, struct.error):
+                return None
+        # The agent's HELLO, then a GOODBYE at once if it refuses the client.
+        first = frame()
+        s.settimeout(0.3)
+        second = frame() if first and first[0] == 1 else None
+        if second and second[0] == 5 and second[1][:1] == b"\x04":
+            refused += 1
+            s.close()
+        elif first and first[0] == 1:
+            # Silence or the session's first frames (a PING): a client.
+            accepted += 1
+            socks.append(s)
+        else:
+            other.append((first[0] if first else None, second[0] if second else None))
+    print(f"hello: {n} clients, {accepted} accepted, {refused} refused with TooManyClients; other answers {other}", flush=True)
+    time.sleep(seconds)
 elif mode == "ctl-garbage":
     # The daemon's control socket: n bad requests, each must get an error.
     bad = [b"{{{\n", b'{"cmd":"reboot"}\n', b"\x00\xff" * 8 + b"\n", b"x" * 65536]
@@ -147,6 +183,16 @@ fn a_local_users_garbage_slow_loris_and_flood_do_not_lock_the_tunnel_out() {
     eprintln!("{garbage}");
     assert!(garbage.contains("garbage: 20/20 connections closed"), "{garbage}");
 
+    // 40 clients with valid HELLOs hold every client slot (16) for the rest
+    // of the test; the tunnel, from root, must still get in. Their summary
+    // line comes once all 40 have their answer.
+    let mut hellos = attacker(&lab, &["hello", "40", "30"]).stdout(Stdio::piped()).spawn().expect("hello flood");
+    let mut summary = String::new();
+    let _ = BufReader::new(hellos.stdout.take().expect("stdout")).read_line(&mut summary);
+    let _hellos = netns::KillOnDrop(hellos);
+    eprintln!("{summary}");
+    assert!(summary.contains("40 clients, 16 accepted, 24 refused with TooManyClients;"), "{summary}");
+
     // 100 slow connections, more than the 64 the agent lets wait, for 25 s.
     // It ends on its own after 25 s, pass or fail.
     let loris = attacker(&lab, &["loris", "100", "25"]).stdout(Stdio::piped()).spawn().expect("loris");
@@ -171,6 +217,7 @@ fn a_local_users_garbage_slow_loris_and_flood_do_not_lock_the_tunnel_out() {
     assert!(log.contains("the peer sent garbage"), "{log}");
     assert!(log.contains("others have not sent their HELLO yet"), "the slow-loris beyond 64 was refused: {log}");
     assert!(log.contains("no HELLO within 10s"), "{log}");
+    assert!(log.contains("refusing a client"), "the clients beyond --max-clients were refused: {log}");
 }
 
 /// The daemon's control socket is open to every local user (status is for

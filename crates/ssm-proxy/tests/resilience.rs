@@ -249,9 +249,11 @@ fn instances_found_by_tag_carry_the_tunnel_and_take_over_from_each_other() {
     lab.stop(&mut daemon, "lab");
 }
 
-/// The instance's ec2-agent killed under an open psql and restarted: the
-/// tunnel reconnects on its own, the psql connection (whose state died with
-/// the agent) is reset rather than left hanging, and new connections work.
+/// The instance's ec2-agent killed under an open psql and a running download,
+/// and restarted: the tunnel reconnects on its own; the download, silent on
+/// the laptop's side, is reset by the daemon as soon as the new agent says it
+/// holds none of the tunnel's flows (caps::FRESH); the psql connection is
+/// reset when it next speaks; new connections work.
 #[test]
 fn an_agent_restarted_under_psql_resets_its_connection_and_the_tunnel_comes_back() {
     if !require_root("an_agent_restarted_under_psql_resets_its_connection_and_the_tunnel_comes_back") {
@@ -261,14 +263,36 @@ fn an_agent_restarted_under_psql_resets_its_connection_and_the_tunnel_comes_back
     let mut daemon = lab.start(&[]);
     let mut psql = Psql::open(&lab);
     psql.backend_pid(Duration::from_secs(10));
+    // 2 MiB at 256 KiB/s: still running when the agent dies; without a reset
+    // it would wait out its 120 s.
+    let curl = lab
+        .laptop("curl")
+        .args(["-sS", "--limit-rate", "256K", "-m", "120", "-o", "/dev/null", "http://10.10.0.2:8080/blob"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("curl");
+    let mut curl = netns::KillOnDrop(curl);
+    std::thread::sleep(Duration::from_secs(2));
 
     lab.kill_first_agent();
     std::thread::sleep(Duration::from_secs(2));
     lab.restart_first_agent();
     let restarted = Instant::now();
     let s = wait_status(&lab, Duration::from_secs(90), |s| s["state"] == "connected");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ended = loop {
+        match curl.0.try_wait().expect("curl") {
+            Some(status) => break Some(status),
+            None if Instant::now() > deadline => break None,
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let download_ended = restarted.elapsed();
     let lost = psql.lost_within(Duration::from_secs(90));
-    eprintln!("agent restarted; tunnel {s}; psql lost its connection after {lost:?}");
+    eprintln!("agent restarted; tunnel {s}; the download ended {download_ended:?} after the restart ({ended:?}); psql lost its connection after {lost:?}");
+    assert!(ended.is_some_and(|e| !e.success()), "the download hung or finished after its source died: {ended:?}");
+    let resets = wait_status(&lab, Duration::from_secs(5), |s| s["flows_reset"].as_u64().unwrap_or(0) >= 1);
+    assert!(resets["flows_reset"].as_u64().unwrap_or(0) >= 1, "{resets}");
     assert!(
         lost.is_some(),
         "the old psql connection hung instead of being reset:\n{}\n{}",

@@ -79,6 +79,9 @@ pub struct Status {
     pub dropped_codel: u64,
     pub dropped_overflow: u64,
     pub dropped_device: u64,
+    /// TCP connections reset on the laptop because the agent no longer had them.
+    #[serde(default)]
+    pub flows_reset: u64,
     pub queue_delay_ms: f64,
     pub queue_delay_max_ms: f64,
     /// Split DNS: the domains resolved through the tunnel, its resolver address,
@@ -367,7 +370,7 @@ pub fn render(s: &Status) -> String {
          routes     {cidrs} via {iface} ({addrs})\n  \
          sent       {sp} packets, {sb}\n  \
          received   {rp} packets, {rb}\n  \
-         rtt        {rtt} (channel srtt {srtt:.1} ms), {rec} reconnects\n  \
+         rtt        {rtt} (channel srtt {srtt:.1} ms), {rec} reconnects{resets}\n  \
          messages   {msent} sent to the agent, {mdist} distinct, {retx} resent ({ratio:.2}%)\n  \
          queue      delay {qd:.1} ms (max {qm:.1} ms), dropped {dc} (CoDel) + {dov} (overflow) + {dd} (device)\n  \
          sessions   {sessions}\n  \
@@ -395,6 +398,10 @@ pub fn render(s: &Status) -> String {
         mdist = s.messages_distinct,
         ratio = 100.0 * s.resend_ratio,
         rec = s.reconnects,
+        resets = match s.flows_reset {
+            0 => String::new(),
+            n => format!(", {n} connections reset (the agent had lost them)"),
+        },
         qd = s.queue_delay_ms,
         qm = s.queue_delay_max_ms,
         dc = s.dropped_codel,

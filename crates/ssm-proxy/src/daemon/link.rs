@@ -4,7 +4,7 @@
 //! are put back in order and written into the device.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use forwarder::dns::{SplitDns, Verdict};
 use forwarder::fq::FqConfig;
 use forwarder::link::{self, Inlet, Lane, LinkEnd, LinkStats, Outlet, TxQueue};
 use forwarder::stripe::{self, Resequencer};
+use forwarder::tcpwatch::FlowWatch;
 use forwarder::wire::{self, caps, Deframer, Frame, Hello, Reason, Role};
 
 #[derive(Clone, Debug)]
@@ -71,6 +72,13 @@ pub struct ClientHandle {
     pub reseq: Arc<Resequencer>,
     /// Packets from the agent dropped because the device could not take them.
     pub device_drops: AtomicU64,
+    /// The TCP connections the laptop has open through the tunnel, to reset
+    /// when the agent that carried them is gone.
+    watch: Mutex<FlowWatch>,
+    /// A link has been up before (so an agent without our flows lost them).
+    linked: AtomicBool,
+    /// Connections reset because the agent no longer had them.
+    pub flows_reset: AtomicU64,
     to_device: mpsc::Sender<Bytes>,
     from_links: Mutex<Option<mpsc::Receiver<Bytes>>>,
 }
@@ -84,6 +92,9 @@ impl ClientHandle {
             members: (0..sessions.max(1)).map(|_| Arc::new(LinkStats::default())).collect(),
             reseq: Arc::new(Resequencer::default()),
             device_drops: AtomicU64::new(0),
+            watch: Mutex::new(FlowWatch::default()),
+            linked: AtomicBool::new(false),
+            flows_reset: AtomicU64::new(0),
             to_device,
             from_links: Mutex::new(Some(from_links)),
         })
@@ -98,6 +109,30 @@ impl ClientHandle {
                 h.device_drops.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// A link's agent answered `agent_caps`: if it holds none of this
+    /// client's flows ([`caps::FRESH`]) after an earlier link was up, every
+    /// TCP connection the laptop had through the tunnel is dead at the far
+    /// end; reset each on the laptop so its application fails now rather
+    /// than wait (a download would wait for good). Returns how many.
+    pub async fn on_agent_hello(&self, agent_caps: u32) -> usize {
+        let before = self.linked.swap(true, Ordering::AcqRel);
+        if !before || agent_caps & caps::FRESH == 0 {
+            return 0;
+        }
+        let resets = self.watch.lock().map(|mut w| w.resets()).unwrap_or_default();
+        let n = resets.len();
+        for r in resets {
+            if self.to_device.send(Bytes::from(r)).await.is_err() {
+                break;
+            }
+        }
+        if n > 0 {
+            self.flows_reset.fetch_add(n as u64, Ordering::Relaxed);
+            tracing::warn!("the ec2-agent holds none of this tunnel's connections (it restarted, the tunnel was away past its grace period, or this is another instance): {n} TCP connections reset");
+        }
+        n
     }
 
     /// Packets and bytes sent and received by all members.
@@ -116,6 +151,7 @@ pub fn serve_device<D: Device>(device: Arc<D>, config: &ClientConfig, handle: &A
     let dev = device.clone();
     let queue = handle.queue.clone();
     let dns = config.dns.clone();
+    let h = handle.clone();
     let tun_reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         loop {
@@ -129,7 +165,12 @@ pub fn serve_device<D: Device>(device: Arc<D>, config: &ClientConfig, handle: &A
                             }
                         }
                     }
-                    _ => queue.push(Bytes::copy_from_slice(&buf[..n])),
+                    _ => {
+                        if let Ok(mut w) = h.watch.lock() {
+                            w.observe(&buf[..n]);
+                        }
+                        queue.push(Bytes::copy_from_slice(&buf[..n]));
+                    }
                 },
                 Err(e) => {
                     tracing::error!("reading the tunnel device failed: {e}");
@@ -238,6 +279,7 @@ where
     R: Inlet,
     W: Outlet + 'static,
 {
+    handle.on_agent_hello(agent.caps).await;
     let epoch = Instant::now();
     let stats = handle.members[member.min(handle.members.len() - 1)].clone();
     let lane = Lane::new(config.caps, agent.caps);

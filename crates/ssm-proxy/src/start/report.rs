@@ -75,6 +75,7 @@ pub(super) fn status_fn(
             dropped_codel: q.dropped_codel,
             dropped_overflow: q.dropped_overflow,
             dropped_device: handle.device_drops.load(Ordering::Relaxed),
+            flows_reset: handle.flows_reset.load(Ordering::Relaxed),
             queue_delay_ms: q.last_delay.as_secs_f64() * 1000.0,
             queue_delay_max_ms: q.max_delay.as_secs_f64() * 1000.0,
             dns_domains: split_dns.iter().flat_map(|d| d.domains().iter().map(ToString::to_string)).collect(),
