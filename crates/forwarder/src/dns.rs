@@ -152,10 +152,16 @@ pub fn in_domains(domains: &[Domain], query: &[u8]) -> bool {
 
 /// A REFUSED answer to `query` (its id and questions echoed).
 pub fn refusal(query: &[u8]) -> Option<Vec<u8>> {
+    error_reply(query, RCODE::Refused, PacketFlag::RESPONSE)
+}
+
+/// An answer to `query` with no records: its id and questions echoed, `rcode`
+/// and `flags` set; `None` if the query does not parse.
+pub(crate) fn error_reply(query: &[u8], rcode: RCODE, flags: PacketFlag) -> Option<Vec<u8>> {
     let q = Packet::parse(query).ok()?;
     let mut reply = q.into_reply();
-    *reply.rcode_mut() = RCODE::Refused;
-    reply.set_flags(PacketFlag::RESPONSE);
+    *reply.rcode_mut() = rcode;
+    reply.set_flags(flags);
     reply.answers.clear();
     reply.name_servers.clear();
     reply.additional_records.clear();

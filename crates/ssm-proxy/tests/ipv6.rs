@@ -8,21 +8,8 @@ mod labkit;
 mod netns;
 
 use labkit::*;
-use std::process::Command;
 
 const V6_HOST: &str = "fd10:10::2";
-
-/// The vpc's test file over IPv6 through the tunnel, checked byte for byte.
-fn fetch_v6(lab: &Lab) {
-    let file = lab.dir().join("download6");
-    let out = lab.laptop_out(
-        "curl",
-        &["-6", "-gsS", "-m", "60", "-o", file.to_str().expect("path"), &format!("http://[{V6_HOST}]:8080/blob")],
-    );
-    ok(out, "curl -6");
-    let got = ok(Command::new("sha256sum").arg(&file).output().expect("sha256sum"), "sha256sum");
-    assert_eq!(got.split_whitespace().next(), Some(lab.log("blob.sha256").trim()), "download corrupted");
-}
 
 #[test]
 fn ipv6_reaches_the_vpc_beside_ipv4_and_alone() {
@@ -37,7 +24,7 @@ fn ipv6_reaches_the_vpc_beside_ipv4_and_alone() {
         &["--cidr", "10.10.0.0/16", "--cidr", "fd10:10::/64"],
         &["--dns-domain", "corp.internal"],
     );
-    fetch_v6(&lab);
+    lab.fetch_url(&format!("http://[{V6_HOST}]:8080/blob"), 60, "0");
     lab.fetch_blob(60);
     let ping = ok(lab.laptop_out("ping", &["-6", "-c", "3", "-i", "0.2", "-W", "5", V6_HOST]), "ping -6");
     assert!(ping.contains("3 received"), "{ping}");
@@ -62,7 +49,7 @@ fn ipv6_reaches_the_vpc_beside_ipv4_and_alone() {
     let ours: Vec<&str> = routes.lines().filter(|l| l.starts_with("fd10:10::/64")).collect();
     assert_eq!(ours.len(), 1, "one route for the /64:\n{routes}");
     assert!(!routes.contains("10.10.0.0/16"), "no IPv4 route asked for:\n{routes}");
-    fetch_v6(&lab);
+    lab.fetch_url(&format!("http://[{V6_HOST}]:8080/blob"), 60, "0");
     lab.stop(&mut daemon, "lab");
     assert_eq!(main_routes(&lab), before, "stop restored the table");
 }

@@ -362,13 +362,7 @@ fn kill_9_mid_transfer_then_start_again_leaves_no_duplicate_route() {
     let lab = Lab::up(&prefix("m"), 8, &[]);
     let before = main_routes(&lab);
     let mut first = lab.start(&[]);
-    let curl = lab
-        .laptop("curl")
-        .args(["-sS", "--limit-rate", "2M", "-m", "20", "-o", "/dev/null", "http://10.10.0.2:8080/blob"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("curl");
-    let _curl = netns::KillOnDrop(curl);
+    let _curl = lab.download_in_background("2M", 20);
     std::thread::sleep(Duration::from_secs(1));
     let moving = tunnel_status(&lab);
     assert!(moving["received"]["bytes"].as_u64().unwrap_or(0) > 1 << 20, "mid-transfer: {moving}");

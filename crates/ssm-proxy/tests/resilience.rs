@@ -265,13 +265,7 @@ fn an_agent_restarted_under_psql_resets_its_connection_and_the_tunnel_comes_back
     psql.backend_pid(Duration::from_secs(10));
     // 2 MiB at 256 KiB/s: still running when the agent dies; without a reset
     // it would wait out its 120 s.
-    let curl = lab
-        .laptop("curl")
-        .args(["-sS", "--limit-rate", "256K", "-m", "120", "-o", "/dev/null", "http://10.10.0.2:8080/blob"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("curl");
-    let mut curl = netns::KillOnDrop(curl);
+    let mut curl = lab.download_in_background("256K", 120);
     std::thread::sleep(Duration::from_secs(2));
 
     lab.kill_first_agent();

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use simple_dns::{Packet, PacketFlag, RCODE};
+use simple_dns::{PacketFlag, RCODE};
 
 /// Queries remembered per flow, at most; the oldest is forgotten beyond it
 /// (it then gets no SERVFAIL, as before this existed).
@@ -72,20 +72,13 @@ impl Pending {
 /// A SERVFAIL answer to `query` (its id and questions echoed, recursion
 /// available as a resolver's would say), or `None` if it does not parse.
 pub fn servfail(query: &[u8]) -> Option<Vec<u8>> {
-    let q = Packet::parse(query).ok()?;
-    let mut reply = q.into_reply();
-    *reply.rcode_mut() = RCODE::ServerFailure;
-    reply.set_flags(PacketFlag::RESPONSE | PacketFlag::RECURSION_AVAILABLE);
-    reply.answers.clear();
-    reply.name_servers.clear();
-    reply.additional_records.clear();
-    reply.build_bytes_vec().ok()
+    super::error_reply(query, RCODE::ServerFailure, PacketFlag::RESPONSE | PacketFlag::RECURSION_AVAILABLE)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use simple_dns::{Name, Question, CLASS, QCLASS, QTYPE, TYPE};
+    use simple_dns::{Name, Packet, Question, CLASS, QCLASS, QTYPE, TYPE};
 
     fn query(id: u16, name: &str) -> Vec<u8> {
         let mut p = Packet::new_query(id);

@@ -136,11 +136,17 @@ impl Lab {
 
     /// The same at most `rate` bytes per second (curl's --limit-rate; "0": no limit).
     pub fn fetch_blob_limited(&self, max_secs: u32, rate: &str) -> f64 {
+        self.fetch_url("http://10.10.0.2:8080/blob", max_secs, rate)
+    }
+
+    /// [`Lab::fetch_blob_limited`] from `url` (another address of the vpc's
+    /// server, an IPv6 literal in brackets included).
+    pub fn fetch_url(&self, url: &str, max_secs: u32, rate: &str) -> f64 {
         let file = self.dir().join("download");
         let out = self.laptop_out(
             "curl",
             &[
-                "-sS",
+                "-gsS",
                 "--limit-rate",
                 rate,
                 "-m",
@@ -149,13 +155,27 @@ impl Lab {
                 file.to_str().expect("path"),
                 "-w",
                 "%{speed_download}",
-                "http://10.10.0.2:8080/blob",
+                url,
             ],
         );
         let speed = ok(out, "curl");
         let got = ok(Command::new("sha256sum").arg(&file).output().expect("sha256sum"), "sha256sum");
         assert_eq!(got.split_whitespace().next(), Some(self.log("blob.sha256").trim()), "download corrupted");
         speed.parse().unwrap_or(0.0)
+    }
+
+    /// The vpc's test file downloading in the background at `rate`, for at
+    /// most `max_secs`, its bytes thrown away: a transfer to break. Killed
+    /// when dropped.
+    pub fn download_in_background(&self, rate: &str, max_secs: u32) -> netns::KillOnDrop {
+        let curl = self
+            .laptop("curl")
+            .args(["-sS", "--limit-rate", rate, "-m", &max_secs.to_string(), "-o", "/dev/null"])
+            .arg("http://10.10.0.2:8080/blob")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("curl");
+        netns::KillOnDrop(curl)
     }
 
     /// Send the vpc's test file from the laptop to a sink in the vpc through the
