@@ -13,6 +13,11 @@
 //! gain does.) Every 10 s without a new minimum
 //! the window drops to [`MIN_WINDOW`] for 200 ms so that a stale minimum (and the
 //! window built on it) cannot ratchet the standing queue upwards.
+//!
+//! A window can also be told to *drain* ([`Window::set_drain`]): it then allows
+//! only `rate * min_rtt`, the path's own bytes, so nothing waits in front of the
+//! next write. A striped link drains one member at a time and sends sparse
+//! flows through it (see `link.rs`).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -37,6 +42,12 @@ const RTT_WINDOW: Duration = Duration::from_secs(10);
 const PROBE_TIME: Duration = Duration::from_millis(200);
 /// Rate samples kept in the max filter (older ones go first when it is full).
 const RATE_SAMPLES: usize = 256;
+/// The shortest time a rate sample covers (unless the minimum RTT is longer).
+const SAMPLE_SPAN: Duration = Duration::from_millis(10);
+/// Acks kept for [`SAMPLE_SPAN`].
+const MAX_POINTS: usize = 1024;
+/// Smallest window while draining: one full-size packet and its framing.
+pub const MIN_DRAIN_WINDOW: usize = 1600;
 
 /// What was sent in one write: enough to turn its ack into an RTT and a rate sample.
 #[derive(Debug, Clone, Copy)]
@@ -62,6 +73,10 @@ pub struct Window {
     writes: VecDeque<Sent>,
     /// Bytes per second, decreasing from front to back; each with its time.
     rates: VecDeque<(Instant, f64)>,
+    /// Recent acks (time, bytes acknowledged, send time of the newest write
+    /// they acknowledged): the newest one at least `SAMPLE_SPAN` old is where
+    /// a rate sample may start.
+    points: VecDeque<(Instant, u64, Instant)>,
     min_rtt: Option<Duration>,
     min_rtt_at: Instant,
     probe_until: Option<Instant>,
@@ -69,6 +84,8 @@ pub struct Window {
     probe_min: Option<Duration>,
     /// Added to the computed window: acks arrive in batches of up to this much.
     slack: usize,
+    /// Allow only the path's own bytes (see [`Window::set_drain`]).
+    drain: bool,
     cwnd: usize,
 }
 
@@ -82,11 +99,13 @@ impl Window {
             acked_sent_at: now,
             writes: VecDeque::new(),
             rates: VecDeque::new(),
+            points: VecDeque::new(),
             min_rtt: None,
             min_rtt_at: now,
             probe_until: None,
             probe_min: None,
             slack,
+            drain: false,
             cwnd: INITIAL_WINDOW,
         }
     }
@@ -120,6 +139,22 @@ impl Window {
 
     pub fn probing(&self) -> bool {
         self.probe_until.is_some()
+    }
+
+    /// Drain (`true`): allow only `rate * min_rtt` in flight, no gain, no
+    /// allowance and no slack, so the queue in front of the path empties and a
+    /// packet sent now waits for nothing but the path. The rate estimate keeps
+    /// the samples of the undrained time (a 1 s maximum), so draining for a
+    /// part of each second does not lower it.
+    pub fn set_drain(&mut self, drain: bool) {
+        if self.drain != drain {
+            self.drain = drain;
+            self.cwnd = self.compute();
+        }
+    }
+
+    pub fn draining(&self) -> bool {
+        self.drain
     }
 
     /// Record a write of `bytes` (PACKET frames, headers included).
@@ -167,10 +202,32 @@ impl Window {
     fn sample(&mut self, w: Sent, now: Instant) {
         let rtt = now.saturating_duration_since(w.at);
         // As in BBR: the longer of the send and the ack intervals, so that acks
-        // arriving in a burst do not pass for a faster path.
-        let interval = now.saturating_duration_since(w.delivered_at).max(w.at.saturating_duration_since(w.first_at));
-        if !interval.is_zero() {
-            let rate = (self.acked - w.delivered) as f64 / interval.as_secs_f64();
+        // arriving in a burst do not pass for a faster path; and, unlike BBR,
+        // over at least SAMPLE_SPAN (or the minimum RTT), back to an earlier ack
+        // where the newest write is more recent: a path that delivers in
+        // quanta, or in bursts after an idle moment (the stock agent's 1024-byte
+        // messages on a 1 ms schedule) shows several times its rate over one
+        // or two quanta, and the maximum filter keeps such a sample for 1 s.
+        let span = SAMPLE_SPAN.max(self.min_rtt.unwrap_or_default());
+        // (ack time, bytes acknowledged, send time of the newest write acknowledged)
+        let mut from = (w.delivered_at, w.delivered, w.first_at);
+        while self.points.len() > 1 && self.points.get(1).is_some_and(|p| now.saturating_duration_since(p.0) >= span) {
+            self.points.pop_front();
+        }
+        if let Some(&p) = self.points.front() {
+            if p.0 < from.0 && now.saturating_duration_since(from.0) < span {
+                from = p;
+            }
+        }
+        self.points.push_back((now, self.acked, w.at));
+        if self.points.len() > MAX_POINTS {
+            self.points.pop_front();
+        }
+        let interval = now.saturating_duration_since(from.0).max(w.at.saturating_duration_since(from.2));
+        // Shorter (just after an idle time): no sample. As Linux does with an
+        // interval under the minimum RTT, for the same reason.
+        if interval >= span {
+            let rate = (self.acked - from.1) as f64 / interval.as_secs_f64();
             while self.rates.back().is_some_and(|r| r.1 <= rate) {
                 self.rates.pop_back();
             }
@@ -212,17 +269,23 @@ impl Window {
             }
             _ => {}
         }
-        self.cwnd = if self.probe_until.is_some() {
-            MIN_WINDOW
-        } else {
-            match (self.min_rtt, self.rates.front()) {
-                (Some(rtt), Some(&(_, rate))) => {
-                    let allowed = GAIN * rtt.as_secs_f64() + ALLOWANCE.as_secs_f64();
-                    ((rate * allowed) as usize + self.slack).clamp(MIN_WINDOW, MAX_WINDOW)
-                }
-                _ => self.cwnd,
+        self.cwnd = self.compute();
+    }
+
+    fn compute(&self) -> usize {
+        if self.probe_until.is_some() {
+            return MIN_WINDOW;
+        }
+        match (self.min_rtt, self.rates.front()) {
+            (Some(rtt), Some(&(_, rate))) if self.drain => {
+                ((rate * rtt.as_secs_f64()) as usize).clamp(MIN_DRAIN_WINDOW, MAX_WINDOW)
             }
-        };
+            (Some(rtt), Some(&(_, rate))) => {
+                let allowed = GAIN * rtt.as_secs_f64() + ALLOWANCE.as_secs_f64();
+                ((rate * allowed) as usize + self.slack).clamp(MIN_WINDOW, MAX_WINDOW)
+            }
+            _ => self.cwnd,
+        }
     }
 }
 

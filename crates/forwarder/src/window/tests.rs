@@ -6,6 +6,8 @@ use super::*;
 struct Path {
     rate: f64,
     one_way: Duration,
+    /// The sender's window drains ([`Window::set_drain`]).
+    drain: bool,
 }
 
 struct Run {
@@ -38,6 +40,7 @@ fn simulate(seconds: u64, mut path: impl FnMut(Duration) -> Path, windowed: bool
             assert!(w.on_ack(cum, t0 + now));
         }
         w.on_ack(w.acked, t0 + now);
+        w.set_drain(p.drain);
         while !windowed || w.available() > 0 {
             if fifo.len() > 100_000 {
                 break;
@@ -80,7 +83,7 @@ fn worst_delay_after(run: &Run, from: Duration) -> Duration {
 }
 
 fn fixed(rate: f64, rtt_ms: u64) -> impl FnMut(Duration) -> Path {
-    move |_| Path { rate, one_way: Duration::from_micros(rtt_ms * 500) }
+    move |_| Path { rate, one_way: Duration::from_micros(rtt_ms * 500), drain: false }
 }
 
 #[test]
@@ -133,7 +136,11 @@ fn the_window_follows_a_rate_drop() {
     // second, after which the queue is back to about one RTT.
     let run = simulate(
         6,
-        |t| Path { rate: if t < Duration::from_secs(2) { 10e6 } else { 1e6 }, one_way: Duration::from_millis(5) },
+        |t| Path {
+            rate: if t < Duration::from_secs(2) { 10e6 } else { 1e6 },
+            one_way: Duration::from_millis(5),
+            drain: false,
+        },
         true,
     );
     let worst = worst_delay_after(&run, Duration::from_secs(5));
@@ -148,7 +155,11 @@ fn a_longer_path_is_found_by_the_rtt_probe() {
     // 10 s re-measures it and the path is full again.
     let run = simulate(
         14,
-        |t| Path { rate: 5e6, one_way: Duration::from_millis(if t < Duration::from_secs(1) { 1 } else { 15 }) },
+        |t| Path {
+            rate: 5e6,
+            one_way: Duration::from_millis(if t < Duration::from_secs(1) { 1 } else { 15 }),
+            drain: false,
+        },
         true,
     );
     assert!(run.per_second[13] > 0.95 * 5e6, "{} B/s", run.per_second[13]);
@@ -222,4 +233,49 @@ fn acks_in_bursts_do_not_pass_for_a_faster_path() {
     }
     assert!(w.rate() < 1.25 * 10e6, "estimated {} B/s", w.rate());
     assert!(w.rate() > 0.8 * 10e6, "estimated {} B/s", w.rate());
+}
+
+#[test]
+fn a_draining_window_empties_the_queue_and_keeps_most_of_the_rate() {
+    // The stock agent's pace over a 10 ms RTT; the window drains from 3 s on.
+    let drain_from = Duration::from_secs(3);
+    let run = simulate(6, |t| Path { rate: 1e6, one_way: Duration::from_millis(5), drain: t >= drain_from }, true);
+    let full = worst_delay_after(&run, Duration::from_secs(2));
+    let drained = worst_delay_after(&run, drain_from + Duration::from_millis(100));
+    assert!(run.window.draining());
+    // A write's time in the FIFO includes its own service time (4 ms at this
+    // rate). The full window keeps a quarter RTT, 1 ms and a write queued
+    // ahead of it; drained, at most one write (the RTT samples include one
+    // write's service time, so `rate * min_rtt` is the path plus a write).
+    assert!(full >= Duration::from_millis(12), "full window: {full:?}");
+    assert!(drained <= Duration::from_millis(8) + Duration::from_micros(500), "drained: {drained:?} (full {full:?})");
+    for s in 4..6 {
+        assert!(run.per_second[s] > 0.7e6, "second {s}: {} B/s", run.per_second[s]);
+    }
+    let rate = run.window.rate();
+    assert!(rate > 0.9e6, "the rate estimate holds while draining: {rate}");
+}
+
+#[test]
+fn a_burst_after_an_idle_moment_does_not_pass_for_the_rate() {
+    // The stock SSM agent's 1 MB/s: 1 KiB each millisecond, acked 1 ms later.
+    let t0 = Instant::now();
+    let mut w = Window::new(t0, 2048);
+    let ms = |n: u64| Duration::from_millis(n);
+    for i in 0..1000 {
+        w.on_send(1024, t0 + ms(i));
+        assert!(w.on_ack(w.sent - 1024, t0 + ms(i)));
+    }
+    assert!(w.on_ack(w.sent, t0 + ms(1000)));
+    let steady = w.rate();
+    assert!((0.9e6..1.2e6).contains(&steady), "{steady} B/s");
+    // Idle for 3 ms, then a write of two packets: a path that delivers on a
+    // schedule catches up and passes all of it within 0.45 ms (6 MB/s).
+    let mut t = ms(1003);
+    for _ in 0..20 {
+        w.on_send(2818, t0 + t);
+        assert!(w.on_ack(w.sent, t0 + t + Duration::from_micros(450)));
+        t += ms(3);
+    }
+    assert!(w.rate() < 1.3 * steady, "estimated {} B/s after bursts, {steady} before", w.rate());
 }
