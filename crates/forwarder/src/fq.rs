@@ -57,6 +57,14 @@ enum List {
     Old,
 }
 
+/// Which lists a dequeue serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lists {
+    Both,
+    New,
+    Old,
+}
+
 #[derive(Debug, Default)]
 struct Codel {
     first_above: Option<Instant>,
@@ -207,21 +215,42 @@ impl FqCodel {
 
     /// The next packet to send at `now`, after CoDel's drops.
     pub fn dequeue(&mut self, now: Instant) -> Option<Bytes> {
-        self.next(now, true)
+        self.next(now, Lists::Both)
     }
 
     /// The next packet of a new (sparse) flow, if one waits: a ping, a DNS
     /// query, a keystroke. `None` when only old (backlogged) flows have packets.
     pub fn dequeue_sparse(&mut self, now: Instant) -> Option<Bytes> {
-        self.next(now, false)
+        self.next(now, Lists::New)
     }
 
-    /// Deficit round robin over the new flows, then (with `old_too`) the old ones.
-    fn next(&mut self, now: Instant, old_too: bool) -> Option<Bytes> {
+    /// The next packet of an old (backlogged) flow, leaving the new flows'
+    /// packets for another writer (the striped member that sends them sooner).
+    pub fn dequeue_bulk(&mut self, now: Instant) -> Option<Bytes> {
+        self.next(now, Lists::Old)
+    }
+
+    /// Whether a new (sparse) flow has packets waiting.
+    pub fn has_sparse(&self) -> bool {
+        self.new_flows.iter().any(|&i| !self.buckets[i].packets.is_empty())
+    }
+
+    /// Deficit round robin over the new flows, then the old ones (of `lists`).
+    fn next(&mut self, now: Instant, lists: Lists) -> Option<Bytes> {
         loop {
-            let (list, idx) = match (self.new_flows.front(), self.old_flows.front()) {
-                (Some(&i), _) => (List::New, i),
-                (None, Some(&i)) if old_too => (List::Old, i),
+            // A new flow that has used its quantum is an old one, whoever asks.
+            if let Some(&i) = self.new_flows.front() {
+                if self.buckets[i].deficit <= 0 {
+                    self.buckets[i].deficit += self.config.quantum as i64;
+                    self.pop_list(List::New);
+                    self.buckets[i].list = Some(List::Old);
+                    self.old_flows.push_back(i);
+                    continue;
+                }
+            }
+            let (list, idx) = match (self.new_flows.front(), self.old_flows.front(), lists) {
+                (Some(&i), _, Lists::Both | Lists::New) => (List::New, i),
+                (None, Some(&i), Lists::Both) | (_, Some(&i), Lists::Old) => (List::Old, i),
                 _ => return None,
             };
             if self.buckets[idx].deficit <= 0 {

@@ -153,6 +153,13 @@ pub struct Lane {
     received: AtomicU64,
     /// Queued bytes this lane's writer wants waiting for it (its rate times HOLD).
     hold: AtomicUsize,
+    /// What a packet this writer sent now would wait behind: its bytes in
+    /// flight; `u64::MAX` when its window has no room even for a sparse
+    /// packet. Of several lanes, the one with the least sends the sparse flows.
+    /// (Bytes, not bytes over the rate estimate: the members of a striped
+    /// link are alike, and the rate estimates of paced paths differ by more
+    /// than their true rates do.)
+    ahead: AtomicU64,
 }
 
 impl Lane {
@@ -168,6 +175,7 @@ impl Lane {
             peer_acked: AtomicU64::new(0),
             received: AtomicU64::new(0),
             hold: AtomicUsize::new(0),
+            ahead: AtomicU64::new(0),
         })
     }
 
@@ -215,6 +223,8 @@ pub struct TxQueue {
     /// A producer found no room and waits for [`TxQueue::room`].
     blocked: AtomicBool,
     space: Notify,
+    /// The start of the lanes' drain schedule ([`drain_turn`]).
+    epoch: Instant,
 }
 
 impl TxQueue {
@@ -225,6 +235,7 @@ impl TxQueue {
             holds: AtomicUsize::new(0),
             blocked: AtomicBool::new(false),
             space: Notify::new(),
+            epoch: Instant::now(),
         })
     }
 
@@ -273,6 +284,16 @@ impl TxQueue {
     /// Writers draining the queue.
     pub fn lanes(&self) -> usize {
         self.lock().lanes.len()
+    }
+
+    /// Whether it is `lane`'s turn to drain its window at `now` (of several
+    /// striped lanes; see [`drain_turn`]).
+    fn drains(&self, lane: &Arc<Lane>, now: Instant, overlap: Duration) -> bool {
+        let g = self.lock();
+        match g.lanes.iter().position(|l| Arc::ptr_eq(l, lane)) {
+            Some(i) if g.lanes.len() > 1 => drain_turn(i, g.lanes.len(), now - self.epoch, overlap),
+            _ => false,
+        }
     }
 
     fn wake_lanes(inner: &Inner) {
@@ -356,24 +377,28 @@ pub async fn write_loop(
                     "the peer acknowledged more than was sent",
                 ));
             }
+            if lane.striped {
+                let overlap = drain_overlap(acking.window.min_rtt());
+                acking.window.set_drain(queue.drains(&lane, now, overlap));
+            }
             let write = write_size(acking.window.rate(), batch);
             acking.window.set_slack(write);
+            acking.publish_ahead(&lane);
             acking.window.available().min(write)
         } else {
             batch
         };
         // With the window full, a sparse flow's packet (a ping, a DNS query, a
         // keystroke) need not wait for the bulk's acks.
-        type Take = fn(&mut FqCodel, Instant) -> Option<Bytes>;
-        let take: Option<(usize, Take)> = if room > 0 {
-            Some((room, FqCodel::dequeue))
+        let take = if room > 0 {
+            Some((room, Take::Any))
         } else if acks && acking.window.in_flight() < (acking.window.cwnd() + SPARSE_EXTRA) as u64 {
-            Some((SPARSE_EXTRA, FqCodel::dequeue_sparse))
+            Some((SPARSE_EXTRA, Take::Sparse))
         } else {
             None
         };
         let packet_bytes = match take {
-            Some((limit, next)) => take_packets(&queue, &lane, limit, next, now, &stats, &mut out),
+            Some((limit, what)) => take_packets(&queue, &lane, limit, what, now, &stats, &mut out),
             None => 0,
         };
         if packet_bytes > 0 && queue.blocked.swap(false, Ordering::AcqRel) {
@@ -383,6 +408,10 @@ pub async fn write_loop(
             acking.after_send(&queue, &lane, &stats, packet_bytes, now, &mut out);
         }
         if !out.is_empty() {
+            if acks {
+                // Until the write is taken, this lane takes no sparse packets.
+                lane.ahead.store(u64::MAX, Ordering::Relaxed);
+            }
             writer.put(out.split().freeze()).await?;
             continue;
         }
@@ -414,19 +443,39 @@ pub async fn write_loop(
     }
 }
 
-/// Frames up to `limit` bytes of packets that `next` takes from `queue` into
-/// `out` (SEQ frames, numbered per flow bucket, when `lane` stripes); their bytes.
+/// What a writer may take from the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Take {
+    /// Sparse flows first, then the bulk (deficit round robin).
+    Any,
+    /// Only sparse flows' packets (the window is full).
+    Sparse,
+}
+
+/// Frames up to `limit` bytes of packets taken from `queue` into `out` (SEQ
+/// frames, numbered per flow bucket, when `lane` stripes); their bytes. Of
+/// several striped lanes, only the one with the least ahead takes sparse
+/// flows' packets while there is bulk for the others to take.
 fn take_packets(
     queue: &TxQueue,
     lane: &Lane,
     limit: usize,
-    next: fn(&mut FqCodel, Instant) -> Option<Bytes>,
+    what: Take,
     now: Instant,
     stats: &LinkStats,
     out: &mut BytesMut,
 ) -> usize {
     let mut packet_bytes = 0;
     let mut g = queue.lock();
+    let sparse_here = !lane.striped || g.lanes.len() < 2 || sends_sparse(&g.lanes, lane);
+    let next: fn(&mut FqCodel, Instant) -> Option<Bytes> = match (what, sparse_here) {
+        (Take::Any, true) => FqCodel::dequeue,
+        // The bulk, or, when there is none, whatever waits: a lane never idles
+        // while packets do (a bulk flow whose queue ran dry comes back as new).
+        (Take::Any, false) => |fq, now| fq.dequeue_bulk(now).or_else(|| fq.dequeue(now)),
+        (Take::Sparse, true) => FqCodel::dequeue_sparse,
+        (Take::Sparse, false) => return 0,
+    };
     while packet_bytes < limit {
         let Some(p) = next(&mut g.fq, now) else { break };
         stats.sent.add(p.len());
@@ -448,6 +497,37 @@ fn take_packets(
     packet_bytes
 }
 
+/// Whether `lane` is the one of `lanes` to send sparse flows' packets: the
+/// one whose next packet would wait behind the least (ties: the first).
+fn sends_sparse(lanes: &[Arc<Lane>], lane: &Lane) -> bool {
+    let best = lanes.iter().min_by_key(|l| l.ahead.load(Ordering::Relaxed));
+    best.is_some_and(|b| std::ptr::eq(Arc::as_ptr(b), lane))
+}
+
+/// How long each of several striped lanes drains its window in turn.
+const DRAIN_SLOT: Duration = Duration::from_millis(100);
+
+/// Whether lane `index` of `count` drains at `since` the schedule's start:
+/// each drains for one [`DRAIN_SLOT`] in turn, and starts `overlap` before
+/// its turn, so that its queue has emptied when the lane before it stops.
+/// Some lane (at most two) is always draining, and the sparse flows go
+/// through it, past the bulk's queues (SPECIFICATION.md §6.5).
+fn drain_turn(index: usize, count: usize, since: Duration, overlap: Duration) -> bool {
+    if count < 2 {
+        return false;
+    }
+    let slot = DRAIN_SLOT.as_micros();
+    let (turn, into) = ((since.as_micros() / slot) as usize % count, since.as_micros() % slot);
+    index == turn || (index == (turn + 1) % count && into + overlap.as_micros() >= slot)
+}
+
+/// How long before its turn a lane starts to drain: long enough for the
+/// queue its full window built (a quarter RTT, 1 ms and a write) to empty;
+/// at most half a slot.
+fn drain_overlap(min_rtt: Option<Duration>) -> Duration {
+    (min_rtt.unwrap_or_default() / 2 + Duration::from_millis(5)).min(DRAIN_SLOT / 2)
+}
+
 /// The writer's half of acknowledgements: the send window, and when to
 /// acknowledge what the reader has read.
 struct Acking {
@@ -460,6 +540,13 @@ struct Acking {
 }
 
 impl Acking {
+    /// Publishes how much a packet sent now would wait behind ([`Lane::ahead`]).
+    fn publish_ahead(&self, lane: &Lane) {
+        let w = &self.window;
+        let ahead = if w.in_flight() >= (w.cwnd() + SPARSE_EXTRA) as u64 { u64::MAX } else { w.in_flight() };
+        lane.ahead.store(ahead, Ordering::Relaxed);
+    }
+
     /// After `packet_bytes` went into `out`: account them to the window,
     /// publish the window's figures, and add an ACK to `out` if one is due.
     fn after_send(
@@ -471,8 +558,9 @@ impl Acking {
         now: Instant,
         out: &mut BytesMut,
     ) {
+        self.window.on_send(packet_bytes, now);
+        self.publish_ahead(lane);
         let window = &mut self.window;
-        window.on_send(packet_bytes, now);
         // Let producers that can wait keep about HOLD of sending queued.
         let hold = (window.rate() * HOLD.as_secs_f64()) as usize;
         queue.set_hold(lane, hold.clamp(MIN_HOLD, MAX_HOLD));

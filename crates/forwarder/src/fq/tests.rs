@@ -207,3 +207,15 @@ fn ipv6_and_odd_packets_are_queued_too() {
     assert!(q.dequeue(t0).is_some() && q.dequeue(t0).is_some() && q.dequeue(t0).is_none());
     assert!(q.is_empty());
 }
+
+#[test]
+fn dequeue_bulk_leaves_new_flows_for_another_writer() {
+    let (t0, mut q) = old_bulk_flow(10, 2);
+    q.enqueue(t0, pkt(2000, 84));
+    assert!(q.has_sparse());
+    let bulk: Vec<u16> = (0..3).map(|_| port_of(&q.dequeue_bulk(t0).expect("bulk"))).collect();
+    assert_eq!(bulk, [1000, 1000, 1000], "the ping is left where it was");
+    assert!(q.has_sparse());
+    assert_eq!(port_of(&q.dequeue(t0).expect("the ping")), 2000);
+    assert!(!q.has_sparse());
+}

@@ -121,3 +121,88 @@ async fn striped_lanes_share_one_numbered_queue() {
     assert_eq!(queue.lanes(), 1);
     assert!(!Lane::new(caps::ACK, both).striped(), "striping needs both sides");
 }
+
+#[test]
+fn one_lane_at_a_time_drains_and_the_next_starts_early() {
+    let ms = Duration::from_millis;
+    let overlap = ms(10);
+    for count in [2usize, 3, 4, 8] {
+        for t in (0..2000).step_by(3) {
+            let draining: Vec<usize> = (0..count).filter(|&i| drain_turn(i, count, ms(t), overlap)).collect();
+            let into = t % 100;
+            let turn = (t / 100) as usize % count;
+            if into >= 90 {
+                assert_eq!(
+                    draining,
+                    {
+                        let mut v = vec![turn, (turn + 1) % count];
+                        v.sort_unstable();
+                        v
+                    },
+                    "t={t} count={count}"
+                );
+            } else {
+                assert_eq!(draining, [turn], "t={t} count={count}");
+            }
+        }
+    }
+    assert!(!drain_turn(0, 1, ms(50), overlap), "a lone lane never drains");
+    assert_eq!(drain_overlap(None), ms(5));
+    assert_eq!(drain_overlap(Some(ms(40))), ms(25));
+    assert_eq!(drain_overlap(Some(ms(400))), DRAIN_SLOT / 2);
+}
+
+#[test]
+fn the_lane_that_delivers_soonest_sends_the_sparse_flows() {
+    let both = caps::ACK | caps::STRIPE;
+    let lanes: Vec<Arc<Lane>> = (0..3).map(|_| Lane::new(both, both)).collect();
+    for (l, ahead) in lanes.iter().zip([7_000, 2_000, u64::MAX]) {
+        l.ahead.store(ahead, Ordering::Relaxed);
+    }
+    let chosen: Vec<bool> = lanes.iter().map(|l| sends_sparse(&lanes, l)).collect();
+    assert_eq!(chosen, [false, true, false]);
+    lanes[0].ahead.store(2_000, Ordering::Relaxed);
+    let chosen: Vec<bool> = lanes.iter().map(|l| sends_sparse(&lanes, l)).collect();
+    assert_eq!(chosen, [true, false, false], "a tie goes to the first");
+}
+
+/// Of two striped lanes, the one with less ahead takes a ping; the other
+/// takes the bulk around it, and the ping only when no bulk waits.
+#[test]
+fn a_ping_takes_the_lane_with_less_ahead_of_it() {
+    let both = caps::ACK | caps::STRIPE;
+    let queue = TxQueue::new(FqConfig::default());
+    let lanes: Vec<Arc<Lane>> = (0..2).map(|_| Lane::new(both, both)).collect();
+    for l in &lanes {
+        queue.attach(l);
+    }
+    let stats = LinkStats::default();
+    let now = Instant::now();
+    let take = |lane: &Lane, limit: usize, what: Take| {
+        let mut out = BytesMut::new();
+        take_packets(&queue, lane, limit, what, now, &stats, &mut out);
+        let mut deframer = Deframer::new();
+        deframer.push(&out);
+        let mut ports = Vec::new();
+        while let Some(Frame::Seq { packet, .. }) = deframer.next_frame().expect("frames") {
+            ports.push(port_of(&packet));
+        }
+        ports
+    };
+    // A bulk flow with a backlog (past its first quantum), then a ping.
+    for _ in 0..10 {
+        queue.push(pkt(1000, 1400));
+    }
+    assert_eq!(take(&lanes[0], 1, Take::Any), [1000]);
+    assert_eq!(take(&lanes[1], 1, Take::Any), [1000]);
+    queue.push(pkt(2000, 84));
+    lanes[0].ahead.store(8_000, Ordering::Relaxed);
+    lanes[1].ahead.store(2_000, Ordering::Relaxed);
+    assert_eq!(take(&lanes[0], 4000, Take::Any), [1000, 1000, 1000], "the other lane leaves the ping");
+    assert_eq!(take(&lanes[0], 4000, Take::Sparse), Vec::<u16>::new());
+    assert_eq!(take(&lanes[1], 1, Take::Sparse), [2000], "the lane with less ahead sends it");
+    // No bulk left: any lane takes what waits.
+    while !take(&lanes[1], 100_000, Take::Any).is_empty() {}
+    queue.push(pkt(2001, 84));
+    assert_eq!(take(&lanes[0], 4000, Take::Any), [2001]);
+}
