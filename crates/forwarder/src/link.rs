@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::fq::{FqCodel, FqConfig, QueueStats};
 use crate::timer::LazyTimer;
-use crate::window::Window;
+use crate::window::{Window, ACK_DELAY, ACK_EVERY};
 use crate::wire::{self, caps, Deframer, Frame, Reason, WireError};
 
 /// Where an end's writer puts its frames.
@@ -209,6 +209,8 @@ struct Inner {
     lanes: Vec<Arc<Lane>>,
     /// The number of the next packet of each flow bucket a striped lane takes.
     next_seq: Vec<u32>,
+    /// Turns taken by the lanes that tie for the sparse flows (see [`sends_sparse`]).
+    sparse_turn: usize,
 }
 
 /// Packets waiting to enter the stream (or, striped, any of the streams).
@@ -230,7 +232,12 @@ pub struct TxQueue {
 impl TxQueue {
     pub fn new(config: FqConfig) -> Arc<Self> {
         Arc::new(TxQueue {
-            inner: Mutex::new(Inner { fq: FqCodel::new(config), lanes: Vec::new(), next_seq: Vec::new() }),
+            inner: Mutex::new(Inner {
+                fq: FqCodel::new(config),
+                lanes: Vec::new(),
+                next_seq: Vec::new(),
+                sparse_turn: 0,
+            }),
             limit: AtomicUsize::new(usize::MAX),
             holds: AtomicUsize::new(0),
             blocked: AtomicBool::new(false),
@@ -467,7 +474,10 @@ fn take_packets(
 ) -> usize {
     let mut packet_bytes = 0;
     let mut g = queue.lock();
-    let sparse_here = !lane.striped || g.lanes.len() < 2 || sends_sparse(&g.lanes, lane);
+    let sparse_here = !lane.striped || g.lanes.len() < 2 || sends_sparse(&g.lanes, g.sparse_turn, lane);
+    if sparse_here && g.lanes.len() > 1 && g.fq.has_sparse() {
+        g.sparse_turn = g.sparse_turn.wrapping_add(1);
+    }
     let next: fn(&mut FqCodel, Instant) -> Option<Bytes> = match (what, sparse_here) {
         (Take::Any, true) => FqCodel::dequeue,
         // The bulk, or, when there is none, whatever waits: a lane never idles
@@ -498,11 +508,19 @@ fn take_packets(
 }
 
 /// Whether `lane` is the one of `lanes` to send sparse flows' packets: the
-/// one whose next packet would wait behind the least (ties: the first).
-fn sends_sparse(lanes: &[Arc<Lane>], lane: &Lane) -> bool {
-    let best = lanes.iter().min_by_key(|l| l.ahead.load(Ordering::Relaxed));
-    best.is_some_and(|b| std::ptr::eq(Arc::as_ptr(b), lane))
+/// one whose next packet would wait behind the least, counted in whole
+/// packets ([`AHEAD_UNIT`]); lanes that tie take turns (`turn`), so that
+/// when none is loaded (the laptop's side of a download: the TCP ACKs of the
+/// laptop are a sparse flow) each carries some packets for the peer's link
+/// acknowledgements to ride on.
+fn sends_sparse(lanes: &[Arc<Lane>], turn: usize, lane: &Lane) -> bool {
+    let n = lanes.len();
+    let best = (0..n).min_by_key(|&i| (lanes[i].ahead.load(Ordering::Relaxed) / AHEAD_UNIT, (i + n - turn % n) % n));
+    best.is_some_and(|i| std::ptr::eq(Arc::as_ptr(&lanes[i]), lane))
 }
+
+/// Bytes in flight that count as one packet ahead.
+const AHEAD_UNIT: u64 = 1500;
 
 /// How long each of several striped lanes drains its window in turn.
 const DRAIN_SLOT: Duration = Duration::from_millis(100);
@@ -580,7 +598,7 @@ impl Acking {
             );
         }
         let unacked = lane.received.load(Ordering::Acquire) - self.ack_sent;
-        if unacked > 0 && (!out.is_empty() || unacked >= ACK_EVERY || self.ack_due.is_some_and(|d| now >= d)) {
+        if unacked > 0 && (!out.is_empty() || unacked >= ACK_EVERY as u64 || self.ack_due.is_some_and(|d| now >= d)) {
             self.ack_sent += unacked;
             wire::encode(&Frame::Ack(self.ack_sent), out);
             self.ack_due = None;
@@ -613,11 +631,6 @@ const MAX_HOLD: usize = 1 << 20;
 
 /// Bytes beyond a full window that sparse flows may send.
 const SPARSE_EXTRA: usize = 4096;
-
-/// Unacknowledged bytes that make an ACK go out at once.
-const ACK_EVERY: u64 = 4096;
-/// How long a bare ACK may wait for data to carry it.
-const ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// How a link ended.
 #[derive(Debug, thiserror::Error)]

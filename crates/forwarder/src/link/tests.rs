@@ -153,17 +153,24 @@ fn one_lane_at_a_time_drains_and_the_next_starts_early() {
 }
 
 #[test]
-fn the_lane_that_delivers_soonest_sends_the_sparse_flows() {
+fn the_lane_with_the_least_ahead_sends_the_sparse_flows() {
     let both = caps::ACK | caps::STRIPE;
     let lanes: Vec<Arc<Lane>> = (0..3).map(|_| Lane::new(both, both)).collect();
+    let chosen = |turn: usize| -> Vec<bool> { lanes.iter().map(|l| sends_sparse(&lanes, turn, l)).collect() };
     for (l, ahead) in lanes.iter().zip([7_000, 2_000, u64::MAX]) {
         l.ahead.store(ahead, Ordering::Relaxed);
     }
-    let chosen: Vec<bool> = lanes.iter().map(|l| sends_sparse(&lanes, l)).collect();
-    assert_eq!(chosen, [false, true, false]);
-    lanes[0].ahead.store(2_000, Ordering::Relaxed);
-    let chosen: Vec<bool> = lanes.iter().map(|l| sends_sparse(&lanes, l)).collect();
-    assert_eq!(chosen, [true, false, false], "a tie goes to the first");
+    assert_eq!(chosen(0), [false, true, false]);
+    assert_eq!(chosen(1), [false, true, false], "turns only break ties");
+    // Within a packet of each other, the lanes tie and take turns.
+    lanes[0].ahead.store(2_500, Ordering::Relaxed);
+    lanes[2].ahead.store(1_000, Ordering::Relaxed);
+    assert_eq!(chosen(0), [false, false, true], "1,000 bytes is less than a packet");
+    lanes[2].ahead.store(2_900, Ordering::Relaxed);
+    assert_eq!(chosen(0), [true, false, false]);
+    assert_eq!(chosen(1), [false, true, false]);
+    assert_eq!(chosen(2), [false, false, true]);
+    assert_eq!(chosen(3), [true, false, false]);
 }
 
 /// Of two striped lanes, the one with less ahead takes a ping; the other
