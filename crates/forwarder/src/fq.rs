@@ -239,14 +239,9 @@ impl FqCodel {
     fn next(&mut self, now: Instant, lists: Lists) -> Option<Bytes> {
         loop {
             // A new flow that has used its quantum is an old one, whoever asks.
-            if let Some(&i) = self.new_flows.front() {
-                if self.buckets[i].deficit <= 0 {
-                    self.buckets[i].deficit += self.config.quantum as i64;
-                    self.pop_list(List::New);
-                    self.buckets[i].list = Some(List::Old);
-                    self.old_flows.push_back(i);
-                    continue;
-                }
+            if let Some(&i) = self.new_flows.front().filter(|&&i| self.buckets[i].deficit <= 0) {
+                self.spent(List::New, i);
+                continue;
             }
             let (list, idx) = match (self.new_flows.front(), self.old_flows.front(), lists) {
                 (Some(&i), _, Lists::Both | Lists::New) => (List::New, i),
@@ -254,10 +249,7 @@ impl FqCodel {
                 _ => return None,
             };
             if self.buckets[idx].deficit <= 0 {
-                self.buckets[idx].deficit += self.config.quantum as i64;
-                self.pop_list(list);
-                self.buckets[idx].list = Some(List::Old);
-                self.old_flows.push_back(idx);
+                self.spent(list, idx);
                 continue;
             }
             match self.codel_dequeue(idx, now) {
@@ -280,6 +272,15 @@ impl FqCodel {
                 }
             }
         }
+    }
+
+    /// Bucket `idx`, at the front of `list`, has used its quantum: it gets
+    /// another and goes to the back of the old list.
+    fn spent(&mut self, list: List, idx: usize) {
+        self.buckets[idx].deficit += self.config.quantum as i64;
+        self.pop_list(list);
+        self.buckets[idx].list = Some(List::Old);
+        self.old_flows.push_back(idx);
     }
 
     fn pop_list(&mut self, list: List) {

@@ -576,9 +576,8 @@ impl Acking {
         now: Instant,
         out: &mut BytesMut,
     ) {
-        self.window.on_send(packet_bytes, now);
-        self.publish_ahead(lane);
         let window = &mut self.window;
+        window.on_send(packet_bytes, now);
         // Let producers that can wait keep about HOLD of sending queued.
         let hold = (window.rate() * HOLD.as_secs_f64()) as usize;
         queue.set_hold(lane, hold.clamp(MIN_HOLD, MAX_HOLD));

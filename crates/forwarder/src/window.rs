@@ -15,8 +15,8 @@
 //! window built on it) cannot ratchet the standing queue upwards.
 //!
 //! A window can also be told to *drain* ([`Window::set_drain`]): it then allows
-//! only `rate * min_rtt`, the path's own bytes, so nothing waits in front of the
-//! next write. A striped link drains one member at a time and sends sparse
+//! only `rate * min_rtt` and the peer's ack lag, the path's own bytes, so
+//! nothing waits in front of the next write. A striped link drains one member at a time and sends sparse
 //! flows through it (see `link.rs`).
 
 use std::collections::VecDeque;
@@ -153,8 +153,8 @@ impl Window {
         self.probe_until.is_some()
     }
 
-    /// Drain (`true`): allow only `rate * min_rtt` in flight, no gain, no
-    /// allowance and no slack, so the queue in front of the path empties and a
+    /// Drain (`true`): allow only `rate * min_rtt` and the ack lag in flight, no
+    /// gain, no allowance and no slack, so the queue in front of the path empties and a
     /// packet sent now waits for nothing but the path. The rate estimate keeps
     /// the samples of the undrained time (a 1 s maximum), so draining for a
     /// part of each second does not lower it.
