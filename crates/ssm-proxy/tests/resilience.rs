@@ -273,14 +273,7 @@ fn an_agent_restarted_under_psql_resets_its_connection_and_the_tunnel_comes_back
     lab.restart_first_agent();
     let restarted = Instant::now();
     let s = wait_status(&lab, Duration::from_secs(90), |s| s["state"] == "connected");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let ended = loop {
-        match curl.0.try_wait().expect("curl") {
-            Some(status) => break Some(status),
-            None if Instant::now() > deadline => break None,
-            None => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
+    let ended = exit_within(&mut curl, Duration::from_secs(30));
     let download_ended = restarted.elapsed();
     let lost = psql.lost_within(Duration::from_secs(90));
     eprintln!("agent restarted; tunnel {s}; the download ended {download_ended:?} after the restart ({ended:?}); psql lost its connection after {lost:?}");
