@@ -21,6 +21,7 @@
 # (limits). The vpc serves a BLOB_MIB MiB file.
 # IMPAIR="DELAY_MS LOSS" (say "20 0.005") makes the laptop<->aws link slow and
 # lossy both ways through netem-lite in the wan namespace (this kernel has no netem).
+# LAB_TCP_CC (default cubic) is every namespace's TCP congestion control.
 # SECOND_INSTANCE=1 adds a second instance, $INSTANCE2, whose ec2-agent listens
 # at 192.168.101.3:7301 in the same namespace (pid in $DIR/agent2.pid); the
 # emulator takes that address for its localhost.
@@ -117,6 +118,24 @@ EOF
   in_ns laptop ip route del default
 }
 
+# Every namespace's TCP uses LAB_TCP_CC (default cubic, the default of Linux
+# and of macOS) whatever this host's default is. A new namespace takes the
+# host's, and a host set to BBR (as some VMs are) makes the lab's websockets
+# drop to 4 segments a round trip for 200 ms every 10 s (BBR's PROBE_RTT): at
+# 40 ms RTT that holds a paced SSM stream for 200-280 ms. A namespace may only
+# pick an algorithm on the host's allowed list, so one missing there is added
+# to it (adding permits a choice and changes no socket's algorithm).
+tcp_cc() {
+  local cc=${LAB_TCP_CC:-cubic} allowed=/proc/sys/net/ipv4/tcp_allowed_congestion_control
+  if ! grep -qw "$cc" "$allowed"; then
+    sysctl -qw net.ipv4.tcp_allowed_congestion_control="$(cat "$allowed") $cc" || {
+      echo "lab: TCP congestion control $cc is not available here; keeping $(sysctl -n net.ipv4.tcp_congestion_control)" >&2
+      return 0
+    }
+  fi
+  for n in laptop wan aws instance vpc; do in_ns $n sysctl -qw net.ipv4.tcp_congestion_control="$cc"; done
+}
+
 up() {
   local bin=$1
   down
@@ -127,6 +146,7 @@ up() {
     ip netns add "$(ns $n)"
     in_ns $n ip link set lo up
   done
+  tcp_cc
   link laptop "$LAB-l0" 192.168.100.2/24 wan "$LAB-w0" 192.168.100.1/24
   link wan "$LAB-w1" 192.168.102.1/24 aws "$LAB-a0" 192.168.102.2/24
   in_ns laptop ip route add default via 192.168.100.1
