@@ -2,7 +2,11 @@
 //!
 //! Packets are hashed by flow (addresses, protocol, ports) into buckets served by
 //! deficit round robin, new (sparse) flows first, so a ping or a keystroke overtakes
-//! a bulk transfer instead of waiting behind it. Each bucket runs CoDel (RFC 8289):
+//! a bulk transfer instead of waiting behind it. Unlike RFC 8290, a flow whose
+//! queue emptied counts as new again only if it has been sparse of late (under
+//! two quanta in about [`SPARSE_MEMORY`]): a bulk flow that the writers keep
+//! up with empties its queue between two packets many times a second, and
+//! each time would pass for a new flow for one quantum. Each bucket runs CoDel (RFC 8289):
 //! when packets have waited longer than `target` for a whole `interval`, it drops
 //! from the head at a rising rate, which tells the bulk flow's TCP to slow down. The
 //! byte limit is a last resort: it drops from the fattest bucket.
@@ -51,6 +55,29 @@ pub struct QueueStats {
     pub max_delay: Duration,
 }
 
+/// How long a flow's bytes count against its being sparse: the time constant
+/// of a decaying byte count per bucket.
+pub const SPARSE_MEMORY: Duration = Duration::from_millis(100);
+
+/// A decaying count of the bytes a bucket took in.
+#[derive(Debug, Default)]
+struct Recent {
+    bytes: f64,
+    at: Option<Instant>,
+}
+
+impl Recent {
+    /// The count at `now` before `len` more bytes, which it then adds.
+    fn add(&mut self, now: Instant, len: usize) -> f64 {
+        let dt = self.at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        self.bytes *= (-dt.as_secs_f64() / SPARSE_MEMORY.as_secs_f64()).exp();
+        let before = self.bytes;
+        self.bytes += len as f64;
+        self.at = Some(now);
+        before
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum List {
     New,
@@ -82,6 +109,7 @@ struct Bucket {
     deficit: i64,
     list: Option<List>,
     codel: Codel,
+    recent: Recent,
 }
 
 #[derive(Debug)]
@@ -189,10 +217,16 @@ impl FqCodel {
         let b = &mut self.buckets[idx];
         b.packets.push_back((now, packet, droppable));
         b.bytes += len;
+        let recent = b.recent.add(now, len);
         if b.list.is_none() {
-            b.list = Some(List::New);
             b.deficit = self.config.quantum as i64;
-            self.new_flows.push_back(idx);
+            if recent < (2 * self.config.quantum) as f64 {
+                b.list = Some(List::New);
+                self.new_flows.push_back(idx);
+            } else {
+                b.list = Some(List::Old);
+                self.old_flows.push_back(idx);
+            }
         }
         self.bytes += len;
         self.packets += 1;

@@ -219,3 +219,46 @@ fn dequeue_bulk_leaves_new_flows_for_another_writer() {
     assert_eq!(port_of(&q.dequeue(t0).expect("the ping")), 2000);
     assert!(!q.has_sparse());
 }
+
+/// Takes everything queued, and lets the queue forget the emptied buckets.
+fn drain_all(q: &mut FqCodel, now: Instant) -> Vec<u16> {
+    let mut out = Vec::new();
+    while let Some(p) = q.dequeue(now) {
+        out.push(port_of(&p));
+    }
+    out
+}
+
+#[test]
+fn a_bulk_flow_whose_queue_keeps_emptying_is_not_sparse_but_a_ping_is() {
+    // A download that the writers keep up with: one packet at a time, every
+    // millisecond, each taken at once, so its bucket empties between packets.
+    // A ping every 25 ms beside it.
+    let t0 = Instant::now();
+    let mut q = FqCodel::new(FqConfig::default());
+    let mut bulk_sparse = 0;
+    let mut pings_sparse = 0;
+    for ms in 0..500u64 {
+        let now = t0 + Duration::from_millis(ms);
+        q.enqueue(now, pkt(1000, 1400));
+        if ms % 25 == 0 {
+            q.enqueue(now, pkt(2000, 84));
+        }
+        while let Some(p) = q.dequeue_sparse(now) {
+            match port_of(&p) {
+                1000 => bulk_sparse += 1,
+                _ => pings_sparse += 1,
+            }
+        }
+        drain_all(&mut q, now);
+    }
+    assert_eq!(pings_sparse, 20, "every ping is a sparse flow's packet");
+    // Only its first packets, until its count passes two quanta (RFC 8290's
+    // rule alone: all 500).
+    assert!(bulk_sparse <= 3, "the download passed for a sparse flow {bulk_sparse} times");
+
+    // After a pause the download is a new flow again (its count decays).
+    let later = t0 + Duration::from_millis(1500);
+    q.enqueue(later, pkt(1000, 1400));
+    assert_eq!(q.dequeue_sparse(later).map(|p| port_of(&p)), Some(1000));
+}
