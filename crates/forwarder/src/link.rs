@@ -481,7 +481,7 @@ fn take_packets(
     let next: fn(&mut FqCodel, Instant) -> Option<Bytes> = match (what, sparse_here) {
         (Take::Any, true) => FqCodel::dequeue,
         // The bulk, or, when there is none, whatever waits: a lane never idles
-        // while packets do (a bulk flow whose queue ran dry comes back as new).
+        // while packets do (the lane for sparse flows may be full, or slow).
         (Take::Any, false) => |fq, now| fq.dequeue_bulk(now).or_else(|| fq.dequeue(now)),
         (Take::Sparse, true) => FqCodel::dequeue_sparse,
         (Take::Sparse, false) => return 0,
@@ -510,9 +510,9 @@ fn take_packets(
 /// Whether `lane` is the one of `lanes` to send sparse flows' packets: the
 /// one whose next packet would wait behind the least, counted in whole
 /// packets ([`AHEAD_UNIT`]); lanes that tie take turns (`turn`), so that
-/// when none is loaded (the laptop's side of a download: the TCP ACKs of the
-/// laptop are a sparse flow) each carries some packets for the peer's link
-/// acknowledgements to ride on.
+/// when none is loaded (the laptop's side of a download, where the laptop's
+/// TCP ACKs are a sparse flow while they stay light, FQ-CoDel's rule) each
+/// carries some packets for the peer's link acknowledgements to ride on.
 fn sends_sparse(lanes: &[Arc<Lane>], turn: usize, lane: &Lane) -> bool {
     let n = lanes.len();
     let best = (0..n).min_by_key(|&i| (lanes[i].ahead.load(Ordering::Relaxed) / AHEAD_UNIT, (i + n - turn % n) % n));
