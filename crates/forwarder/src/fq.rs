@@ -220,13 +220,8 @@ impl FqCodel {
         let recent = b.recent.add(now, len);
         if b.list.is_none() {
             b.deficit = self.config.quantum as i64;
-            if recent < (2 * self.config.quantum) as f64 {
-                b.list = Some(List::New);
-                self.new_flows.push_back(idx);
-            } else {
-                b.list = Some(List::Old);
-                self.old_flows.push_back(idx);
-            }
+            let sparse = recent < (2 * self.config.quantum) as f64;
+            self.join(if sparse { List::New } else { List::Old }, idx);
         }
         self.bytes += len;
         self.packets += 1;
@@ -298,8 +293,7 @@ impl FqCodel {
                     if list == List::New {
                         // RFC 8290 §4.2: an emptied new flow goes to the old list once,
                         // so it cannot starve old flows by coming back as "new".
-                        self.buckets[idx].list = Some(List::Old);
-                        self.old_flows.push_back(idx);
+                        self.join(List::Old, idx);
                     } else {
                         self.buckets[idx].list = None;
                     }
@@ -313,8 +307,16 @@ impl FqCodel {
     fn spent(&mut self, list: List, idx: usize) {
         self.buckets[idx].deficit += self.config.quantum as i64;
         self.pop_list(list);
-        self.buckets[idx].list = Some(List::Old);
-        self.old_flows.push_back(idx);
+        self.join(List::Old, idx);
+    }
+
+    /// Bucket `idx` goes to the back of `list`.
+    fn join(&mut self, list: List, idx: usize) {
+        self.buckets[idx].list = Some(list);
+        match list {
+            List::New => self.new_flows.push_back(idx),
+            List::Old => self.old_flows.push_back(idx),
+        }
     }
 
     fn pop_list(&mut self, list: List) {
