@@ -124,7 +124,9 @@ EOF
 # drop to 4 segments a round trip for 200 ms every 10 s (BBR's PROBE_RTT): at
 # 40 ms RTT that holds a paced SSM stream for 200-280 ms. A namespace may only
 # pick an algorithm on the host's allowed list, so one missing there is added
-# to it (adding permits a choice and changes no socket's algorithm).
+# to it (adding permits a choice and changes no socket's algorithm). Prints
+# the algorithm for `up` to set in each namespace, or nothing if it is not
+# available here.
 tcp_cc() {
   local cc=${LAB_TCP_CC:-cubic} allowed=/proc/sys/net/ipv4/tcp_allowed_congestion_control
   if ! grep -qw "$cc" "$allowed"; then
@@ -133,7 +135,7 @@ tcp_cc() {
       return 0
     }
   fi
-  for n in laptop wan aws instance vpc; do in_ns $n sysctl -qw net.ipv4.tcp_congestion_control="$cc"; done
+  echo "$cc"
 }
 
 up() {
@@ -142,11 +144,12 @@ up() {
   trap 'echo "lab: setup failed; tearing down (logs were in $DIR)" >&2; down' ERR
   mkdir -p "$DIR/run" "$DIR/www"
   chmod 755 "$DIR" "$DIR/run"
+  local cc; cc=$(tcp_cc)
   for n in laptop wan aws instance vpc; do
     ip netns add "$(ns $n)"
     in_ns $n ip link set lo up
+    if [ -n "$cc" ]; then in_ns $n sysctl -qw net.ipv4.tcp_congestion_control="$cc"; fi
   done
-  tcp_cc
   link laptop "$LAB-l0" 192.168.100.2/24 wan "$LAB-w0" 192.168.100.1/24
   link wan "$LAB-w1" 192.168.102.1/24 aws "$LAB-a0" 192.168.102.2/24
   in_ns laptop ip route add default via 192.168.100.1
