@@ -10,12 +10,15 @@
 //! for the processing time of a busy path, which grows with the load: without it
 //! the window, not the path, would set the rate of a fast tunnel. The gain of
 //! 1.25 lets the rate estimate climb when the path speeds up, as BBR's probing
-//! gain does.) Every 10 s without a new minimum
-//! the window drops to [`MIN_WINDOW`] for 200 ms so that a stale minimum (and the
-//! window built on it) cannot ratchet the standing queue upwards.
+//! gain does.) Every 10 s without a new minimum, and 1 s after the first
+//! sample, the window drops to one packet for 20 ms and until that packet is
+//! acknowledged, so that a stale minimum (and the window built on it) cannot
+//! hold a standing queue. The first probe is early because the first samples
+//! often come from a burst into the initial window; a minimum taken from them
+//! keeps the queue they built (on a paced path every sample stays above it).
 //!
 //! A window can also be told to *drain* ([`Window::set_drain`]): it then allows
-//! only `rate * min_rtt` and the peer's ack lag, the path's own bytes, so
+//! only `rate * min_rtt` (at least one packet), the path's own bytes, so
 //! nothing waits in front of the next write. A striped link drains one member at a time and sends sparse
 //! flows through it (see `link.rs`).
 
@@ -38,20 +41,30 @@ const ALLOWANCE: Duration = Duration::from_millis(1);
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 /// How long a minimum RTT stands before it is re-measured.
 const RTT_WINDOW: Duration = Duration::from_secs(10);
-/// How long the window stays at [`MIN_WINDOW`] to re-measure the RTT.
-const PROBE_TIME: Duration = Duration::from_millis(200);
+/// How long the window stays at [`PROBE_WINDOW`] to re-measure the RTT (at
+/// least, or one minimum RTT if longer; and until a write sent at that window
+/// is acknowledged). Shorter than BBR's 200 ms, which is there for flows
+/// that share a bottleneck to probe together: a window has its path to
+/// itself, and a round at one packet is enough. (20 ms is several rounds on
+/// a stock session.)
+const PROBE_TIME: Duration = Duration::from_millis(20);
+/// The window while probing: one packet, so that its RTT has no queue in it
+/// even on a path paced to 1 MB/s (where 4 KiB is 4 ms of queue).
+const PROBE_WINDOW: usize = MIN_DRAIN_WINDOW;
+/// When the first probe comes, after the first RTT sample.
+const FIRST_PROBE: Duration = Duration::from_secs(1);
 /// Rate samples kept in the max filter (older ones go first when it is full).
 const RATE_SAMPLES: usize = 256;
 /// The bytes that may be delivered and not yet acknowledged at `rate`: the
 /// peer acknowledges once [`ACK_EVERY`] bytes are unacknowledged or
 /// [`ACK_DELAY`] after the first (§6.4), and the minimum RTT is taken
 /// from acks that came at once. Without it a paced path's window (4 KiB at
-/// 1 MB/s) waited 2 ms for each bare ack and carried a half of its rate.
+/// 1 MB/s) waited for each bare ack (2 ms then) and carried a half of its rate.
 fn ack_lag(rate: f64) -> usize {
     ((rate * ACK_DELAY.as_secs_f64()) as usize).min(ACK_EVERY)
 }
 /// How long a receiver's bare ACK may wait for data to carry it (§6.4)...
-pub const ACK_DELAY: Duration = Duration::from_millis(2);
+pub const ACK_DELAY: Duration = Duration::from_millis(1);
 /// ...unless this many bytes are unacknowledged: then it goes at once.
 pub const ACK_EVERY: usize = 4096;
 /// The shortest time a rate sample covers (unless the minimum RTT is longer).
@@ -64,7 +77,8 @@ pub const MIN_DRAIN_WINDOW: usize = 1600;
 /// What was sent in one write: enough to turn its ack into an RTT and a rate sample.
 #[derive(Debug, Clone, Copy)]
 struct Sent {
-    /// Cumulative bytes once this write was sent.
+    /// Cumulative bytes before and once this write was sent.
+    start: u64,
     end: u64,
     at: Instant,
     /// When the newest write acknowledged by then had been sent.
@@ -90,8 +104,15 @@ pub struct Window {
     /// a rate sample may start.
     points: VecDeque<(Instant, u64, Instant)>,
     min_rtt: Option<Duration>,
-    min_rtt_at: Instant,
+    /// When the next probe starts unless a new minimum comes first.
+    probe_due: Instant,
     probe_until: Option<Instant>,
+    /// The probe's round: the bytes sent once its first write went at the
+    /// probe's window. The probe ends no sooner than their ack.
+    probe_round: Option<u64>,
+    /// A probe has ended: until then new minima do not put the next one off
+    /// (after a burst they come one after another as its queue drains).
+    probed: bool,
     /// Minimum RTT seen during the current probe.
     probe_min: Option<Duration>,
     /// Added to the computed window: acks arrive in batches of up to this much.
@@ -113,8 +134,10 @@ impl Window {
             rates: VecDeque::new(),
             points: VecDeque::new(),
             min_rtt: None,
-            min_rtt_at: now,
+            probe_due: now + RTT_WINDOW,
             probe_until: None,
+            probe_round: None,
+            probed: false,
             probe_min: None,
             slack,
             drain: false,
@@ -153,8 +176,9 @@ impl Window {
         self.probe_until.is_some()
     }
 
-    /// Drain (`true`): allow only `rate * min_rtt` and the ack lag in flight, no
-    /// gain, no allowance and no slack, so the queue in front of the path empties and a
+    /// Drain (`true`): allow only `rate * min_rtt` in flight (at least one
+    /// packet), no gain, allowance, ack lag or slack: the queue in front of the
+    /// path empties, at the cost of the time the peer holds its acks, and a
     /// packet sent now waits for nothing but the path. The rate estimate keeps
     /// the samples of the undrained time (a 1 s maximum), so draining for a
     /// part of each second does not lower it.
@@ -179,8 +203,13 @@ impl Window {
             self.delivered_at = now;
             self.acked_sent_at = now;
         }
+        let start = self.sent;
         self.sent += bytes as u64;
+        if self.probe_until.is_some() && self.probe_round.is_none() && start - self.acked <= PROBE_WINDOW as u64 {
+            self.probe_round = Some(self.sent);
+        }
         self.writes.push_back(Sent {
+            start,
             end: self.sent,
             at: now,
             first_at: self.acked_sent_at,
@@ -205,6 +234,14 @@ impl Window {
             if let Some(w) = newest {
                 self.acked_sent_at = w.at;
                 self.sample(w, now);
+            }
+            // The first bytes of a write acknowledged before its end: their
+            // RTT is a sample too. On a paced path it is the one without the
+            // write's own time in the pacer (4 ms for 4 KiB at 1 MB/s), which
+            // the RTT of the whole write carries and the window would keep as
+            // queue.
+            if let Some(&w) = self.writes.front().filter(|w| w.start < acked) {
+                self.rtt_sample(now.saturating_duration_since(w.at), now);
             }
         }
         self.update(now);
@@ -253,31 +290,44 @@ impl Window {
         {
             self.rates.pop_front();
         }
+        self.rtt_sample(rtt, now);
+    }
+
+    fn rtt_sample(&mut self, rtt: Duration, now: Instant) {
         if rtt.is_zero() {
             return;
         }
         if self.probe_until.is_some() {
             self.probe_min = Some(self.probe_min.map_or(rtt, |m| m.min(rtt)));
         }
+        if self.min_rtt.is_none() {
+            // The first samples may come from a burst into an empty window
+            // (INITIAL_WINDOW is 64 ms at 1 MB/s): probe soon.
+            self.probe_due = now + FIRST_PROBE;
+        } else if self.probed && self.min_rtt.is_some_and(|m| rtt <= m) {
+            self.probe_due = now + RTT_WINDOW;
+        }
         if self.min_rtt.is_none_or(|m| rtt <= m) {
             self.min_rtt = Some(rtt);
-            self.min_rtt_at = now;
         }
     }
 
     fn update(&mut self, now: Instant) {
         match self.probe_until {
-            Some(until) if now >= until => {
+            Some(until) if now >= until && self.probe_round.is_some_and(|r| self.acked >= r) => {
                 // The probe drained the path: its minimum is the path's minimum now.
                 if let Some(m) = self.probe_min.take() {
                     self.min_rtt = Some(m);
                 }
-                self.min_rtt_at = now;
+                self.probe_due = now + RTT_WINDOW;
                 self.probe_until = None;
+                self.probe_round = None;
+                self.probed = true;
             }
-            None if self.min_rtt.is_some() && now.saturating_duration_since(self.min_rtt_at) > RTT_WINDOW => {
+            None if self.min_rtt.is_some() && now >= self.probe_due => {
                 self.probe_until = Some(now + PROBE_TIME.max(self.min_rtt.unwrap_or_default()));
                 self.probe_min = None;
+                self.probe_round = None;
             }
             _ => {}
         }
@@ -286,11 +336,11 @@ impl Window {
 
     fn compute(&self) -> usize {
         if self.probe_until.is_some() {
-            return MIN_WINDOW;
+            return PROBE_WINDOW;
         }
         match (self.min_rtt, self.rates.front()) {
             (Some(rtt), Some(&(_, rate))) if self.drain => {
-                ((rate * rtt.as_secs_f64()) as usize + ack_lag(rate)).clamp(MIN_DRAIN_WINDOW, MAX_WINDOW)
+                ((rate * rtt.as_secs_f64()) as usize).clamp(MIN_DRAIN_WINDOW, MAX_WINDOW)
             }
             (Some(rtt), Some(&(_, rate))) => {
                 let allowed = GAIN * rtt.as_secs_f64() + ALLOWANCE.as_secs_f64();

@@ -115,8 +115,9 @@ fn a_fast_short_path_is_kept_full() {
     for s in 1..4 {
         assert!(run.per_second[s] > 0.95 * 40e6, "second {s}: {} B/s", run.per_second[s]);
     }
-    // One RTT, the allowance, and the 4 KiB slack.
-    let worst = worst_delay_after(&run, Duration::from_secs(1));
+    // One RTT, the allowance, and the 4 KiB slack; from after the first probe
+    // (1 s after the first sample), whose end is a burst of its own.
+    let worst = worst_delay_after(&run, Duration::from_millis(1500));
     assert!(worst <= Duration::from_micros(1500) + ALLOWANCE, "queueing delay {worst:?}");
 }
 
@@ -278,4 +279,72 @@ fn a_burst_after_an_idle_moment_does_not_pass_for_the_rate() {
         t += ms(3);
     }
     assert!(w.rate() < 1.3 * steady, "estimated {} B/s after bursts, {steady} before", w.rate());
+}
+
+#[test]
+fn the_first_bytes_of_a_write_give_an_rtt_sample() {
+    // On a path paced to 1 MB/s a 4 KiB write takes 4 ms to pass; its first
+    // KiB is acknowledged after 1.2 ms. That, not the whole write's 4.2 ms,
+    // is the path's RTT.
+    let t0 = Instant::now();
+    let mut w = Window::new(t0, WRITE);
+    w.on_send(WRITE, t0);
+    assert!(w.on_ack(1024, t0 + Duration::from_micros(1200)));
+    assert_eq!(w.min_rtt(), Some(Duration::from_micros(1200)));
+    assert!(w.on_ack(WRITE as u64, t0 + Duration::from_micros(4200)));
+    assert_eq!(w.min_rtt(), Some(Duration::from_micros(1200)));
+}
+
+#[test]
+fn a_minimum_from_a_burst_is_replaced_by_the_first_probe() {
+    // The first samples come from a burst into the initial window: a write
+    // every 4 ms (1 MB/s), each acknowledged 20 ms later, less 10 us more
+    // each time as that queue drains. The new minima, one after another, do
+    // not put the first probe off; it comes about 1 s after the first sample.
+    let t0 = Instant::now();
+    let us = Duration::from_micros;
+    let mut w = Window::new(t0, WRITE);
+    let mut i = 0u64;
+    let probe_at = loop {
+        let t = us(4000 * i);
+        if i >= 5 {
+            let j = i - 5;
+            assert!(w.on_ack(WRITE as u64 * (j + 1), t0 + t - us(10 * j)));
+        }
+        if w.probing() {
+            break t;
+        }
+        w.on_send(WRITE, t0 + t);
+        i += 1;
+    };
+    assert!(probe_at > Duration::from_millis(1000) && probe_at < Duration::from_millis(1100), "{probe_at:?}");
+    assert!(w.min_rtt().expect("rtt") > Duration::from_millis(9));
+    assert_eq!(w.cwnd(), PROBE_WINDOW);
+    // What is in flight drains; then one packet goes alone, and its ack 1 ms
+    // later ends the probe (it has lasted PROBE_TIME): 1 ms is the minimum.
+    let mut t = probe_at + Duration::from_millis(20);
+    assert!(w.on_ack(w.sent, t0 + t));
+    assert!(w.probing(), "the probe waits for a round at its window");
+    w.on_send(1500, t0 + t);
+    t += Duration::from_millis(1);
+    assert!(w.on_ack(w.sent, t0 + t));
+    assert!(!w.probing());
+    assert_eq!(w.min_rtt(), Some(Duration::from_millis(1)));
+}
+
+#[test]
+fn a_draining_window_holds_the_paths_bytes_and_no_ack_lag() {
+    // The stock agent's pace with a 1 ms minimum RTT: the path holds 1 KiB;
+    // draining allows one packet, not also the 1 ms of acks the peer may hold
+    // back, which would be 1 ms more ahead of a ping.
+    let t0 = Instant::now();
+    let mut w = Window::new(t0, 2048);
+    let ms = |n: u64| Duration::from_millis(n);
+    for i in 0..100 {
+        w.on_send(1024, t0 + ms(i));
+        assert!(w.on_ack(w.sent, t0 + ms(i + 1)));
+    }
+    assert!(w.cwnd() > 2 * MIN_DRAIN_WINDOW, "{}", w.cwnd());
+    w.set_drain(true);
+    assert_eq!(w.cwnd(), MIN_DRAIN_WINDOW);
 }
