@@ -325,9 +325,9 @@ impl Window {
                 self.probed = true;
             }
             None if self.min_rtt.is_some() && now >= self.probe_due => {
+                // (`probe_round` is None: the last probe's end cleared it.)
                 self.probe_until = Some(now + PROBE_TIME.max(self.min_rtt.unwrap_or_default()));
                 self.probe_min = None;
-                self.probe_round = None;
             }
             _ => {}
         }

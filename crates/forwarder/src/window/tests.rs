@@ -257,17 +257,23 @@ fn a_draining_window_empties_the_queue_and_keeps_most_of_the_rate() {
     assert!(rate > 0.9e6, "the rate estimate holds while draining: {rate}");
 }
 
-#[test]
-fn a_burst_after_an_idle_moment_does_not_pass_for_the_rate() {
-    // The stock SSM agent's 1 MB/s: 1 KiB each millisecond, acked 1 ms later.
-    let t0 = Instant::now();
-    let mut w = Window::new(t0, 2048);
-    let ms = |n: u64| Duration::from_millis(n);
-    for i in 0..1000 {
+/// The stock SSM agent's 1 MB/s for `millis` ms from `t0`: 1 KiB each
+/// millisecond, each acked 1 ms after it was sent.
+fn stock_session(w: &mut Window, t0: Instant, millis: u64) {
+    let ms = Duration::from_millis;
+    for i in 0..millis {
         w.on_send(1024, t0 + ms(i));
         assert!(w.on_ack(w.sent - 1024, t0 + ms(i)));
     }
-    assert!(w.on_ack(w.sent, t0 + ms(1000)));
+    assert!(w.on_ack(w.sent, t0 + ms(millis)));
+}
+
+#[test]
+fn a_burst_after_an_idle_moment_does_not_pass_for_the_rate() {
+    let t0 = Instant::now();
+    let mut w = Window::new(t0, 2048);
+    let ms = |n: u64| Duration::from_millis(n);
+    stock_session(&mut w, t0, 1000);
     let steady = w.rate();
     assert!((0.9e6..1.2e6).contains(&steady), "{steady} B/s");
     // Idle for 3 ms, then a write of two packets: a path that delivers on a
@@ -339,11 +345,8 @@ fn a_draining_window_holds_the_paths_bytes_and_no_ack_lag() {
     // back, which would be 1 ms more ahead of a ping.
     let t0 = Instant::now();
     let mut w = Window::new(t0, 2048);
-    let ms = |n: u64| Duration::from_millis(n);
-    for i in 0..100 {
-        w.on_send(1024, t0 + ms(i));
-        assert!(w.on_ack(w.sent, t0 + ms(i + 1)));
-    }
+    stock_session(&mut w, t0, 100);
+    assert_eq!(w.min_rtt(), Some(Duration::from_millis(1)));
     assert!(w.cwnd() > 2 * MIN_DRAIN_WINDOW, "{}", w.cwnd());
     w.set_drain(true);
     assert_eq!(w.cwnd(), MIN_DRAIN_WINDOW);
