@@ -369,7 +369,14 @@ impl Stack {
                 flow.fin_sent = true;
                 progress = true;
             }
-            if matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
+            // Listen is never a flow's state once its SYN is in: smoltcp puts a
+            // socket back there when the client resets it before the handshake
+            // ends (its kernel answers a SYN-ACK that came after it gave up).
+            // Kept, that socket would listen on the destination's address for
+            // anyone: it would take the next client's SYN to it and join that
+            // client to this flow's connection, which the destination may have
+            // closed by then.
+            if matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait | tcp::State::Listen) {
                 finished.push(*key);
             }
         }

@@ -255,3 +255,42 @@ async fn a_flow_with_a_lost_segment_and_three_duplicate_acks_finishes() {
     server.abort();
     let _ = writer.await;
 }
+
+/// A client whose kernel resets the connection before the handshake ends (the
+/// SYN-ACK came after the application gave up) leaves nothing behind: smoltcp
+/// puts such a socket back to listening on the destination's address, where
+/// it held the destination's connection open and took the next client's SYN
+/// to that address.
+#[tokio::test(flavor = "current_thread")]
+async fn a_flow_reset_in_its_handshake_is_forgotten_and_its_connection_closed() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("listen");
+    let server_addr = listener.local_addr().expect("address");
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.map(|_| rest.len())
+    });
+    let remote = TcpStream::connect(server_addr).await.expect("connect");
+    let queue = TxQueue::new(FqConfig::default());
+    let mut stack = Stack::new(queue.clone(), 1400, Arc::new(Notify::new()));
+
+    let me = SocketAddr::from((Ipv4Addr::new(100, 64, 0, 1), 40001));
+    let peer = SocketAddr::from((Ipv4Addr::new(10, 1, 2, 3), 80));
+    let mut syn = repr(TcpControl::Syn, ISS, None);
+    (syn.src_port, syn.dst_port) = (me.port(), peer.port());
+    let key = flow_key(me.ip(), me.port(), peer.ip(), peer.port());
+    stack.accept(key, remote, packet(me, peer, &syn), None);
+    assert!(stack.has_flow(&key), "the flow is open after its SYN");
+    assert_eq!(queue.stats().enqueued, 1, "the SYN-ACK is on its way");
+
+    // What a kernel sends for a SYN-ACK to a connection it no longer has.
+    let mut rst = repr(TcpControl::Rst, ISS + 1, None);
+    (rst.src_port, rst.dst_port) = (me.port(), peer.port());
+    stack.deliver(packet(me, peer, &rst));
+    stack.poll();
+    assert!(!stack.has_flow(&key), "a flow reset in its handshake is kept");
+    assert_eq!(stack.flow_count(), 0);
+    // Bounds the test: the destination's connection is closed, not held.
+    let read = tokio::time::timeout(Duration::from_secs(5), server).await;
+    assert!(matches!(read, Ok(Ok(_))), "the destination's connection stayed open: {read:?}");
+}
