@@ -40,6 +40,20 @@ in_ns() { local n; n=$(ns "$1"); shift; ip netns exec "$n" "$@"; }
 # waiting for our output to end).
 spawn() { local n log; n=$(ns "$1"); log=$2; shift 2; ip netns exec "$n" setsid "$@" </dev/null >"$log" 2>&1 & }
 
+# The vpc's web server on [::]:8080 (IPv4 too), serving the directory argv[1].
+HTTP_SERVER='
+import functools, http.server, socket, sys
+class Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    request_queue_size = 1024
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
+print("Serving HTTP on [::]:8080", flush=True)
+Server(("::", 8080), handler).serve_forever()
+'
+
 env_lines() {
   cat <<EOF
 AWS_ENDPOINT_URL=http://192.168.102.2:4566
@@ -167,7 +181,11 @@ up() {
   # vpc: an HTTP server with a test file, a DNS server, PostgreSQL.
   head -c $(( ${BLOB_MIB:-50} << 20 )) /dev/urandom > "$DIR/www/blob"
   sha256sum "$DIR/www/blob" | cut -d' ' -f1 > "$DIR/blob.sha256"
-  spawn vpc "$DIR/http.log" python3 -m http.server 8080 --bind :: --directory "$DIR/www"
+  # `python3 -m http.server` listens with a backlog of 5: a hundred parallel
+  # requests on a busy machine overflow it, and the dropped handshakes back off
+  # for tens of seconds. A real server's backlog (nginx: 511) keeps the test
+  # about the tunnel.
+  spawn vpc "$DIR/http.log" python3 -c "$HTTP_SERVER" "$DIR/www"
   in_ns vpc dnsmasq --no-resolv --no-hosts --bind-interfaces --listen-address=10.10.0.2 \
     --address=/db.corp.internal/10.10.0.2 --address=/db.private.lab/10.10.0.2 \
     --address=/db6.corp.internal/10.10.0.2 --address=/db6.corp.internal/fd10:10::2 --log-queries --pid-file="$DIR/dnsmasq.pid" --log-facility="$DIR/dnsmasq.log" </dev/null >/dev/null 2>&1

@@ -44,11 +44,12 @@ fn json_line(out: &std::process::Output, what: &str) -> serde_json::Value {
 }
 
 /// `n` requests for the small file from namespace `ns` with curl, 100 at a
-/// time: how many got 200, the rate, and the first few other codes.
+/// time: how many got 200, the rate, and the first few other lines (codes,
+/// and curl's message for each failure).
 fn requests(lab: &Lab, ns: &str, n: usize) -> (usize, f64, String) {
     let t = Instant::now();
     let curl = Command::new("ip")
-        .args(["netns", "exec", &lab.ns(ns), "curl", "-s", "--no-progress-meter", "-Z", "--parallel-max", "100"])
+        .args(["netns", "exec", &lab.ns(ns), "curl", "-sS", "--no-progress-meter", "-Z", "--parallel-max", "100"])
         .args(["--max-time", "30", "-w", "%{stderr}%{http_code}\\n"])
         .arg(format!("http://10.10.0.2:8080/small?n=[1-{n}]"))
         .stdin(Stdio::null())
@@ -68,7 +69,8 @@ fn a_thousand_connections_twenty_thousand_requests_and_udp_at_five_thousand_a_se
         return;
     }
     let agent_args = format!("--max-tcp-flows {FLOW_LIMIT}");
-    let lab = Lab::up(&prefix("l"), 1, &[("AGENT_ARGS", &agent_args)]);
+    // The agent's session at debug: a dial that fails says why in its log.
+    let lab = Lab::up(&prefix("l"), 1, &[("AGENT_ARGS", &agent_args), ("RUST_LOG", "info,ec2_agent::session=debug")]);
     std::fs::write(lab.dir().join("www/small"), vec![b'x'; 1024]).expect("small file");
     let server = Command::new("ip")
         .args(["netns", "exec", &lab.ns("vpc"), "/usr/bin/python3", &script(), "server", "10.10.0.2"])
@@ -102,7 +104,9 @@ fn a_thousand_connections_twenty_thousand_requests_and_udp_at_five_thousand_a_se
     let (answered, rate, failed) = requests(&lab, "laptop", REQUESTS);
     let (_, direct, _) = requests(&lab, "instance", REQUESTS / 10);
     eprintln!("HTTP: {answered}/{REQUESTS} answered 200, {rate:.0} requests/s; without the tunnel {direct:.0}/s");
-    assert_eq!(answered, REQUESTS, "every request answered; others: {failed}");
+    let dials: Vec<String> =
+        lab.log("agent.log").lines().filter(|l| l.contains("connect failed")).take(5).map(String::from).collect();
+    assert_eq!(answered, REQUESTS, "every request answered; others: {failed}; the agent's failed dials: {dials:?}");
 
     // UDP at 5,000 datagrams a second for 10 s.
     let udp = lab.laptop_out("/usr/bin/python3", &[&script(), "udp", "10.10.0.2", "5000", "10"]);
