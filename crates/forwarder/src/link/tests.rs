@@ -148,7 +148,8 @@ fn one_lane_at_a_time_drains_and_the_next_starts_early() {
     }
     assert!(!drain_turn(0, 1, ms(50), overlap), "a lone lane never drains");
     assert_eq!(drain_overlap(None), ms(5));
-    assert_eq!(drain_overlap(Some(ms(40))), ms(25));
+    assert_eq!(drain_overlap(Some(ms(1))), ms(6));
+    assert_eq!(drain_overlap(Some(ms(40))), ms(45));
     assert_eq!(drain_overlap(Some(ms(400))), DRAIN_SLOT / 2);
 }
 
