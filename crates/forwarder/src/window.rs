@@ -300,14 +300,16 @@ impl Window {
         if self.probe_until.is_some() {
             self.probe_min = Some(self.probe_min.map_or(rtt, |m| m.min(rtt)));
         }
-        if self.min_rtt.is_none() {
+        let first = self.min_rtt.is_none();
+        let new_min = self.min_rtt.is_none_or(|m| rtt <= m);
+        if first {
             // The first samples may come from a burst into an empty window
             // (INITIAL_WINDOW is 64 ms at 1 MB/s): probe soon.
             self.probe_due = now + FIRST_PROBE;
-        } else if self.probed && self.min_rtt.is_some_and(|m| rtt <= m) {
+        } else if self.probed && new_min {
             self.probe_due = now + RTT_WINDOW;
         }
-        if self.min_rtt.is_none_or(|m| rtt <= m) {
+        if new_min {
             self.min_rtt = Some(rtt);
         }
     }

@@ -46,10 +46,11 @@ fn packet(src: SocketAddr, dst: SocketAddr, tcp: &TcpRepr) -> Bytes {
     Bytes::from(buf)
 }
 
-fn repr(control: TcpControl, seq: u32, ack: Option<u32>) -> TcpRepr<'static> {
+/// A segment from `from` to `to`, no options.
+fn repr(from: SocketAddr, to: SocketAddr, control: TcpControl, seq: u32, ack: Option<u32>) -> TcpRepr<'static> {
     TcpRepr {
-        src_port: 0,
-        dst_port: 0,
+        src_port: from.port(),
+        dst_port: to.port(),
         control,
         seq_number: TcpSeqNumber(seq as i32),
         ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
@@ -83,9 +84,7 @@ struct Receiver {
 
 impl Receiver {
     fn ack(&self) -> Bytes {
-        let mut r = repr(TcpControl::None, ISS + 1, Some(self.rcv_nxt));
-        (r.src_port, r.dst_port) = (self.me.port(), self.peer.port());
-        packet(self.me, self.peer, &r)
+        packet(self.me, self.peer, &repr(self.me, self.peer, TcpControl::None, ISS + 1, Some(self.rcv_nxt)))
     }
 
     /// Take one packet from the agent; returns the client's answer, if any.
@@ -197,8 +196,8 @@ async fn a_flow_with_a_lost_segment_and_three_duplicate_acks_finishes() {
         lost: false,
         past_hole: 0,
     };
-    let mut syn = repr(TcpControl::Syn, ISS, None);
-    (syn.src_port, syn.dst_port, syn.max_seg_size) = (me.port(), peer.port(), Some(1360));
+    let mut syn = repr(me, peer, TcpControl::Syn, ISS, None);
+    syn.max_seg_size = Some(1360);
     // A window of 8 MiB, as a kernel's grows: the sender's congestion window
     // and the link's queue, not the receiver, limit it.
     syn.window_scale = Some(7);
@@ -276,16 +275,14 @@ async fn a_flow_reset_in_its_handshake_is_forgotten_and_its_connection_closed() 
 
     let me = SocketAddr::from((Ipv4Addr::new(100, 64, 0, 1), 40001));
     let peer = SocketAddr::from((Ipv4Addr::new(10, 1, 2, 3), 80));
-    let mut syn = repr(TcpControl::Syn, ISS, None);
-    (syn.src_port, syn.dst_port) = (me.port(), peer.port());
+    let syn = repr(me, peer, TcpControl::Syn, ISS, None);
     let key = flow_key(me.ip(), me.port(), peer.ip(), peer.port());
     stack.accept(key, remote, packet(me, peer, &syn), None);
     assert!(stack.has_flow(&key), "the flow is open after its SYN");
     assert_eq!(queue.stats().enqueued, 1, "the SYN-ACK is on its way");
 
     // What a kernel sends for a SYN-ACK to a connection it no longer has.
-    let mut rst = repr(TcpControl::Rst, ISS + 1, None);
-    (rst.src_port, rst.dst_port) = (me.port(), peer.port());
+    let rst = repr(me, peer, TcpControl::Rst, ISS + 1, None);
     stack.deliver(packet(me, peer, &rst));
     stack.poll();
     assert!(!stack.has_flow(&key), "a flow reset in its handshake is kept");
