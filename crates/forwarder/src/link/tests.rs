@@ -175,7 +175,7 @@ fn the_lane_with_the_least_ahead_sends_the_sparse_flows() {
 }
 
 /// Of two striped lanes, the one with less ahead takes a ping; the other
-/// takes the bulk around it, and the ping only when no bulk waits.
+/// takes the bulk around it, and leaves the ping even when no bulk waits.
 #[test]
 fn a_ping_takes_the_lane_with_less_ahead_of_it() {
     let both = caps::ACK | caps::STRIPE;
@@ -209,8 +209,13 @@ fn a_ping_takes_the_lane_with_less_ahead_of_it() {
     assert_eq!(take(&lanes[0], 4000, Take::Any), [1000, 1000, 1000], "the other lane leaves the ping");
     assert_eq!(take(&lanes[0], 4000, Take::Sparse), Vec::<u16>::new());
     assert_eq!(take(&lanes[1], 1, Take::Sparse), [2000], "the lane with less ahead sends it");
-    // No bulk left: any lane takes what waits.
+    // No bulk left: the ping still waits for its lane, not behind the other's window.
     while !take(&lanes[1], 100_000, Take::Any).is_empty() {}
     queue.push(pkt(2001, 84));
-    assert_eq!(take(&lanes[0], 4000, Take::Any), [2001]);
+    assert_eq!(take(&lanes[0], 4000, Take::Any), Vec::<u16>::new(), "the lane with more ahead leaves the ping");
+    assert_eq!(take(&lanes[1], 4000, Take::Any), [2001]);
+    // When the lane with less ahead has no room even for a sparse packet, the other is theirs.
+    queue.push(pkt(2002, 84));
+    lanes[1].ahead.store(u64::MAX, Ordering::Relaxed);
+    assert_eq!(take(&lanes[0], 4000, Take::Any), [2002]);
 }
