@@ -437,6 +437,10 @@ pub async fn write_loop(
             () = ack_timer.fired() => {}
             f = control.recv() => match f {
                 Some(f) => {
+                    if acks {
+                        // As for any write: until it is taken, no sparse packets here.
+                        lane.ahead.store(u64::MAX, Ordering::Relaxed);
+                    }
                     out.clear();
                     wire::encode(&f, &mut out);
                     writer.put(out.split().freeze()).await?;
@@ -485,7 +489,10 @@ fn take_packets(
         // and was woken with this one. Taking them here when no bulk waits
         // put a ping behind a full window now and then (1-3% of pings under a
         // download, 55-70 ms where the drained lane gave 45 at 40 ms RTT).
-        (Take::Any, false) => FqCodel::dequeue_bulk,
+        (Take::Any, false) if lane.acks => FqCodel::dequeue_bulk,
+        // Without acks no lane publishes what is ahead of it (all tie at 0),
+        // so none is known to have room: the bulk, or whatever waits.
+        (Take::Any, false) => |fq, now| fq.dequeue_bulk(now).or_else(|| fq.dequeue(now)),
         (Take::Sparse, true) => FqCodel::dequeue_sparse,
         (Take::Sparse, false) => return 0,
     };

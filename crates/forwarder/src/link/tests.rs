@@ -65,6 +65,27 @@ async fn a_sparse_packet_passes_a_full_window() {
     assert!(!more.is_empty() && more.iter().all(|&p| p == 1000), "{more:?}");
 }
 
+/// While a control frame waits to be written (the stream is not read), the
+/// lane says it is full: sparse packets, which no other lane takes from it,
+/// must not wait behind a member that has stopped.
+#[tokio::test(flavor = "current_thread")]
+async fn a_lane_writing_a_control_frame_takes_no_sparse_packets() {
+    let both = caps::ACK | caps::STRIPE;
+    let queue = TxQueue::new(FqConfig::default());
+    let lane = Lane::new(both, both);
+    let (writer, _link) = tokio::io::duplex(64);
+    let (control, control_rx) = mpsc::channel(1);
+    let stats = Arc::new(LinkStats::default());
+    let task = tokio::spawn(write_loop(queue.clone(), lane.clone(), control_rx, Stream::new(writer), 1024, stats));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(lane.ahead.load(Ordering::Relaxed), 0, "idle, nothing in flight");
+    let message = "x".repeat(200);
+    control.send(Frame::Goodbye { reason: Reason::Normal, message }).await.expect("writer running");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(lane.ahead.load(Ordering::Relaxed), u64::MAX, "a lane stuck in a write is full");
+    task.abort();
+}
+
 /// The numbers of the SEQ frames a writer sends within `wait` (all of one flow).
 async fn seqs_sent(link: &mut tokio::io::DuplexStream, deframer: &mut Deframer, wait: Duration) -> Vec<u32> {
     let mut seqs = Vec::new();
@@ -218,4 +239,15 @@ fn a_ping_takes_the_lane_with_less_ahead_of_it() {
     queue.push(pkt(2002, 84));
     lanes[1].ahead.store(u64::MAX, Ordering::Relaxed);
     assert_eq!(take(&lanes[0], 4000, Take::Any), [2002]);
+    // Lanes without acks publish nothing: any of them takes what waits.
+    let plain: Vec<Arc<Lane>> = (0..2).map(|_| Lane::new(caps::STRIPE, caps::STRIPE)).collect();
+    let queue = TxQueue::new(FqConfig::default());
+    for l in &plain {
+        queue.attach(l);
+    }
+    queue.push(pkt(2003, 84));
+    let mut out = BytesMut::new();
+    let chosen = usize::from(!sends_sparse(&plain, 0, &plain[0]));
+    let other = &plain[1 - chosen];
+    assert!(take_packets(&queue, other, 4000, Take::Any, now, &stats, &mut out) > 0);
 }
