@@ -360,10 +360,11 @@ fn the_tunnel_comes_back_with_new_sessions_after_the_service_restarts() {
             .as_array()
             .into_iter()
             .flatten()
+            .filter(|m| m["state"] == "connected")
             .filter_map(|m| m["session_id"].as_str().map(String::from))
             .collect()
     };
-    let old = sessions(&tunnel_status(&lab));
+    let old = sessions(&wait_status(&lab, Duration::from_secs(30), |s| sessions(s).len() == 2));
     assert_eq!(old.len(), 2, "{old:?}");
 
     lab.restart_emulator();

@@ -121,7 +121,13 @@ fn member_status(
                 _ => {
                     let ms = &ls.members[i - 1];
                     let live = ms.live.lock().map(|l| l.clone()).unwrap_or_default();
-                    (ms.state.clone(), ms.session_id.clone(), live, ms.replacements)
+                    // Carried, but its websocket is down and being resumed.
+                    let state = if ms.state == "connected" && !live.connected {
+                        "reconnecting".to_string()
+                    } else {
+                        ms.state.clone()
+                    };
+                    (state, ms.session_id.clone(), live, ms.replacements)
                 }
             };
             let rb = m.received.read().1;
