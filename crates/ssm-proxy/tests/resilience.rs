@@ -55,6 +55,7 @@ fn a_psql_connection_survives_a_thirty_second_outage() {
     std::thread::sleep(Duration::from_secs(15));
     let later = tunnel_status(&lab);
     std::thread::sleep(Duration::from_secs(5));
+    let logged_before_up = lab.log("daemon-lab.log").len();
     link("up");
     let t = Instant::now();
     let after = psql.backend_pid(Duration::from_secs(120));
@@ -62,11 +63,20 @@ fn a_psql_connection_survives_a_thirty_second_outage() {
     // finds its websocket unanswered within 3 s and is reconnecting from then on.
     assert_eq!(during["state"], "reconnecting", "status 10 s into the outage: {during}");
     assert_eq!(later["state"], "reconnecting", "status 25 s into the outage: {later}");
-    let log = lab.log("daemon-lab.log");
     // When the link comes back the kernel tells the daemon, which retries at
     // once instead of waiting out its backoff; a retry already due in that
-    // moment may win the race (reconnected before the change was read).
-    let raced = match (log.find("websocket reconnected"), log.rfind("network changed")) {
+    // moment may win the race (reconnected before the change was read). The
+    // kernel may report the carrier up to a second late (linkwatch), after
+    // psql has already answered: wait for the daemon's line.
+    let heard = |log: &str| log.get(logged_before_up..).is_some_and(|l| l.contains("INFO network changed ("));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut log = lab.log("daemon-lab.log");
+    while !heard(&log) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        log = lab.log("daemon-lab.log");
+    }
+    assert!(heard(&log), "the daemon did not hear that the link came back: {log}");
+    let raced = match (log.find("websocket reconnected"), log.rfind("INFO network changed (")) {
         (Some(reconnected), Some(last_change)) => reconnected < last_change,
         _ => false,
     };
