@@ -372,7 +372,8 @@ pub async fn write_loop(
         Acking { window: Window::new(Instant::now(), batch), ack_sent: 0, ack_due: None, logged: Instant::now() };
     let mut ack_timer = LazyTimer::new();
     loop {
-        out.clear();
+        // `out` is empty here (every write takes all of it), or holds the
+        // control frame the wait below took: it goes out with the rest.
         while let Ok(f) = control.try_recv() {
             wire::encode(&f, &mut out);
         }
@@ -436,15 +437,7 @@ pub async fn write_loop(
             () = lane.ready.notified() => {}
             () = ack_timer.fired() => {}
             f = control.recv() => match f {
-                Some(f) => {
-                    if acks {
-                        // As for any write: until it is taken, no sparse packets here.
-                        lane.ahead.store(u64::MAX, Ordering::Relaxed);
-                    }
-                    out.clear();
-                    wire::encode(&f, &mut out);
-                    writer.put(out.split().freeze()).await?;
-                }
+                Some(f) => wire::encode(&f, &mut out),
                 None => {
                     // Control side gone: stop.
                     lane.close();
