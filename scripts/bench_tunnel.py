@@ -19,8 +19,10 @@ SSM session; "tunnel stock x4" stripes over four.
 
 --striped measures striped sessions instead: the stock profile with 1, 2, 4 and
 8 sessions (--sessions "1,2,4,8") on both links: one TCP flow's download, four
-flows' download, and ping p50/p99 idle and under the one-flow download; the
-rows also go to FILE as JSON (scripts/plot_striping.py draws them).
+flows' download, and ping p50/p99 idle and under the one-flow download; then,
+per link, the same pings on the direct path under a download capped at the
+fastest tunnel's rate (what the lab itself adds to a ping); the rows also go
+to FILE as JSON (scripts/plot_striping.py draws the tunnel's).
 
 --costs adds, for tunnel paths, what one pgbench transaction costs each of the
 three processes on the way (daemon, emulator, ec2-agent): system calls and
@@ -133,13 +135,15 @@ def process_costs(seconds, daemon_pid):
             for name, c in out.items()}, tps
 
 
-def pings_idle_and_under_bulk(seconds):
-    """Ping percentiles idle, then during a one-flow iperf3 download."""
+def pings_idle_and_under_bulk(seconds, rate=None):
+    """Ping percentiles idle, then during a one-flow iperf3 download (capped at
+    `rate` Mbit/s if given)."""
     # 100 pings a second, so that a p99 is the 10th-worst of 1,000 under the
     # download (of 200, it was the 2nd-worst, and moved by several ms from run
     # to run) and the 5th-worst of 500 idle.
     idle = pings(500, 0.01)
-    bulk = subprocess.Popen(inn("laptop", ["iperf3", "-c", "10.10.0.2", "-R", "-t", str(seconds + 4)]),
+    cap = ["-b", f"{rate:.1f}M"] if rate else []
+    bulk = subprocess.Popen(inn("laptop", ["iperf3", "-c", "10.10.0.2", "-R", "-t", str(seconds + 4)] + cap),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(2)
     loaded = pings(max(500, seconds * 100), 0.01)
@@ -355,13 +359,29 @@ def striped(bin_dir, links, a):
                     rows.append({"link": link, "sessions": n, **r})
                 finally:
                     lab_down()
+            # The lab's own share of a ping's wait: the direct path (no tunnel)
+            # under a download as fast as the fastest striped one.
+            fastest = max((r["down1"] or 0 for r in rows if r["link"] == link), default=0)
+            if fastest:
+                print(f"bench: direct path at {fastest:.1f} Mbit/s, {link} link...", file=sys.stderr)
+                lab_up(bin_dir, "stock", impair)
+                try:
+                    route_direct(True)
+                    idle, loaded = pings_idle_and_under_bulk(a.seconds, rate=fastest)
+                    rows.append({"link": link, "path": "direct", "rate": fastest, "idle": idle, "loaded": loaded})
+                finally:
+                    lab_down()
     finally:
         lab_down()
-    base = {row["link"]: row["down1"] for row in rows if row["sessions"] == 1 and row["down1"]}
+    base = {row["link"]: row["down1"] for row in rows if row.get("sessions") == 1 and row["down1"]}
     print("| link | sessions | one flow down Mbit/s | x one session | four flows down Mbit/s | "
           "ping idle p50 / p99 ms | ping under one-flow download p50 / p99 ms |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        if r.get("path") == "direct":
+            print(f"| {r['link']} | direct, no tunnel, download capped at {r['rate']:.1f} | - | - | - | "
+                  f"{fmt_ping(r['idle'])} | {fmt_ping(r['loaded'])} |")
+            continue
         ratio = r["down1"] / base[r["link"]] if r["down1"] and base.get(r["link"]) else None
         print(f"| {r['link']} | {r['sessions']} | {fmt(r['down1'])} | {fmt(ratio, '{:.2f}')} | {fmt(r['down4'])} | "
               f"{fmt_ping(r['idle'])} | {fmt_ping(r['loaded'])} |")
