@@ -29,6 +29,7 @@ three processes on the way (daemon, emulator, ec2-agent): system calls and
 context switches, counted with `perf stat` during one more pgbench run.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -77,6 +78,16 @@ def lab_up(bin_dir, profile, impair):
 
 def lab_down():
     sh(["bash", f"{ROOT}/scripts/lab.sh", "down"], env={**os.environ, "LAB": LAB}, check=False)
+
+
+@contextlib.contextmanager
+def lab(bin_dir, profile, impair):
+    """The lab up for the body of a `with`, and down after it however it ends."""
+    lab_up(bin_dir, profile, impair)
+    try:
+        yield
+    finally:
+        lab_down()
 
 
 def pings(count, interval):
@@ -294,8 +305,7 @@ def main():
             for what in paths:
                 profile, sessions = tunnel_path(what) if what.startswith("tunnel") else ("fast", 1)
                 print(f"bench: {what} on the {link} link...", file=sys.stderr)
-                lab_up(bin_dir, profile, impair)
-                try:
+                with lab(bin_dir, profile, impair):
                     if what == "direct":
                         route_direct(True)
                         r = measure(a.seconds)
@@ -316,8 +326,6 @@ def main():
                         print(f"bench: {what} on the {link} link, tunnel status:\n{st.stdout}{st.stderr}", file=sys.stderr)
                         stop_tunnel(p)
                     rows.append((link, what, r))
-                finally:
-                    lab_down()
     finally:
         lab_down()
     print("| link | path | download Mbit/s | upload Mbit/s | TCP req/resp per s | ping idle p50 / p99 ms | ping under bulk p50 / p99 ms |")
@@ -346,8 +354,7 @@ def striped(bin_dir, links, a):
         for link, impair in links:
             for n in counts:
                 print(f"bench: stock profile, {n} sessions, {link} link...", file=sys.stderr)
-                lab_up(bin_dir, "stock", impair)
-                try:
+                with lab(bin_dir, "stock", impair):
                     p = start_tunnel(bin_dir, n)
                     time.sleep(2)  # every member up
                     r = measure_striped(a.seconds)
@@ -357,20 +364,15 @@ def striped(bin_dir, links, a):
                           file=sys.stderr)
                     stop_tunnel(p)
                     rows.append({"link": link, "sessions": n, **r})
-                finally:
-                    lab_down()
             # The lab's own share of a ping's wait: the direct path (no tunnel)
             # under a download as fast as the fastest striped one.
             fastest = max((r["down1"] or 0 for r in rows if r["link"] == link), default=0)
             if fastest:
                 print(f"bench: direct path at {fastest:.1f} Mbit/s, {link} link...", file=sys.stderr)
-                lab_up(bin_dir, "stock", impair)
-                try:
+                with lab(bin_dir, "stock", impair):
                     route_direct(True)
                     idle, loaded = pings_idle_and_under_bulk(a.seconds, rate=fastest)
                     rows.append({"link": link, "path": "direct", "rate": fastest, "idle": idle, "loaded": loaded})
-                finally:
-                    lab_down()
     finally:
         lab_down()
     base = {row["link"]: row["down1"] for row in rows if row.get("sessions") == 1 and row["down1"]}
