@@ -15,7 +15,7 @@ SSM session; "tunnel stock x4" stripes over four.
 
   sudo scripts/bench_tunnel.py [--seconds 10] [--bin target/release] [--quick]
                                [--paths "tunnel fast,tunnel stock x4"] [--links clean]
-                               [--costs] [--striped [--json FILE]]
+                               [--costs] [--striped [--json FILE]] [--emulator-rt]
 
 --striped measures striped sessions instead: the stock profile with 1, 2, 4 and
 8 sessions (--sessions "1,2,4,8") on both links: one TCP flow's download, four
@@ -23,6 +23,13 @@ flows' download, and ping p50/p99 idle and under the one-flow download; then,
 per link, the same pings on the direct path under a download capped at the
 fastest tunnel's rate (what the lab itself adds to a ping); the rows also go
 to FILE as JSON (scripts/plot_striping.py draws the tunnel's).
+
+--emulator-rt runs the emulator at real-time priority (SCHED_FIFO). It plays
+AWS's side and the instance's agent, which have machines of their own; here
+they share two cores with the laptop's daemon, iperf3 and netem-lite, and the
+scheduler keeps one session's pacing loop waiting 5-11 ms now and then, which
+a paced session turns into a queue for one round trip (README). Rows measured
+so carry "emulator_rt" in the JSON.
 
 --costs adds, for tunnel paths, what one pgbench transaction costs each of the
 three processes on the way (daemon, emulator, ec2-agent): system calls and
@@ -43,6 +50,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAB = "bench"
 DIR = f"/tmp/ssm-proxy-{LAB}"
+# Run the emulator (AWS's side and the instance's agent) at real-time priority
+# (--emulator-rt): as if it had a machine of its own.
+EMULATOR_RT = False
 
 
 def sh(cmd, check=True, **kw):
@@ -70,6 +80,12 @@ def lab_up(bin_dir, profile, impair):
     if impair:
         env["IMPAIR"] = impair
     sh(["bash", f"{ROOT}/scripts/lab.sh", "up", bin_dir], env=env, stdin=subprocess.DEVNULL)
+    if EMULATOR_RT:
+        pids = sh(["pgrep", "-f", "ssm-emulator --listen"], check=False).split()
+        if not pids:
+            raise RuntimeError("--emulator-rt: no emulator running")
+        for pid in pids:
+            sh(["chrt", "--fifo", "--all-tasks", "--pid", "50", pid])
     # iperf3 server and pgbench tables in the vpc.
     subprocess.Popen(inn("vpc", ["iperf3", "-s", "-B", "10.10.0.2", "-D"]), stdout=subprocess.DEVNULL)
     sh(inn("vpc", ["pgbench", "-i", "-q", "-h", "10.10.0.2", "-U", "postgres", "postgres"]))
@@ -275,7 +291,12 @@ def main():
     ap.add_argument("--striped", action="store_true", help="striped sessions through the stock profile")
     ap.add_argument("--sessions", default="1,2,4,8", help="with --striped: the session counts")
     ap.add_argument("--json", help="with --striped: write the rows here too")
+    ap.add_argument("--emulator-rt", action="store_true",
+                    help="run the emulator at real-time priority (SCHED_FIFO 50), as if AWS's side and the "
+                         "instance's agent had a machine of their own instead of sharing this one's cores")
     a = ap.parse_args()
+    global EMULATOR_RT
+    EMULATOR_RT = a.emulator_rt
     if os.geteuid() != 0:
         sys.exit("bench: needs root (network namespaces)")
     subprocess.run(["bash", f"{ROOT}/scripts/ensure-deps.sh"], check=True)
@@ -363,7 +384,7 @@ def striped(bin_dir, links, a):
                     print(f"bench: {n} sessions on the {link} link, tunnel status:\n{st.stdout}{st.stderr}",
                           file=sys.stderr)
                     stop_tunnel(p)
-                    rows.append({"link": link, "sessions": n, **r})
+                    rows.append({"link": link, "sessions": n, **r, **({"emulator_rt": True} if EMULATOR_RT else {})})
             # The lab's own share of a ping's wait: the direct path (no tunnel)
             # under a download as fast as the fastest striped one.
             fastest = max((r["down1"] or 0 for r in rows if r["link"] == link), default=0)
@@ -372,7 +393,8 @@ def striped(bin_dir, links, a):
                 with lab(bin_dir, "stock", impair):
                     route_direct(True)
                     idle, loaded = pings_idle_and_under_bulk(a.seconds, rate=fastest)
-                    rows.append({"link": link, "path": "direct", "rate": fastest, "idle": idle, "loaded": loaded})
+                    rows.append({"link": link, "path": "direct", "rate": fastest, "idle": idle, "loaded": loaded,
+                                 **({"emulator_rt": True} if EMULATOR_RT else {})})
     finally:
         lab_down()
     base = {row["link"]: row["down1"] for row in rows if row.get("sessions") == 1 and row["down1"]}

@@ -4,7 +4,7 @@ the way down (vpc to laptop), idle and under a one-flow bulk download, from
 tcpdump in the laptop's and the vpc's namespaces (one machine, one clock).
 
   sudo scripts/ping_legs.py [--bin target/release] [--sessions 4] [--link 40ms]
-                            [--profile stock] [--count 400]
+                            [--profile stock] [--count 400] [--emulator-rt]
 
 Brings the bench's namespace lab up (scripts/bench_tunnel.py), starts a tunnel
 with that many sessions, sends COUNT pings 50 ms apart idle and then under an
@@ -91,7 +91,9 @@ def main():
     ap.add_argument("--link", choices=["clean", "40ms"], default="40ms")
     ap.add_argument("--profile", choices=["fast", "stock"], default="stock")
     ap.add_argument("--count", type=int, default=400)
+    ap.add_argument("--emulator-rt", action="store_true", help="the emulator at real-time priority (bench_tunnel.py)")
     a = ap.parse_args()
+    b.EMULATOR_RT = a.emulator_rt
     if os.geteuid() != 0:
         sys.exit("ping_legs.py: needs root (network namespaces)")
     missing = [t for t in ("tcpdump", "iperf3", "ping") if not shutil.which(t)]
