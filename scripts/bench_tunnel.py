@@ -370,6 +370,8 @@ def main():
 
 def striped(bin_dir, links, a):
     counts = [int(n) for n in a.sessions.split(",")]
+    # Rows measured with the emulator at real-time priority say so.
+    mark = {"emulator_rt": True} if EMULATOR_RT else {}
     rows = []
     try:
         for link, impair in links:
@@ -384,7 +386,7 @@ def striped(bin_dir, links, a):
                     print(f"bench: {n} sessions on the {link} link, tunnel status:\n{st.stdout}{st.stderr}",
                           file=sys.stderr)
                     stop_tunnel(p)
-                    rows.append({"link": link, "sessions": n, **r, **({"emulator_rt": True} if EMULATOR_RT else {})})
+                    rows.append({"link": link, "sessions": n, **r, **mark})
             # The lab's own share of a ping's wait: the direct path (no tunnel)
             # under a download as fast as the fastest striped one.
             fastest = max((r["down1"] or 0 for r in rows if r["link"] == link), default=0)
@@ -394,7 +396,7 @@ def striped(bin_dir, links, a):
                     route_direct(True)
                     idle, loaded = pings_idle_and_under_bulk(a.seconds, rate=fastest)
                     rows.append({"link": link, "path": "direct", "rate": fastest, "idle": idle, "loaded": loaded,
-                                 **({"emulator_rt": True} if EMULATOR_RT else {})})
+                                 **mark})
     finally:
         lab_down()
     base = {row["link"]: row["down1"] for row in rows if row.get("sessions") == 1 and row["down1"]}

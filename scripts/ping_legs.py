@@ -38,9 +38,11 @@ def events(capturing):
     proc, out = capturing
     proc.terminate()
     proc.wait()
-    out.seek(0)
+    with out:
+        out.seek(0)
+        lines = out.read().splitlines()
     seen = {}
-    for line in out.read().splitlines():
+    for line in lines:
         m = ECHO.match(line)
         if m:
             seen.setdefault((m.group(2), int(m.group(3))), float(m.group(1)))
